@@ -1,0 +1,42 @@
+"""Environment variables read by the plugin trainers (nnU-Net's own, such as ``nnUNet_results``, stay nnU-Net's).
+
+- ``nnUNet_plugins_epochs``: number of epochs of every plugin trainer (default 1000).
+- ``nnUNet_plugins_iterations``: training iterations per epoch (default 250); validation
+  iterations follow at nnU-Net's ratio of 1 to 5.
+- ``nnUNet_plugins_checkpointing``: ``0`` switches gradient checkpointing off for the networks that
+  use it by default (MedNeXt-M and -L), ``1`` switches it on for every network that supports it.
+"""
+import os
+
+EPOCHS = 'nnUNet_plugins_epochs'
+ITERATIONS = 'nnUNet_plugins_iterations'
+CHECKPOINTING = 'nnUNet_plugins_checkpointing'
+
+_TRUE = ('1', 'true', 't', 'yes', 'on')
+_FALSE = ('0', 'false', 'f', 'no', 'off')
+
+
+def positive_int(name: str) -> int | None:
+    """The value of environment variable ``name`` as a positive integer, or None when it is unset."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == '':
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f'{name}={value!r} is not a positive integer; set it to e.g. 5 or unset it')
+    return number
+
+
+def flag(name: str) -> bool | None:
+    """The value of environment variable ``name`` as a boolean, or None when it is unset."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == '':
+        return None
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ValueError(f'{name}={value!r} is not a switch; set it to 0 or 1 or unset it')

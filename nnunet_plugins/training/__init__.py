@@ -1,0 +1,13 @@
+"""The plugin's trainer classes, defined here once.
+
+nnU-Net finds them by name through the shim modules in ``nnunet_plugins/trainers`` (the folder that
+``nnunet-plugins trainers --path`` prints for ``nnUNet_extTrainer``).
+"""
+from nnunet_plugins.training.mednext import (
+    nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtL_k5,
+    nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5)
+
+TRAINERS = (
+    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtL,
+    nnUNetTrainerMedNeXtS_k5, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtL_k5,
+)

@@ -1,0 +1,160 @@
+"""What every plugin trainer changes in nnU-Net's ``nnUNetTrainer``, and nothing else.
+
+nnU-Net's planning, preprocessing, data augmentation, loss and 1000 x 250 schedule stay as they are.
+A plugin trainer adds:
+
+- the network's own deep-supervision scales, with a non-zero loss weight on every head
+  (DDP requires every parameter to get a gradient);
+- AdamW with poly decay per epoch (``--c`` resumes it exactly, the learning rate being a function
+  of the epoch);
+- short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations``, announced loudly;
+- a clear error instead of training on when the loss stays non-finite;
+- a refusal to start from scratch over a fold that already holds checkpoints.
+"""
+import os
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_plugins import settings
+
+MAX_NONFINITE_STEPS = 25
+_CHECKPOINT_FILES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
+
+
+class nnUNetTrainerPlugin(nnUNetTrainer):
+    """Base of the plugin trainers; subclasses define the network and their optimiser settings."""
+
+    initial_lr: float = 1e-3
+    weight_decay: float = 3e-5
+    adam_eps: float = 1e-8
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        # nnUNetTrainer.__init__ assigns its own defaults to these as instance attributes
+        self.initial_lr = type(self).initial_lr
+        self.weight_decay = type(self).weight_decay
+        self._nonfinite_steps = 0
+        self._apply_schedule_override()
+
+    def _apply_schedule_override(self) -> None:
+        epochs = settings.positive_int(settings.EPOCHS)
+        iterations = settings.positive_int(settings.ITERATIONS)
+        if epochs is None and iterations is None:
+            return
+        default = f'{self.num_epochs} x {self.num_iterations_per_epoch}'
+        if epochs is not None:
+            self.num_epochs = epochs
+        if iterations is not None:
+            self.num_iterations_per_epoch = iterations
+            self.num_val_iterations_per_epoch = max(1, round(iterations / 5))
+        self.print_to_log_file(
+            f'!!!!! SHORT SCHEDULE ({settings.EPOCHS}={os.environ.get(settings.EPOCHS, "")!r}, '
+            f'{settings.ITERATIONS}={os.environ.get(settings.ITERATIONS, "")!r}): {self.num_epochs} epochs x '
+            f'{self.num_iterations_per_epoch} iterations ({self.num_val_iterations_per_epoch} validation) instead of '
+            f'{default}. Fine for smoke tests, not for results. !!!!!')
+
+    def initialize(self):
+        super().initialize()
+        if self.device.type == 'cpu' and len(self.configuration_manager.patch_size) == 3:
+            # measured for MedNeXt: depthwise 3d convs train 1.7x faster channels-last on a CPU (oneDNN),
+            # while on an H100 (cuDNN) channels-last is 1.6x slower, so only CPU training uses it
+            self.network.to(memory_format=torch.channels_last_3d)
+
+    def plain_network(self) -> nn.Module:
+        """The network without the DDP and torch.compile wrappers."""
+        network = self.network.module if self.is_ddp else self.network
+        return network._orig_mod if isinstance(network, OptimizedModule) else network
+
+    # ---- network topology, provided by each network family ----
+
+    @staticmethod
+    def plan_topology(configuration_manager: ConfigurationManager) -> tuple[list[list[int]], list[list[int]]]:
+        """The configuration's per-stage ``strides`` and ``kernel_sizes`` (from its ``architecture`` block)."""
+        arch_kwargs = configuration_manager.configuration.get('architecture', {}).get('arch_kwargs', {})
+        missing = [key for key in ('strides', 'kernel_sizes') if key not in arch_kwargs]
+        if missing:
+            raise ValueError(
+                f'the plans configuration has no architecture.arch_kwargs.{" or ".join(missing)}, which the plugin '
+                f'networks take their topology from. Use a plans file written by nnU-Net 2.4 or later '
+                f'(nnUNetv2_plan_experiment), or a configuration that inherits_from one that has them.')
+        return arch_kwargs['strides'], arch_kwargs['kernel_sizes']
+
+    @classmethod
+    def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
+        """Raise ValueError, saying what each axis needs, when the network cannot take the plans' patch size."""
+        patch_size = list(configuration_manager.patch_size)
+        divisors = np.prod(np.array(cls.network_strides(configuration_manager)), axis=0).tolist()
+        bad = [axis for axis, (p, d) in enumerate(zip(patch_size, divisors)) if p % d]
+        if bad:
+            suggestion = [max(d, round(p / d) * d) for p, d in zip(patch_size, divisors)]
+            raise ValueError(
+                f'{cls.__name__} cannot take patch size {patch_size}: '
+                + ', '.join(f'axis {a} ({patch_size[a]}) must be divisible by {divisors[a]}' for a in bad)
+                + f' (the product of its strides over the levels the network uses). Set the configuration\'s '
+                f'patch_size to a multiple, e.g. {suggestion}, in a configuration that inherits_from this one, '
+                f'or re-plan with nnUNetv2_plan_experiment.')
+
+    @classmethod
+    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
+        """Strides of the resolution levels the network uses, one list per level, level 0 first."""
+        raise NotImplementedError
+
+    @classmethod
+    def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:
+        """Scale of every network output relative to the patch, highest resolution first."""
+        strides = np.array(cls.network_strides(configuration_manager), dtype=float)
+        return [list(scale) for scale in 1 / np.cumprod(strides, axis=0)]
+
+    def _get_deep_supervision_scales(self):
+        if not self.enable_deep_supervision:
+            return None
+        return self.deep_supervision_scales(self.configuration_manager)
+
+    def _build_loss(self) -> nn.Module:
+        loss = super()._build_loss()
+        if self.enable_deep_supervision:
+            # nnU-Net weights its lowest output 0; here every head counts, halving per level (as MedNeXt's reference)
+            weights = np.array([1 / 2 ** i for i in range(len(self._get_deep_supervision_scales()))])
+            loss = DeepSupervisionWrapper(loss.loss, weights / weights.sum())
+        return loss
+
+    # ---- optimisation ----
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
+                                      weight_decay=self.weight_decay, eps=self.adam_eps)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def train_step(self, batch: dict) -> dict:
+        result = super().train_step(batch)
+        if np.all(np.isfinite(result['loss'])):
+            self._nonfinite_steps = 0
+        else:
+            self._nonfinite_steps += 1
+            if self._nonfinite_steps >= MAX_NONFINITE_STEPS:
+                raise FloatingPointError(
+                    f'{self.__class__.__name__}: the training loss was NaN or infinite for {self._nonfinite_steps} '
+                    f'consecutive iterations (epoch {self.current_epoch}); stopping instead of training on. '
+                    f'Checkpoints written so far are in {self.output_folder}. Check the images for NaNs, then try '
+                    f'a lower learning rate or, on a GPU, nnUNet_compile=f.')
+        return result
+
+    # ---- safety ----
+
+    def on_train_start(self):
+        if self.current_epoch == 0:
+            existing = [f for f in _CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+            if existing:
+                raise RuntimeError(
+                    f'{self.output_folder} already holds a training run ({", ".join(existing)}), and this run would '
+                    f'start from scratch over it. Continue that run with `nnUNetv2_train ... --c`, or move or delete '
+                    f'the folder to train anew.')
+        super().on_train_start()

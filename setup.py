@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name='nnunet-plugins',
+    version='0.1.0',
+    description='MedNeXt and other modern 3D segmentation networks as nnU-Net v2 trainers, without a fork',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.10',
+    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.trainers'],
+    # the shim folder for nnUNet_extTrainer lives at the top of the repository and is installed inside the package
+    package_dir={'nnunet_plugins.trainers': 'trainers'},
+    install_requires=[
+        # 2.8 brought nnUNet_extTrainer and the 2.7 trainer signature; 2.9 may change the trainer
+        # internals the plugin overrides, so it is admitted only once tested (see README)
+        'nnunetv2>=2.8.1,<2.9',
+        'torch',
+        'torchvision',
+        'SimpleITK',
+        'batchgenerators',
+        'dynamic-network-architectures',
+        'matplotlib',
+        'numpy',
+        'scipy',
+        'packaging',
+    ],
+    extras_require={
+        'test': ['pytest', 'monai>=1.4'],
+    },
+    entry_points={'console_scripts': ['nnunet-plugins=nnunet_plugins.cli:main']},
+)
