@@ -1,0 +1,89 @@
+"""The ``nnunet-plugins`` command. Heavy imports happen inside the subcommands, so ``--help`` is quick."""
+import argparse
+import os
+import sys
+
+from nnunet_plugins import __version__, trainers_folder
+
+
+def _trainers(args: argparse.Namespace) -> int:
+    if args.path:
+        print(trainers_folder())
+        return 0
+    from nnunet_plugins.training import TRAINERS
+    width = max(len(t.__name__) for t in TRAINERS)
+    for trainer in TRAINERS:
+        print(f'{trainer.__name__:<{width}}  {trainer.__doc__.strip().splitlines()[0]}')
+    print(f'\nnnU-Net finds them once this is set:\n  export nnUNet_extTrainer={trainers_folder()}')
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from nnunet_plugins.doctor import run_checks
+    return run_checks()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import torch
+    from nnunet_plugins import synthetic
+    from nnunet_plugins.demo import run_demo
+    device = args.device
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    run_demo(args.work, args.trainer, args.epochs, args.iterations, args.num_training, args.num_heldout,
+             device, args.processes, args.overwrite, args.seed, synthetic.TINY if args.tiny else synthetic.DEMO)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='nnunet-plugins',
+        description='MedNeXt and other networks as nnU-Net v2 trainers. Train them with the stock CLIs, e.g. '
+                    '`nnUNetv2_train DATASET 3d_fullres 0 -tr nnUNetTrainerMedNeXtL`, once nnUNet_extTrainer '
+                    'names the folder that `nnunet-plugins trainers --path` prints.')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+
+    trainers = commands.add_parser('trainers', help='list the plugin trainers',
+                                   description='List every trainer the plugin provides, with a one-line description.')
+    trainers.add_argument('--path', action='store_true',
+                          help='print only the folder to put into nnUNet_extTrainer')
+    trainers.set_defaults(run=_trainers)
+
+    doctor = commands.add_parser(
+        'doctor', help='check the installation and environment',
+        description='Check what breaks nnU-Net plugins (nnunetv2 version, torchvision, nnU-Net folder variables, '
+                    'nnUNet_extTrainer, CUDA) and say how to fix each problem. Exits non-zero if something is wrong.')
+    doctor.set_defaults(run=_doctor)
+
+    cores = os.cpu_count() or 2
+    demo = commands.add_parser(
+        'demo', help='train and evaluate MedNeXt on a synthetic dataset with the stock nnU-Net CLIs',
+        description='Generate a synthetic CT-like dataset, then run nnUNetv2_plan_and_preprocess, nnUNetv2_train '
+                    '(short schedule) and nnUNetv2_predict on held-out cases, and report their Dice per label and '
+                    'a PNG of one case. nnU-Net\'s folder variables point into --work for these commands only.')
+    demo.add_argument('--work', default='nnunet_plugins_demo', help='work folder (default: %(default)s)')
+    demo.add_argument('--trainer', default='nnUNetTrainerMedNeXtS', help='trainer to run (default: %(default)s)')
+    demo.add_argument('--epochs', type=int, default=25, help='epochs (default: %(default)s)')
+    demo.add_argument('--iterations', type=int, default=12, help='training iterations per epoch (default: %(default)s)')
+    demo.add_argument('--num-training', type=int, default=20, help='training cases (default: %(default)s)')
+    demo.add_argument('--num-heldout', type=int, default=5, help='held-out cases (default: %(default)s)')
+    demo.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
+                      help='auto: cuda when a GPU is available, else cpu (default: %(default)s)')
+    demo.add_argument('--processes', type=int, default=max(1, min(4, cores - 1)),
+                      help='worker processes for nnU-Net (default on this machine: %(default)s)')
+    demo.add_argument('--seed', type=int, default=0, help='seed of the synthetic dataset (default: %(default)s)')
+    demo.add_argument('--tiny', action='store_true',
+                      help='tiny volumes: a quick check that the pipeline runs, not a meaningful Dice')
+    demo.add_argument('--overwrite', action='store_true', help='replace an earlier demo run in --work')
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
