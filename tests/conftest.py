@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny synthetic dataset, planned and preprocessed once per session with the stock CLI.
+
+Trained folds are memoised per session (``workspace.train``), so tests that need the same trained
+model share one training run instead of each paying for it.
+"""
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunet_plugins import settings, synthetic, trainers_folder
+from nnunet_plugins.workspace import nnunet_environment, run_stock
+
+DATASET_ID = 991
+DATASET_NAME = 'Tiny'
+CONFIGURATION = '3d_fullres'
+NUM_TRAINING, NUM_HELDOUT = 10, 3
+
+
+@dataclass
+class Workspace:
+    root: Path
+    raw: Path
+    env: dict
+    _trained: dict = field(default_factory=dict)
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / 'nnUNet_preprocessed' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+
+    def results(self, trainer: str, configuration: str = CONFIGURATION) -> Path:
+        return (self.root / 'nnUNet_results' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+                / f'{trainer}__nnUNetPlans__{configuration}')
+
+    def run(self, *args, env: dict | None = None):
+        """Run a stock nnU-Net command and return its completed process (output captured)."""
+        return run_stock(args, env or self.env, capture=True)
+
+    def train(self, trainer: str, fold, epochs: int = 1, iterations: int = 2, configuration: str = CONFIGURATION,
+              extra: tuple = ()) -> Path:
+        """Train ``trainer`` on ``fold`` through ``nnUNetv2_train`` once per session; return the fold folder."""
+        key = (trainer, str(fold), configuration)
+        if key not in self._trained:
+            env = {**self.env, settings.EPOCHS: str(epochs), settings.ITERATIONS: str(iterations)}
+            self.run('nnUNetv2_train', DATASET_ID, configuration, fold, '-tr', trainer, '-device', 'cpu', *extra,
+                     env=env)
+            self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
+        return self._trained[key]
+
+
+@pytest.fixture(scope='session')
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp('nnunet')
+    raw = synthetic.write_dataset(root / 'nnUNet_raw', DATASET_ID, DATASET_NAME, NUM_TRAINING, NUM_HELDOUT,
+                                  seed=1, size=synthetic.TINY)
+    env = nnunet_environment(root, processes=1)
+    for variable in (settings.EPOCHS, settings.ITERATIONS, settings.CHECKPOINTING):
+        env.pop(variable, None)
+    ws = Workspace(root, raw, env)
+    ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
+           '--verify_dataset_integrity')
+    return ws
+
+
+def training_log(fold_folder: Path) -> str:
+    """The text of every nnU-Net training log in a fold folder, oldest first."""
+    return ''.join(Path(f).read_text() for f in sorted(glob.glob(os.path.join(fold_folder, 'training_log_*.txt'))))
+
+
+@pytest.fixture
+def make_trainer(workspace, tmp_path, monkeypatch):
+    """Build a trainer the way nnUNetv2_train does, writing its fold folder under tmp_path."""
+    monkeypatch.setenv('nnUNet_preprocessed', workspace.env['nnUNet_preprocessed'])
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    for variable in (settings.EPOCHS, settings.ITERATIONS, settings.CHECKPOINTING):
+        monkeypatch.delenv(variable, raising=False)
+
+    def make(trainer_class, configuration: dict | None = None, device: str = 'cpu'):
+        plans = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())
+        plans['configurations'][CONFIGURATION].update(configuration or {})
+        plans['continue_training'] = False
+        dataset_json = json.loads((workspace.preprocessed / 'dataset.json').read_text())
+        return trainer_class(plans, CONFIGURATION, 0, dataset_json, torch.device(device))
+    return make
+
+
+def random_batch(trainer) -> dict:
+    """A training batch of noise and random labels at the plan's patch size, one target per output scale."""
+    patch = trainer.configuration_manager.patch_size
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (trainer.batch_size, 1, *patch), generator=generator).float()
+    targets = [torch.nn.functional.interpolate(labels, scale_factor=scale, mode='nearest-exact')
+               for scale in trainer._get_deep_supervision_scales()]
+    return {'data': torch.randn(trainer.batch_size, 1, *patch, generator=generator), 'target': targets}

@@ -1,0 +1,104 @@
+"""Installation (regular wheel as well as editable) and the ``nnunet-plugins`` command."""
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from nnunet_plugins import trainers_folder
+from nnunet_plugins.cli import build_parser
+from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.workspace import NNUNET_FOLDERS
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
+
+
+def run(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*args], capture_output=True, text=True, env=env, cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope='module')
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp('wheel')
+    result = run(sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-w', str(out),
+                 str(REPOSITORY))
+    assert result.returncode == 0, result.stderr
+    return next(out.glob('nnunet_plugins-*.whl'))
+
+
+def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
+            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_mednext.py'} <= names
+    assert not any(name.startswith(('tests/', 'trainers/')) for name in names)
+
+
+def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
+    target = tmp_path / 'site'
+    result = run(sys.executable, '-m', 'pip', 'install', '--no-deps', '--target', str(target), str(wheel))
+    assert result.returncode == 0, result.stderr
+    shim_folder = target / 'nnunet_plugins' / 'trainers'
+    env = {**os.environ, 'PYTHONPATH': str(target), 'nnUNet_extTrainer': str(shim_folder)}
+    script = ('import nnunet_plugins; from nnunetv2.utilities.find_objects import '
+              'recursive_find_trainer_class_by_name as find; '
+              'c = find("nnUNetTrainerMedNeXtL_k5"); print(nnunet_plugins.trainers_folder(), c.__module__)')
+    result = run(sys.executable, '-c', script, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    folder, module = result.stdout.strip().splitlines()[-1].split()
+    assert Path(folder) == shim_folder
+    assert module == 'nnunet_plugins.training.mednext'
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    subcommands = parser._subparsers._group_actions[0].choices
+    assert set(subcommands) == {'trainers', 'doctor', 'demo'}
+    for name in subcommands:
+        result = run(COMMAND, name, '--help')
+        assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')
+
+
+def test_trainers_lists_every_trainer_with_a_description():
+    result = run(COMMAND, 'trainers')
+    assert result.returncode == 0
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith('nnUNetTrainer')}
+    assert set(lines) == {t.__name__ for t in TRAINERS} and len(TRAINERS) == 8
+    assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
+    path = run(COMMAND, 'trainers', '--path').stdout.strip()
+    assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_mednext.py').is_file()
+
+
+def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path):
+    bare = {k: v for k, v in os.environ.items() if k not in (*NNUNET_FOLDERS, 'nnUNet_extTrainer')}
+    result = run(COMMAND, 'doctor', env=bare)
+    assert result.returncode == 1
+    assert '[FAIL] nnUNet_results is not set' in result.stdout
+    assert f'fix: export nnUNet_extTrainer={trainers_folder()}' in result.stdout
+
+    configured = {**bare, 'nnUNet_extTrainer': trainers_folder()}
+    for variable in NNUNET_FOLDERS:
+        (tmp_path / variable).mkdir()
+        configured[variable] = str(tmp_path / variable)
+    result = run(COMMAND, 'doctor', env=configured)
+    assert result.returncode == 0, result.stdout
+    assert 'nnU-Net finds the plugin trainers' in result.stdout and 'all checks passed' in result.stdout
+
+
+def test_demo_pipeline_runs_end_to_end_on_tiny_volumes(tmp_path):
+    work = tmp_path / 'demo'
+    args = (COMMAND, 'demo', '--work', str(work), '--tiny', '--epochs', '1', '--iterations', '2',
+            '--num-training', '5', '--num-heldout', '2', '--device', 'cpu', '--processes', '1')
+    result = run(*args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((work / 'demo_summary.json').read_text())
+    assert set(summary['dice']) == {'organ', 'vessel', 'lesion'}
+    assert all(0 <= d <= 1 for d in summary['dice'].values())
+    assert (work / 'demo_heldout_case.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'Dice on 2 held-out cases' in result.stdout
+    # a second run refuses to replace the first unless asked to
+    again = run(*args)
+    assert again.returncode != 0 and '--overwrite' in again.stderr

@@ -1,0 +1,126 @@
+"""The plugin trainers in-process, on the tiny dataset planned by the stock CLI (see conftest.py)."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from nnunet_plugins import settings, trainers_folder
+from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training.base import MAX_NONFINITE_STEPS
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtS
+
+from conftest import CONFIGURATION, random_batch, training_log
+
+
+@pytest.mark.parametrize('trainer_class', TRAINERS, ids=lambda c: c.__name__)
+def test_nnunet_finds_each_trainer_in_the_shim_folder(trainer_class, monkeypatch):
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    found = recursive_find_trainer_class_by_name(trainer_class.__name__)
+    assert found is trainer_class
+    assert found.__module__.startswith('nnunet_plugins.training.')
+    assert pickle.loads(pickle.dumps(found)) is trainer_class  # lost if defined in nnU-Net's imported shims
+
+
+def test_deep_supervision_scales_match_outputs_and_every_head_is_weighted(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales()
+    outputs = trainer.network(torch.randn(1, 1, *patch))
+    assert len(outputs) == len(scales) == len(trainer.configuration_manager.pool_op_kernel_sizes)
+    for output, scale in zip(outputs, scales):
+        assert list(output.shape[2:]) == [round(p * s) for p, s in zip(patch, scale)]
+    weights = np.array(trainer.loss.weight_factors)
+    assert np.all(weights > 0) and np.isclose(weights.sum(), 1)
+    np.testing.assert_allclose(weights[1:] / weights[:-1], 0.5)
+
+
+@pytest.mark.parametrize('trainer_class', [nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtL],
+                         ids=lambda c: c.__name__)
+def test_every_parameter_gets_a_gradient_in_one_training_step(make_trainer, trainer_class):
+    trainer = make_trainer(trainer_class)
+    trainer.initialize()
+    result = trainer.train_step(random_batch(trainer))
+    assert np.isfinite(result['loss'])
+    missing = [name for name, p in trainer.network.named_parameters() if p.grad is None]
+    assert missing == []
+    assert all(torch.isfinite(p.grad).all() for p in trainer.network.parameters())
+
+
+def test_optimiser_and_schedule_follow_the_reference(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    trainer.initialize()
+    optimiser = trainer.optimizer
+    assert isinstance(optimiser, torch.optim.AdamW)
+    group = optimiser.param_groups[0]
+    assert (group['weight_decay'], group['eps'], trainer.num_epochs, trainer.num_iterations_per_epoch) == \
+        (3e-5, 1e-4, 1000, 250)
+    trainer.lr_scheduler.step(500)  # a function of the epoch alone, so --c resumes it exactly
+    assert group['lr'] == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def test_short_schedule_from_environment_is_announced(make_trainer, monkeypatch):
+    monkeypatch.setenv(settings.EPOCHS, '3')
+    monkeypatch.setenv(settings.ITERATIONS, '10')
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    assert (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch) == (3, 10, 2)
+    log = training_log(trainer.output_folder)
+    assert '!!!!! SHORT SCHEDULE' in log and '3 epochs x 10 iterations' in log
+
+
+def test_bad_schedule_value_is_refused(make_trainer, monkeypatch):
+    monkeypatch.setenv(settings.EPOCHS, 'ten')
+    with pytest.raises(ValueError, match='nnUNet_plugins_epochs'):
+        make_trainer(nnUNetTrainerMedNeXtS)
+
+
+@pytest.mark.parametrize('value,trainer_class,expected', [
+    (None, nnUNetTrainerMedNeXtS, False), (None, nnUNetTrainerMedNeXtL, True),
+    ('0', nnUNetTrainerMedNeXtL, False), ('1', nnUNetTrainerMedNeXtS, True),
+])
+def test_checkpointing_switch(make_trainer, monkeypatch, value, trainer_class, expected):
+    if value is not None:
+        monkeypatch.setenv(settings.CHECKPOINTING, value)
+    trainer = make_trainer(trainer_class)
+    trainer.initialize()
+    assert trainer.network.gradient_checkpointing is expected
+    assert trainer.network.encoder.gradient_checkpointing is expected
+
+
+def test_training_stops_when_the_loss_stays_non_finite(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    trainer.initialize()
+    batch = random_batch(trainer)
+    finite_loss = trainer.loss
+
+    def non_finite(value):  # a non-finite loss whose gradient is zero, so the weights stay finite
+        return lambda output, target: output[0].sum() * 0 + value
+
+    trainer.loss = non_finite(float('nan'))
+    for _ in range(MAX_NONFINITE_STEPS - 1):
+        trainer.train_step(batch)
+    trainer.loss = finite_loss  # one finite step resets the count
+    assert np.isfinite(trainer.train_step(batch)['loss'])
+    trainer.loss = non_finite(float('inf'))
+    for _ in range(MAX_NONFINITE_STEPS - 1):
+        trainer.train_step(batch)
+    with pytest.raises(FloatingPointError, match=f'{MAX_NONFINITE_STEPS} consecutive iterations'):
+        trainer.train_step(batch)
+
+
+def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS, {'patch_size': [14, 32, 30]})
+    with pytest.raises(ValueError, match=r'axis 2 \(30\) must be divisible by 8.*e\.g\. \[14, 32, 32\]'):
+        trainer.initialize()
+
+
+def test_plans_without_topology_are_refused(workspace):
+    plans = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())
+    del plans['configurations'][CONFIGURATION]['architecture']['arch_kwargs']['strides']
+    configuration = PlansManager(plans).get_configuration(CONFIGURATION)
+    with pytest.raises(ValueError, match='architecture.arch_kwargs.strides'):
+        nnUNetTrainerMedNeXtS.build_network_architecture(PlansManager(plans), configuration, 1, 4, False)
