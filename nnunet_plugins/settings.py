@@ -11,6 +11,7 @@ import os
 EPOCHS = 'nnUNet_plugins_epochs'
 ITERATIONS = 'nnUNet_plugins_iterations'
 CHECKPOINTING = 'nnUNet_plugins_checkpointing'
+VARIABLES = (EPOCHS, ITERATIONS, CHECKPOINTING)
 
 _TRUE = ('1', 'true', 't', 'yes', 'on')
 _FALSE = ('0', 'false', 'f', 'no', 'off')
@@ -35,8 +36,9 @@ def flag(name: str) -> bool | None:
     value = os.environ.get(name)
     if value is None or value.strip() == '':
         return None
-    if value.strip().lower() in _TRUE:
+    normalised = value.strip().lower()
+    if normalised in _TRUE:
         return True
-    if value.strip().lower() in _FALSE:
+    if normalised in _FALSE:
         return False
     raise ValueError(f'{name}={value!r} is not a switch; set it to 0 or 1 or unset it')

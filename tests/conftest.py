@@ -58,7 +58,7 @@ def workspace(tmp_path_factory) -> Workspace:
     raw = synthetic.write_dataset(root / 'nnUNet_raw', DATASET_ID, DATASET_NAME, NUM_TRAINING, NUM_HELDOUT,
                                   seed=1, size=synthetic.TINY)
     env = nnunet_environment(root, processes=1)
-    for variable in (settings.EPOCHS, settings.ITERATIONS, settings.CHECKPOINTING):
+    for variable in settings.VARIABLES:
         env.pop(variable, None)
     ws = Workspace(root, raw, env)
     ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
@@ -77,7 +77,7 @@ def make_trainer(workspace, tmp_path, monkeypatch):
     monkeypatch.setenv('nnUNet_preprocessed', workspace.env['nnUNet_preprocessed'])
     monkeypatch.setenv('nnUNet_results', str(tmp_path))
     monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
-    for variable in (settings.EPOCHS, settings.ITERATIONS, settings.CHECKPOINTING):
+    for variable in settings.VARIABLES:
         monkeypatch.delenv(variable, raising=False)
 
     def make(trainer_class, configuration: dict | None = None, device: str = 'cpu'):

@@ -33,7 +33,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
-            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_mednext.py'} <= names
+            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py'} <= names
     assert not any(name.startswith(('tests/', 'trainers/')) for name in names)
 
 
@@ -69,7 +69,7 @@ def test_trainers_lists_every_trainer_with_a_description():
     assert set(lines) == {t.__name__ for t in TRAINERS} and len(TRAINERS) == 8
     assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
     path = run(COMMAND, 'trainers', '--path').stdout.strip()
-    assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_mednext.py').is_file()
+    assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
 
 
 def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path):

@@ -11,3 +11,4 @@ TRAINERS = (
     nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtL,
     nnUNetTrainerMedNeXtS_k5, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtL_k5,
 )
+__all__ = [trainer.__name__ for trainer in TRAINERS]
