@@ -10,6 +10,7 @@ import torch
 from nnunet_plugins import synthetic
 from nnunet_plugins.demo import heldout_dice
 from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training.mednext import MedNeXtTrainer
 
 from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
 
@@ -25,8 +26,11 @@ def read_labels(path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-@pytest.mark.parametrize('trainer', [t.__name__ for t in TRAINERS])
-def test_nnunetv2_train_runs_each_trainer(workspace, trainer):
+MEDNEXT_TRAINERS = [t.__name__ for t in TRAINERS if issubclass(t, MedNeXtTrainer)]
+
+
+@pytest.mark.parametrize('trainer', MEDNEXT_TRAINERS)
+def test_nnunetv2_train_runs_each_mednext_trainer(workspace, trainer):
     fold = workspace.train(trainer, 0)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['trainer_name'] == trainer
