@@ -5,13 +5,16 @@
   iterations follow at nnU-Net's ratio of 1 to 5.
 - ``nnUNet_plugins_checkpointing``: ``0`` switches gradient checkpointing off for the networks that
   use it by default (MedNeXt-M and -L), ``1`` switches it on for every network that supports it.
+- ``nnUNet_plugins_upkern_source``: checkpoint file an UpKern trainer starts from, instead of the
+  matching kernel-3 run's ``checkpoint_final.pth`` (e.g. a kernel-5 run, to go on to kernel 7).
 """
 import os
 
 EPOCHS = 'nnUNet_plugins_epochs'
 ITERATIONS = 'nnUNet_plugins_iterations'
 CHECKPOINTING = 'nnUNet_plugins_checkpointing'
-VARIABLES = (EPOCHS, ITERATIONS, CHECKPOINTING)
+UPKERN_SOURCE = 'nnUNet_plugins_upkern_source'
+VARIABLES = (EPOCHS, ITERATIONS, CHECKPOINTING, UPKERN_SOURCE)
 
 _TRUE = ('1', 'true', 't', 'yes', 'on')
 _FALSE = ('0', 'false', 'f', 'no', 'off')

@@ -5,10 +5,14 @@ nnU-Net finds them by name through the shim modules in ``nnunet_plugins/trainers
 """
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtL_k5,
-    nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5)
+    nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
+    nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
+    nnUNetTrainerMedNeXtS_k5_UpKern)
 
 TRAINERS = (
     nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtL,
     nnUNetTrainerMedNeXtS_k5, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtL_k5,
+    nnUNetTrainerMedNeXtS_k5_UpKern, nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
+    nnUNetTrainerMedNeXtL_k5_UpKern,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS]

@@ -25,7 +25,7 @@ from torch._dynamo import OptimizedModule
 from nnunet_plugins import settings
 
 MAX_NONFINITE_STEPS = 25
-_CHECKPOINT_FILES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
+CHECKPOINT_FILES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
 
 
 class nnUNetTrainerPlugin(nnUNetTrainer):
@@ -151,7 +151,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     def on_train_start(self):
         if self.current_epoch == 0:
-            existing = [f for f in _CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+            existing = [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
             if existing:
                 raise RuntimeError(
                     f'{self.output_folder} already holds a training run ({", ".join(existing)}), and this run would '

@@ -1,14 +1,22 @@
-"""MedNeXt trainers: ``nnUNetTrainerMedNeXt{S,B,M,L}`` (kernel 3) and ``..._k5`` (kernel 5, from scratch).
+"""MedNeXt trainers: ``nnUNetTrainerMedNeXt{S,B,M,L}`` (kernel 3), ``..._k5`` (kernel 5, from scratch) and
+``..._k5_UpKern`` (kernel 5, started from the matching kernel-3 run).
 
 Optimiser as in the reference's nnU-Net trainer: AdamW, learning rate 1e-3, weight decay 3e-5 and
 eps 1e-4 (eps 1e-8 gave NaN losses under fp16), poly decay, gradient-norm clipping at 12 (nnU-Net's).
 """
+import os
+from pathlib import Path
+
+from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_plugins import settings
 from nnunet_plugins.networks.mednext import MAX_LEVELS, mednext_from_plan
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.training.base import CHECKPOINT_FILES, nnUNetTrainerPlugin
+from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint
+
+UPKERN_REPORT_FILE = 'upkern_report.json'
 
 
 class MedNeXtTrainer(nnUNetTrainerPlugin):
@@ -34,7 +42,6 @@ class MedNeXtTrainer(nnUNetTrainerPlugin):
         return mednext_from_plan(cls.variant, cls.kernel_size, num_input_channels, num_output_channels,
                                  strides, kernel_sizes, deep_supervision=enable_deep_supervision,
                                  gradient_checkpointing=settings.flag(settings.CHECKPOINTING))
-
 
     def initialize(self):
         super().initialize()
@@ -83,3 +90,69 @@ class nnUNetTrainerMedNeXtM_k5(MedNeXtTrainer):
 class nnUNetTrainerMedNeXtL_k5(MedNeXtTrainer):
     """MedNeXt-L, kernel 5, from scratch (63.0M parameters, gradient checkpointing)."""
     variant, kernel_size = 'L', 5
+
+
+class MedNeXtUpKernTrainer(MedNeXtTrainer):
+    """Shared by the UpKern trainers: on a fresh start, the network is initialised by UpKern from a trained run.
+
+    The source is ``checkpoint_final.pth`` of ``source_trainer`` on the same dataset, plans, configuration
+    and fold, or the file named by ``nnUNet_plugins_upkern_source``. A fold that already holds its own
+    checkpoint (``--c``, ``--val``) skips UpKern, since nnU-Net loads that checkpoint next.
+    """
+
+    source_trainer: str
+
+    def conventional_source(self) -> Path:
+        """``checkpoint_final.pth`` of ``source_trainer`` on this run's dataset, plans, configuration and fold."""
+        identifier = convert_trainer_plans_config_to_identifier(
+            self.source_trainer, self.plans_manager.plans_name, self.configuration_name)
+        return Path(self.output_folder_base).parent / identifier / f'fold_{self.fold}' / 'checkpoint_final.pth'
+
+    def initialize(self):
+        if self.was_initialized:
+            return
+        super().initialize()
+        own = [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+        if own:
+            self.print_to_log_file(f'UpKern skipped: this fold already holds {own[0]}, which nnU-Net loads instead')
+            return
+        override = os.environ.get(settings.UPKERN_SOURCE, '').strip()
+        source = Path(override).expanduser() if override else self.conventional_source()
+        if override and not source.is_file():
+            raise FileNotFoundError(
+                f'{settings.UPKERN_SOURCE}={override!r} names no file. Set it to the checkpoint file to start from, '
+                f'or unset it to start from {self.conventional_source()}.')
+        if not source.is_file():
+            raise FileNotFoundError(
+                f'{type(self).__name__} starts from a trained {self.source_trainer} run, but {source} does not exist. '
+                f'Train that first (nnUNetv2_train {self.plans_manager.dataset_name} {self.configuration_name} '
+                f'{self.fold} -tr {self.source_trainer} -p {self.plans_manager.plans_name}), or set '
+                f'{settings.UPKERN_SOURCE} to the checkpoint file to start from.')
+        try:
+            report = upkern_from_checkpoint(self.plain_network(), source)
+        except UpKernError as error:
+            raise UpKernError(f'{type(self).__name__} cannot start from {source}: {error}') from None
+        for line in report.lines():
+            self.print_to_log_file(line)
+        if self.local_rank == 0:
+            report.save(os.path.join(self.output_folder, UPKERN_REPORT_FILE))
+
+
+class nnUNetTrainerMedNeXtS_k5_UpKern(MedNeXtUpKernTrainer):
+    """MedNeXt-S, kernel 5, started by UpKern from nnUNetTrainerMedNeXtS of the same fold."""
+    variant, kernel_size, source_trainer = 'S', 5, 'nnUNetTrainerMedNeXtS'
+
+
+class nnUNetTrainerMedNeXtB_k5_UpKern(MedNeXtUpKernTrainer):
+    """MedNeXt-B, kernel 5, started by UpKern from nnUNetTrainerMedNeXtB of the same fold."""
+    variant, kernel_size, source_trainer = 'B', 5, 'nnUNetTrainerMedNeXtB'
+
+
+class nnUNetTrainerMedNeXtM_k5_UpKern(MedNeXtUpKernTrainer):
+    """MedNeXt-M, kernel 5, started by UpKern from nnUNetTrainerMedNeXtM of the same fold."""
+    variant, kernel_size, source_trainer = 'M', 5, 'nnUNetTrainerMedNeXtM'
+
+
+class nnUNetTrainerMedNeXtL_k5_UpKern(MedNeXtUpKernTrainer):
+    """MedNeXt-L, kernel 5, started by UpKern from nnUNetTrainerMedNeXtL of the same fold."""
+    variant, kernel_size, source_trainer = 'L', 5, 'nnUNetTrainerMedNeXtL'
