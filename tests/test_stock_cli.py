@@ -10,7 +10,7 @@ import torch
 from nnunet_plugins import synthetic
 from nnunet_plugins.demo import heldout_dice
 from nnunet_plugins.training import TRAINERS
-from nnunet_plugins.training.mednext import MedNeXtTrainer
+from nnunet_plugins.training.mednext import MedNeXtTrainer, MedNeXtUpKernTrainer
 
 from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
 
@@ -26,7 +26,9 @@ def read_labels(path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
-MEDNEXT_TRAINERS = [t.__name__ for t in TRAINERS if issubclass(t, MedNeXtTrainer)]
+# the UpKern trainers are tested in test_upkern.py, since they need a trained source run
+MEDNEXT_TRAINERS = [t.__name__ for t in TRAINERS
+                    if issubclass(t, MedNeXtTrainer) and not issubclass(t, MedNeXtUpKernTrainer)]
 
 
 @pytest.mark.parametrize('trainer', MEDNEXT_TRAINERS)
