@@ -8,11 +8,13 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
 TRAINERS = (
     nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtL,
     nnUNetTrainerMedNeXtS_k5, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtL_k5,
     nnUNetTrainerMedNeXtS_k5_UpKern, nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtL_k5_UpKern,
+    nnUNetTrainerUTNetV2,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS]

@@ -1,0 +1,483 @@
+"""UTNetV2 (Gao et al.; paper 002) with its topology taken from nnU-Net plans.
+
+A hybrid U-shaped network: a convolutional stem at full and half resolution, then resolution levels
+that each generate a small fixed-size *semantic map* (default 4x4x4) and refine feature map and
+semantic map together with bidirectional multi-head attention (B-MHA), whose cost is linear in the
+number of voxels. The encoder's semantic maps are fused across levels by a small standard
+transformer; the decoder upsamples, concatenates skips, uses B-MHA blocks (with the fused maps) at
+its coarse levels and residual conv blocks at the two finest, and ends in a 1x1 head. An auxiliary
+1x1 head on the decoder output at level 2 (1/4 in the paper) gives the paper's auxiliary loss.
+
+Levels follow the plans: level 0 is full resolution, level ``l`` is reached with the plan's
+``strides[l]``. Levels 0 and 1 form the stem, levels 2 and deeper are B-MHA levels, the last one is the
+bottleneck. On the authors' BCV setting (five levels with strides [1,1,1], [1,2,2], [1,2,2], [2,2,2],
+[2,2,2]) this is their network: widths 32, 64, 128, 256, 320, B-MHA blocks 2, 4, 6 at levels 2, 3, 4
+and 4, 2 in the decoder, heads of 32 channels, instance norm without affine parameters, ReLU, MBConv
+feed-forward with expansion 4 and squeeze-excitation, map fusion at width 320 with 10 heads, depth 2.
+
+What differs from the authors' implementation, and why:
+
+- the last decoder B-MHA block does not compute the semantic-map update nor the value projection of
+  the feature map that only that update uses (the reference computes and discards them), so every
+  parameter gets a gradient: 16,384 fewer parameters on the BCV setting;
+- the fusion transformer is PyTorch's ``nn.TransformerEncoder`` (pre-norm), whose attention input
+  projection has a bias (the reference's has none): 960 more parameters per fusion layer;
+- the auxiliary head's logits stay at level-2 resolution (nnU-Net downsamples the target for the
+  deep-supervision loss) instead of being interpolated to full resolution; the head is the same 1x1 conv.
+"""
+import itertools
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.helper import (
+    convert_conv_op_to_dim, convert_dim_to_conv_op, get_matching_instancenorm)
+from torch import nn
+
+MAX_LEVELS = 5  # full resolution, the stem's 1/2, and B-MHA levels 1/4, 1/8 and the 1/16 bottleneck
+MIN_LEVELS = 4  # the stem's two levels, one B-MHA level and a B-MHA bottleneck below it
+FIRST_BMHA_LEVEL = 2  # levels from here on have semantic maps and B-MHA blocks
+AUX_LEVEL = 2  # the auxiliary head reads the decoder output at this level (the last B-MHA block's)
+FEATURES = (32, 64, 128, 256, 320)  # per level, the authors' BCV configuration
+TRANSFORMER_BLOCKS = (2, 4, 6)  # N1, N2, N3: B-MHA blocks at levels 2, 3, 4 (the decoder repeats them)
+MAP_SIZE = 4  # semantic map of 4 tokens per axis
+HEAD_DIM = 32
+EXPANSION = 4  # of the MBConv feed-forward
+STEM_BLOCKS = 2  # residual conv blocks at level 1 and in each conv decoder stage
+FUSION_DIM, FUSION_HEADS, FUSION_DEPTH = 320, 10, 2
+
+
+def _norm(conv_op: type[nn.Module], channels: int) -> nn.Module:
+    """Instance norm without affine parameters, as the reference ('in')."""
+    return get_matching_instancenorm(conv_op)(channels)
+
+
+def _same_padding(kernel_size: Sequence[int]) -> list[int]:
+    return [k // 2 for k in kernel_size]
+
+
+class PreActConv(nn.Sequential):
+    """Norm -> ReLU (optional) -> conv without bias: ``(B, C_in, *S) -> (B, C_out, *S)``."""
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
+                 activation: bool = True, groups: int = 1):
+        super().__init__(_norm(conv_op, in_channels), nn.ReLU() if activation else nn.Identity(),
+                         conv_op(in_channels, out_channels, kernel_size, padding=_same_padding(kernel_size),
+                                 groups=groups, bias=False))
+
+
+class ResidualConvBlock(nn.Module):
+    """Pre-activation residual block: two :class:`PreActConv` layers plus a shortcut, ``(B, C_in, *S) ->
+    (B, C_out, *S)``. When the channels change, the shortcut is a third such layer (kernel ``kernel_size``,
+    as in the reference), otherwise the identity."""
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int]):
+        super().__init__()
+        self.residual = nn.Sequential(PreActConv(conv_op, in_channels, out_channels, kernel_size),
+                                      PreActConv(conv_op, out_channels, out_channels, kernel_size))
+        self.shortcut = (nn.Identity() if in_channels == out_channels
+                         else PreActConv(conv_op, in_channels, out_channels, kernel_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.residual(x) + self.shortcut(x)
+
+
+class DepthwiseSeparableConv(nn.Sequential):
+    """Depthwise conv (kernel ``kernel_size``) -> pointwise 1x1 conv, no bias: ``(B, C_in, *S) -> (B, C_out, *S)``."""
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int]):
+        super().__init__(
+            conv_op(in_channels, in_channels, kernel_size, padding=_same_padding(kernel_size), groups=in_channels,
+                    bias=False),
+            conv_op(in_channels, out_channels, kernel_size=1, bias=False))
+
+
+class PatchMerging(nn.Module):
+    """Downsampling by space-to-depth: the ``prod(stride)`` voxels of every block become channels, then norm and
+    a depthwise-separable conv. ``(B, C_in, *S) -> (B, C_out, *S / stride)``; ``S`` divisible by ``stride``."""
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, stride: Sequence[int],
+                 kernel_size: Sequence[int]):
+        super().__init__()
+        self.stride = tuple(stride)
+        merged = in_channels * math.prod(stride)
+        self.norm = _norm(conv_op, merged)
+        self.reduction = DepthwiseSeparableConv(conv_op, merged, out_channels, kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        offsets = itertools.product(*(range(s) for s in self.stride))
+        blocks = [x[(..., *(slice(o, None, s) for o, s in zip(offset, self.stride)))] for offset in offsets]
+        return self.reduction(self.norm(torch.cat(blocks, dim=1)))
+
+
+class SqueezeExcitation(nn.Module):
+    """Channel gating by the mean over all voxels: ``(B, C, *S) -> (B, C, *S)``.
+
+    (dynamic_network_architectures' ``SqueezeExcite`` averages over axes 2 and 3 only, which in 3d leaves
+    one gate per position along the last axis.)
+    """
+
+    def __init__(self, conv_op: type[nn.Module], channels: int, reduced_channels: int):
+        super().__init__()
+        self.gate = nn.Sequential(conv_op(channels, reduced_channels, kernel_size=1), nn.ReLU(),
+                                  conv_op(reduced_channels, channels, kernel_size=1), nn.Sigmoid())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x.mean(dim=tuple(range(2, x.ndim)), keepdim=True))
+
+
+class MBConv(nn.Module):
+    """Inverted residual with squeeze-excitation, the B-MHA feed-forward: pre-activation 1x1 expand ->
+    depthwise conv -> squeeze-excitation (reduction 4) -> 1x1 project (norm, no activation) -> residual add.
+    ``(B, C, *S) -> (B, C, *S)``."""
+
+    def __init__(self, conv_op: type[nn.Module], channels: int, expansion: int, kernel_size: Sequence[int]):
+        super().__init__()
+        expanded = expansion * channels
+        self.residual = nn.Sequential(
+            PreActConv(conv_op, channels, expanded, [1] * len(kernel_size)),
+            PreActConv(conv_op, expanded, expanded, kernel_size, groups=expanded),
+            SqueezeExcitation(conv_op, expanded, expanded // 4),
+            PreActConv(conv_op, expanded, channels, [1] * len(kernel_size), activation=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.residual(x)
+
+
+class SemanticMapGeneration(nn.Module):
+    """The initial semantic map of a level: ``(B, C, *S) -> (B, C, *map_size)``.
+
+    Two convs give a base feature map and one weight map per map token; each token is the base features
+    averaged over all voxels with its softmax-normalised weights. Memory is linear in the voxels.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], channels: int, map_size: Sequence[int], kernel_size: Sequence[int]):
+        super().__init__()
+        self.map_size = tuple(map_size)
+        padding = _same_padding(kernel_size)
+        self.base = conv_op(channels, channels, kernel_size, padding=padding, bias=False)
+        self.weights = conv_op(channels, math.prod(map_size), kernel_size, padding=padding, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base(x).flatten(2)  # B, C, N
+        weights = F.softmax(self.weights(x).flatten(2), dim=-1)  # B, T, N
+        return (base @ weights.transpose(1, 2)).unflatten(2, self.map_size)
+
+
+class BidirectionalAttention(nn.Module):
+    """B-MHA (paper eq. 5): cross-attention between a feature map and its semantic map, both ways at once.
+
+    The feature map X is projected by a depthwise-separable conv to queries q_X (and values v_X), the map
+    M by a 1x1 conv to q_M and v_M. One similarity ``A = q_X q_M^T / sqrt(head_dim)`` (voxels x tokens, per
+    head) serves both directions: ``X' = softmax over tokens(A) v_M`` and ``M' = softmax over voxels(A)^T v_X``.
+    Nothing of size voxels x voxels exists, so time and memory are linear in the voxels.
+
+    Args:
+        update_map: compute ``M'``. The last B-MHA block of the network has no later use for it, so it
+            skips ``M'`` and the value projection of X that only ``M'`` uses.
+
+    Input ``(B, C_feat, *S)`` and ``(B, C_map, *map_size)``; output ``(B, C_out, *S)`` and ``(B, C_map,
+    *map_size)`` (or None without ``update_map``).
+    """
+
+    def __init__(self, conv_op: type[nn.Module], feat_channels: int, map_channels: int, out_channels: int,
+                 heads: int, head_dim: int, kernel_size: Sequence[int], update_map: bool = True):
+        super().__init__()
+        self.heads, self.head_dim, self.update_map = heads, head_dim, update_map
+        inner = heads * head_dim
+        self.feat_proj = DepthwiseSeparableConv(conv_op, feat_channels, inner * (2 if update_map else 1), kernel_size)
+        self.map_proj = conv_op(map_channels, 2 * inner, kernel_size=1, bias=False)
+        self.feat_out = DepthwiseSeparableConv(conv_op, inner, out_channels, kernel_size)
+        self.map_out = conv_op(inner, map_channels, kernel_size=1, bias=False) if update_map else None
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, heads * head_dim, *S) -> (B, heads, N, head_dim)``."""
+        return x.flatten(2).unflatten(1, (self.heads, self.head_dim)).transpose(-2, -1)
+
+    def _merge_heads(self, x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
+        """``(B, heads, N, head_dim) -> (B, heads * head_dim, *S)``."""
+        return x.transpose(-2, -1).flatten(1, 2).unflatten(2, tuple(spatial))
+
+    def forward(self, feat: torch.Tensor, semantic_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        feat_qv = [self._split_heads(t) for t in self.feat_proj(feat).chunk(2 if self.update_map else 1, dim=1)]
+        map_q, map_v = [self._split_heads(t) for t in self.map_proj(semantic_map).chunk(2, dim=1)]
+        similarity = (feat_qv[0] @ map_q.transpose(-2, -1)) * self.head_dim ** -0.5  # B, heads, N, T
+        feat_out = self.feat_out(self._merge_heads(F.softmax(similarity, dim=-1) @ map_v, feat.shape[2:]))
+        if not self.update_map:
+            return feat_out, None
+        map_update = F.softmax(similarity, dim=-2).transpose(-2, -1) @ feat_qv[1]  # B, heads, T, head_dim
+        return feat_out, self.map_out(self._merge_heads(map_update, semantic_map.shape[2:]))
+
+
+class BMHABlock(nn.Module):
+    """B-MHA transformer block: ``X -> MBConv(B-MHA(norm X, norm M) + shortcut(X))`` and ``M -> M + M'``.
+
+    The shortcut is the identity, or a pre-activation 1x1 conv when ``feat_channels != out_channels``.
+    Shapes as :class:`BidirectionalAttention`; without ``update_map`` the returned map is None.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], feat_channels: int, map_channels: int, out_channels: int,
+                 head_dim: int, expansion: int, kernel_size: Sequence[int], update_map: bool = True):
+        super().__init__()
+        self.feat_norm = _norm(conv_op, feat_channels)
+        self.map_norm = _norm(conv_op, map_channels)
+        self.attention = BidirectionalAttention(conv_op, feat_channels, map_channels, out_channels,
+                                                out_channels // head_dim, head_dim, kernel_size, update_map)
+        self.shortcut = (nn.Identity() if feat_channels == out_channels
+                         else PreActConv(conv_op, feat_channels, out_channels, [1] * len(kernel_size)))
+        self.feedforward = MBConv(conv_op, out_channels, expansion, kernel_size)
+
+    def forward(self, x: torch.Tensor, semantic_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out, map_update = self.attention(self.feat_norm(x), self.map_norm(semantic_map))
+        out = self.feedforward(out + self.shortcut(x))
+        return out, None if map_update is None else semantic_map + map_update
+
+
+class SemanticMapFusion(nn.Module):
+    """Multi-scale semantic map fusion: every level's map is projected (1x1) to ``dim`` channels, all tokens
+    go through one standard pre-norm transformer together, and are split and projected back.
+
+    Input and output: a list with one ``(B, C_l, *map_size)`` map per B-MHA level.
+    """
+
+    def __init__(self, conv_op: type[nn.Module], map_channels: Sequence[int], dim: int, heads: int, depth: int):
+        super().__init__()
+        self.in_proj = nn.ModuleList([conv_op(c, dim, kernel_size=1, bias=False) for c in map_channels])
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=dim, dropout=0.0, activation='gelu',
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.out_proj = nn.ModuleList([conv_op(dim, c, kernel_size=1, bias=False) for c in map_channels])
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        map_size = maps[0].shape[2:]
+        tokens = [proj(m).flatten(2).transpose(1, 2) for proj, m in zip(self.in_proj, maps)]  # B, T, dim each
+        fused = self.transformer(torch.cat(tokens, dim=1)).split(map_size.numel(), dim=1)
+        return [proj(t.transpose(1, 2).unflatten(2, map_size)) for proj, t in zip(self.out_proj, fused)]
+
+
+class EncoderBMHAStage(nn.Module):
+    """Patch merging into a B-MHA level, its initial semantic map and B-MHA blocks:
+    ``(B, C_in, *S) -> (B, C, *S / stride)`` and a ``(B, C, *map_size)`` map."""
+
+    def __init__(self, conv_op: type[nn.Module], in_channels: int, channels: int, stride: Sequence[int],
+                 kernel_size: Sequence[int], blocks: int, map_size: Sequence[int], head_dim: int, expansion: int):
+        super().__init__()
+        self.merge = PatchMerging(conv_op, in_channels, channels, stride, kernel_size)
+        self.map_generation = SemanticMapGeneration(conv_op, channels, map_size, kernel_size)
+        self.blocks = nn.ModuleList([BMHABlock(conv_op, channels, channels, channels, head_dim, expansion, kernel_size)
+                                     for _ in range(blocks)])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.merge(x)
+        semantic_map = self.map_generation(x)
+        for block in self.blocks:
+            x, semantic_map = block(x, semantic_map)
+        return x, semantic_map
+
+
+class UTNetV2Encoder(nn.Module):
+    """Conv stem (levels 0 and 1) and the B-MHA levels; returns every level's features, highest resolution
+    first, and the semantic maps of the B-MHA levels."""
+
+    def __init__(self, input_channels: int, conv_op: type[nn.Module], features: Sequence[int],
+                 strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
+                 transformer_blocks: Sequence[int], stem_blocks: int, map_size: Sequence[int], head_dim: int,
+                 expansion: int):
+        super().__init__()
+        self.stem = nn.ModuleList([
+            nn.Sequential(
+                conv_op(input_channels, features[0], kernel_sizes[0], padding=_same_padding(kernel_sizes[0]),
+                        bias=False),
+                ResidualConvBlock(conv_op, features[0], features[0], kernel_sizes[0])),
+            nn.Sequential(
+                PatchMerging(conv_op, features[0], features[1], strides[1], kernel_sizes[1]),
+                *[ResidualConvBlock(conv_op, features[1], features[1], kernel_sizes[1]) for _ in range(stem_blocks)]),
+        ])
+        self.bmha_stages = nn.ModuleList([
+            EncoderBMHAStage(conv_op, features[level - 1], features[level], strides[level], kernel_sizes[level],
+                             transformer_blocks[level - FIRST_BMHA_LEVEL], map_size, head_dim, expansion)
+            for level in range(FIRST_BMHA_LEVEL, len(features))])
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        skips, maps = [], []
+        for stage in self.stem:
+            x = stage(x)
+            skips.append(x)
+        for stage in self.bmha_stages:
+            x, semantic_map = stage(x)
+            skips.append(x)
+            maps.append(semantic_map)
+        return skips, maps
+
+
+def _upsample_and_concatenate(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """Interpolate ``x`` (linearly, corners aligned, as the reference) to the skip's size and put the two together."""
+    mode = 'bilinear' if skip.ndim == 4 else 'trilinear'
+    return torch.cat([F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=True), skip], dim=1)
+
+
+class DecoderBMHAStage(nn.Module):
+    """Upsampling into a B-MHA level: concatenated skip, the semantic map from below concatenated with the
+    level's fused encoder map and reduced (1x1) to ``channels``, then B-MHA blocks.
+    ``(B, C_below, *S_below), (B, C, *S), (B, C_below, *map), (B, C, *map) -> (B, C, *S), (B, C, *map) or None``
+    (None when ``update_last_map`` is off)."""
+
+    def __init__(self, conv_op: type[nn.Module], below_channels: int, channels: int, kernel_size: Sequence[int],
+                 blocks: int, head_dim: int, expansion: int, update_last_map: bool):
+        super().__init__()
+        self.map_reduction = conv_op(below_channels + channels, channels, kernel_size=1, bias=False)
+        self.blocks = nn.ModuleList([
+            BMHABlock(conv_op, below_channels + channels if i == 0 else channels, channels, channels, head_dim,
+                      expansion, kernel_size, update_map=update_last_map or i < blocks - 1)
+            for i in range(blocks)])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor, map_below: torch.Tensor,
+                encoder_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = _upsample_and_concatenate(x, skip)
+        semantic_map = self.map_reduction(torch.cat([map_below, encoder_map], dim=1))
+        for block in self.blocks:
+            x, semantic_map = block(x, semantic_map)
+        return x, semantic_map
+
+
+class DecoderConvStage(nn.Module):
+    """Upsampling into a stem level: concatenated skip, then residual conv blocks.
+    ``(B, C_below, *S_below), (B, C, *S) -> (B, C, *S)``."""
+
+    def __init__(self, conv_op: type[nn.Module], below_channels: int, channels: int, kernel_size: Sequence[int],
+                 blocks: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*[
+            ResidualConvBlock(conv_op, below_channels + channels if i == 0 else channels, channels, kernel_size)
+            for i in range(blocks)])
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.blocks(_upsample_and_concatenate(x, skip))
+
+
+class UTNetV2Decoder(nn.Module):
+    """B-MHA stages into the levels above the bottleneck down to level 2, conv stages into levels 1 and 0,
+    and two 1x1 heads: ``seg_layers[0]`` on level 0 and the auxiliary ``seg_layers[1]`` on level 2.
+
+    With ``deep_supervision`` the output is ``[level-0 logits, level-2 logits]`` (highest resolution first,
+    as nnU-Net expects); without it, the level-0 logits alone. Both heads exist either way, so checkpoints
+    load strictly.
+    """
+
+    def __init__(self, num_classes: int, conv_op: type[nn.Module], features: Sequence[int],
+                 kernel_sizes: Sequence[Sequence[int]], transformer_blocks: Sequence[int], stem_blocks: int,
+                 head_dim: int, expansion: int, deep_supervision: bool):
+        super().__init__()
+        self.deep_supervision = deep_supervision
+        # stage i goes from level len(features) - 1 - i up to level len(features) - 2 - i
+        bmha_levels = range(len(features) - 2, FIRST_BMHA_LEVEL - 1, -1)
+        self.bmha_stages = nn.ModuleList([
+            DecoderBMHAStage(conv_op, features[level + 1], features[level], kernel_sizes[level],
+                             transformer_blocks[level - FIRST_BMHA_LEVEL], head_dim, expansion,
+                             update_last_map=level > FIRST_BMHA_LEVEL)
+            for level in bmha_levels])
+        self.conv_stages = nn.ModuleList([
+            DecoderConvStage(conv_op, features[level + 1], features[level], kernel_sizes[level], stem_blocks)
+            for level in range(FIRST_BMHA_LEVEL - 1, -1, -1)])
+        self.seg_layers = nn.ModuleList([conv_op(features[0], num_classes, kernel_size=1),
+                                         conv_op(features[AUX_LEVEL], num_classes, kernel_size=1)])
+
+    def forward(self, skips: Sequence[torch.Tensor],
+                fused_maps: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        x, semantic_map = skips[-1], fused_maps[-1]
+        for i, stage in enumerate(self.bmha_stages):
+            level = len(skips) - 2 - i
+            x, semantic_map = stage(x, skips[level], semantic_map, fused_maps[level - FIRST_BMHA_LEVEL])
+        auxiliary = self.seg_layers[1](x) if self.deep_supervision else None
+        for i, stage in enumerate(self.conv_stages):
+            x = stage(x, skips[FIRST_BMHA_LEVEL - 1 - i])
+        logits = self.seg_layers[0](x)
+        return [logits, auxiliary] if self.deep_supervision else logits
+
+
+class UTNetV2(nn.Module):
+    """UTNetV2 encoder-decoder for 2d or 3d input.
+
+    Args:
+        input_channels: channels of the input image.
+        num_classes: output channels (nnU-Net's number of segmentation heads).
+        conv_op: ``nn.Conv2d`` or ``nn.Conv3d``.
+        strides: per level, the stride per axis of the downsampling into that level; level 0 (full
+            resolution) must be all ones. Between :data:`MIN_LEVELS` and :data:`MAX_LEVELS` levels.
+        kernel_sizes: per level, the conv kernel per axis (odd sizes).
+        features_per_stage: channels per level; the first ``len(strides)`` entries are used. Every B-MHA
+            level's width must be a multiple of ``head_dim``.
+        transformer_blocks: B-MHA blocks per B-MHA level (levels 2, 3, ...; the paper's N1, N2, N3), used in
+            the encoder and again in the decoder stage into the same level; the first ``len(strides) - 2``
+            entries are used.
+        map_size: tokens of the semantic map per axis (one int for every axis, or one per axis).
+        stem_blocks: residual conv blocks at level 1 and in each of the two conv decoder stages.
+        head_dim: channels per attention head.
+        expansion: MBConv expansion ratio.
+        fusion_dim, fusion_heads, fusion_depth: width, heads and layers of the map fusion transformer.
+        deep_supervision: return ``[logits, auxiliary logits]`` instead of the logits alone.
+
+    Input ``(B, input_channels, *S)``; every axis of ``S`` must be divisible by the product of its strides.
+    Output ``(B, num_classes, *S)``; the auxiliary output has ``S`` divided by the strides of levels 0-2.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, conv_op: type[nn.Module],
+                 strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
+                 features_per_stage: Sequence[int] = FEATURES, transformer_blocks: Sequence[int] = TRANSFORMER_BLOCKS,
+                 map_size: int | Sequence[int] = MAP_SIZE, stem_blocks: int = STEM_BLOCKS, head_dim: int = HEAD_DIM,
+                 expansion: int = EXPANSION, fusion_dim: int = FUSION_DIM, fusion_heads: int = FUSION_HEADS,
+                 fusion_depth: int = FUSION_DEPTH, deep_supervision: bool = True):
+        super().__init__()
+        n_levels, dim = len(strides), convert_conv_op_to_dim(conv_op)
+        if not MIN_LEVELS <= n_levels <= MAX_LEVELS:
+            raise ValueError(f'UTNetV2 takes {MIN_LEVELS} to {MAX_LEVELS} resolution levels, got {n_levels} strides')
+        map_size = [map_size] * dim if isinstance(map_size, int) else list(map_size)
+        for name, value, expected in (('kernel_sizes', kernel_sizes, n_levels),
+                                      ('features_per_stage', features_per_stage, n_levels),
+                                      ('transformer_blocks', transformer_blocks, n_levels - FIRST_BMHA_LEVEL)):
+            if len(value) < expected:
+                raise ValueError(f'{name} has {len(value)} entries, {n_levels} levels need {expected}')
+        if any(len(s) != dim for s in strides) or any(len(k) != dim for k in kernel_sizes) or len(map_size) != dim:
+            raise ValueError(f'strides, kernel_sizes and map_size need {dim} entries per level for {conv_op.__name__}')
+        if any(s != 1 for s in strides[0]):
+            raise ValueError(f'the first level is full resolution and cannot be strided, got {strides[0]}')
+        if any(k % 2 == 0 for kernel in kernel_sizes for k in kernel):
+            raise ValueError(f'UTNetV2 kernels must be odd, got {kernel_sizes}')
+        if math.prod(map_size) < 2:
+            raise ValueError(f'the semantic map needs at least two tokens, got map_size {map_size}')
+        features = list(features_per_stage[:n_levels])
+        if any(c % head_dim for c in features[FIRST_BMHA_LEVEL:]):
+            raise ValueError(f'the B-MHA widths {features[FIRST_BMHA_LEVEL:]} must be multiples of head_dim {head_dim}')
+        if fusion_dim % fusion_heads:
+            raise ValueError(f'fusion_dim {fusion_dim} must be a multiple of fusion_heads {fusion_heads}')
+        self.strides = [tuple(s) for s in strides]
+        self.kernel_sizes = [tuple(k) for k in kernel_sizes[:n_levels]]
+        self.transformer_blocks = list(transformer_blocks[:n_levels - FIRST_BMHA_LEVEL])
+        self.map_size = tuple(map_size)
+        self.encoder = UTNetV2Encoder(input_channels, conv_op, features, self.strides, self.kernel_sizes,
+                                      self.transformer_blocks, stem_blocks, self.map_size, head_dim, expansion)
+        self.map_fusion = SemanticMapFusion(conv_op, features[FIRST_BMHA_LEVEL:], fusion_dim, fusion_heads,
+                                            fusion_depth)
+        self.decoder = UTNetV2Decoder(num_classes, conv_op, features, self.kernel_sizes, self.transformer_blocks,
+                                      stem_blocks, head_dim, expansion, deep_supervision)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        skips, maps = self.encoder(x)
+        return self.decoder(skips, self.map_fusion(maps))
+
+
+def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
+                      plan_kernel_sizes: Sequence[Sequence[int]], deep_supervision: bool = True,
+                      **network_kwargs) -> UTNetV2:
+    """Build UTNetV2 on the topology of an nnU-Net plans configuration.
+
+    Uses the first :data:`MAX_LEVELS` stages of the plan (their strides; their kernels with every axis of
+    nnU-Net kernel 1 kept at 1 and every other axis 3, UTNetV2's kernel). A plan with fewer stages drops
+    the deepest B-MHA levels. ``network_kwargs`` go to :class:`UTNetV2` (block counts, map size, ...).
+    """
+    n_levels = min(MAX_LEVELS, len(plan_strides))
+    strides = [list(s) for s in plan_strides[:n_levels]]
+    kernels = [[1 if k == 1 else 3 for k in kernel] for kernel in plan_kernel_sizes[:n_levels]]
+    return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
+                   deep_supervision=deep_supervision, **network_kwargs)
