@@ -8,6 +8,7 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
 TRAINERS = (
@@ -15,6 +16,7 @@ TRAINERS = (
     nnUNetTrainerMedNeXtS_k5, nnUNetTrainerMedNeXtB_k5, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtL_k5,
     nnUNetTrainerMedNeXtS_k5_UpKern, nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtL_k5_UpKern,
+    nnUNetTrainerUXNet,
     nnUNetTrainerUTNetV2,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS]

@@ -1,0 +1,80 @@
+"""3D UX-Net trainer: ``nnUNetTrainerUXNet``.
+
+The network's downsampling follows the plans (see :mod:`nnunet_plugins.networks.uxnet`); the ``2d``
+configuration trains the 2d version of the same network.
+
+No deep supervision, as in the reference and in the MedNeXt authors' nnU-Net baseline of UX-Net: the
+network has one output, so the parameter count stays the reference's and checkpoints load strictly.
+
+Optimiser: AdamW with poly decay per epoch and nnU-Net's gradient-norm clipping at 12.
+
+- Learning rate 2.5e-3, as the MedNeXt authors trained UX-Net inside nnU-Net (the paper's 1e-4 belongs to
+  40,000 iterations with a plateau schedule and learned much more slowly on nnU-Net's schedule).
+- eps 1e-4, as in the MedNeXt authors' UX-Net trainer, whose comment says 1e-8 may give NaNs in fp16.
+- Weight decay 1e-3: AdamW shrinks the weights by learning rate x weight decay per iteration, so the paper's
+  0.08 at 25 times its learning rate would decay 25 times faster. 1e-3 gives the paper's total decay over
+  nnU-Net's schedule: 2.5e-3 x 1e-3 x 250,000 iterations x 1/1.9 (mean of poly decay) = 0.33, against the
+  paper's 1e-4 x 0.08 x 40,000 = 0.32.
+"""
+import numpy as np
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_plugins.networks.uxnet import uxnet_from_plan, uxnet_levels
+from nnunet_plugins.training.base import nnUNetTrainerPlugin
+
+
+class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
+    """3D UX-Net (53.0M parameters), no deep supervision."""
+
+    initial_lr = 2.5e-3
+    weight_decay = 1e-3
+    adam_eps = 1e-4
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.enable_deep_supervision = False
+
+    @classmethod
+    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
+        strides, _ = uxnet_levels(*cls.plan_topology(configuration_manager))
+        return strides
+
+    @classmethod
+    def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
+        """Also refuse a patch whose deepest level would be a single voxel, where instance norm is undefined."""
+        super().check_patch_size(configuration_manager)
+        patch_size = list(configuration_manager.patch_size)
+        divisors = np.prod(np.array(cls.network_strides(configuration_manager)), axis=0)
+        deepest = (np.array(patch_size) // divisors).tolist()
+        if np.prod(deepest) == 1:
+            suggestion = list(patch_size)
+            suggestion[int(np.argmax(divisors))] *= 2
+            raise ValueError(
+                f'{cls.__name__} cannot take patch size {patch_size}: with strides {divisors.tolist()} in all its '
+                f'deepest level would be {deepest}, a single voxel, on which instance norm is undefined. Set a '
+                f'patch_size with at least two voxels there, e.g. {suggestion}, in a configuration that '
+                f'inherits_from this one, or re-plan with nnUNetv2_plan_experiment.')
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        if enable_deep_supervision:
+            raise ValueError(f'{cls.__name__} builds 3D UX-Net, which has one output and no deep supervision; '
+                             f'build it with enable_deep_supervision=False.')
+        cls.check_patch_size(configuration_manager)
+        return uxnet_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager))
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        """Nothing to switch: the network always returns its single full-resolution output."""
+
+    def initialize(self):
+        super().initialize()
+        network = self.plain_network()
+        self.print_to_log_file(
+            f'3D UX-Net: strides {network.strides}, large kernels {network.large_kernel_sizes}, decoder kernels '
+            f'{network.kernel_sizes}, {sum(p.numel() for p in network.parameters()):,} parameters, '
+            f'no deep supervision')
