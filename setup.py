@@ -7,9 +7,12 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.trainers'],
-    # the shim folder for nnUNet_extTrainer lives at the top of the repository and is installed inside the package
-    package_dir={'nnunet_plugins.trainers': 'trainers'},
+    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.trainers',
+              'nnunet_plugins.plans'],
+    # the shim folder for nnUNet_extTrainer and the plans presets live at the top of the repository and are
+    # installed inside the package
+    package_dir={'nnunet_plugins.trainers': 'trainers', 'nnunet_plugins.plans': 'plans'},
+    package_data={'nnunet_plugins.plans': ['*.json', 'README.md']},
     install_requires=[
         # 2.8 brought nnUNet_extTrainer and the 2.7 trainer signature; 2.9 may change the trainer
         # internals the plugin overrides, so it is admitted only once tested (see README)

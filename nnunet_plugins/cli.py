@@ -35,6 +35,23 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plans(args: argparse.Namespace) -> int:
+    from nnunet_plugins import presets
+    try:
+        if args.list:
+            print(presets.describe_presets())
+            return 0
+        if args.dataset is None or args.preset is None:
+            raise presets.PresetError('give a DATASET and --preset NAME (`nnunet-plugins plans --list` shows the '
+                                      'presets)')
+        added = presets.add_preset(args.dataset, args.preset, args.plans, args.configuration, args.spacing,
+                                   args.patch, args.batch, args.overwrite)
+    except presets.PresetError as error:
+        raise SystemExit(f'nnunet-plugins plans: error: {error}') from None
+    print(presets.describe_added(added))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='nnunet-plugins',
@@ -77,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help='tiny volumes: a quick check that the pipeline runs, not a meaningful Dice')
     demo.add_argument('--overwrite', action='store_true', help='replace an earlier demo run in --work')
     demo.set_defaults(run=_demo)
+
+    plans = commands.add_parser(
+        'plans', help="add a paper's training setting (preset) to a dataset's plans as a new configuration",
+        description="Add a paper's spacing, patch size and batch size to a dataset's nnU-Net plans as a configuration "
+                    'that inherits_from 3d_fullres (or 2d), with its own data_identifier and the network topology '
+                    "recomputed by nnU-Net's rules. Existing configurations and preprocessed data stay as they are. "
+                    'Then run nnUNetv2_preprocess and nnUNetv2_train with the new configuration (printed).')
+    plans.add_argument('dataset', nargs='?', metavar='DATASET', help='dataset id or name, e.g. 4')
+    plans.add_argument('--preset', metavar='NAME', help='the setting to add, e.g. mednext (see --list)')
+    plans.add_argument('--list', action='store_true', help='list the presets with their source and exit')
+    plans.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
+                       help='plans identifier, e.g. nnUNetResEncUNetMPlans (default: %(default)s)')
+    plans.add_argument('-c', dest='configuration', metavar='NAME',
+                       help="name of the new configuration (default: the preset's, e.g. 3d_fullres_mednext)")
+    plans.add_argument('--spacing', type=float, nargs='+', metavar='MM',
+                       help="override the preset's spacing, in the plans' axis order (coarsest axis first)")
+    plans.add_argument('--patch', type=int, nargs='+', metavar='VOXELS', help="override the preset's patch size")
+    plans.add_argument('--batch', type=int, metavar='N', help="override the preset's batch size (at least 2)")
+    plans.add_argument('--overwrite', action='store_true',
+                       help='replace a configuration of the same name that an earlier preset made')
+    plans.set_defaults(run=_plans)
+
     return parser
 
 
