@@ -29,6 +29,8 @@ setup(
     ],
     extras_require={
         'test': ['pytest', 'monai>=1.4'],
+        # MONAI's MedNeXt and SwinUNETR as peers in `nnunet-plugins benchmark`
+        'bench': ['monai>=1.4'],
     },
     entry_points={'console_scripts': ['nnunet-plugins=nnunet_plugins.cli:main']},
 )

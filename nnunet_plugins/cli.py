@@ -52,6 +52,14 @@ def _plans(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from nnunet_plugins import benchmark
+    try:
+        return benchmark.run(args)
+    except ValueError as error:
+        raise SystemExit(f'nnunet-plugins benchmark: error: {error}') from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='nnunet-plugins',
@@ -116,6 +124,42 @@ def build_parser() -> argparse.ArgumentParser:
                        help='replace a configuration of the same name that an earlier preset made')
     plans.set_defaults(run=_plans)
 
+    bench = commands.add_parser(
+        'benchmark', help='parameters, multiply-adds, training-step time and peak memory per trainer, side by side',
+        description='Build every trainer\'s network, loss and optimiser as nnUNetv2_train does and time its training '
+                    'step on random batches, each row in its own process. Rows: the plugin trainers, nnUNetTrainer '
+                    'on the same plans and on ResEnc L plans, and (with MONAI installed: pip install '
+                    'nnunet-plugins[bench]) MONAI\'s MedNeXt S/B/M/L k3/k5 and SwinUNETR. Prints a Markdown table '
+                    'and writes benchmark.md, benchmark.json and benchmark.png to --out.')
+    bench.add_argument('dataset', nargs='?', metavar='DATASET', help='dataset id or name, e.g. 4 (or use --patch)')
+    bench.add_argument('configuration', nargs='?', metavar='CONFIGURATION', help='e.g. 3d_fullres')
+    bench.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
+                       help='plans identifier (default: %(default)s)')
+    bench.add_argument('--patch', type=int, nargs='+', metavar='VOXELS',
+                       help='benchmark without a dataset, on the plans nnU-Net\'s default planner makes for this '
+                            'patch, e.g. 128 128 128')
+    bench.add_argument('--spacing', type=float, nargs='+', metavar='MM', help='with --patch (default: 1 mm isotropic)')
+    bench.add_argument('--in-channels', type=int, default=1, help='with --patch (default: %(default)s)')
+    bench.add_argument('--classes', type=int, default=14,
+                       help='with --patch: output classes, background included (default: %(default)s)')
+    bench.add_argument('--batch', type=int, metavar='N', help='batch size (default: the plans\'; 2 with --patch)')
+    bench.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
+                       help='trainers to benchmark (default: every plugin trainer except the UpKern ones)')
+    bench.add_argument('--baselines', nargs='*', metavar='NAME',
+                       help='nnU-Net baselines: nnUNetTrainer, ResEncL (default: both; none if given empty)')
+    bench.add_argument('--peers', nargs='*', metavar='NAME',
+                       help='MONAI peers: MedNeXtS ... MedNeXtL_k5, SwinUNETR (default: all when MONAI is installed; '
+                            'none if given empty)')
+    bench.add_argument('--variants', nargs='*', default=['checkpointing'],
+                       choices=('checkpointing', 'channels-last', 'bf16', 'compile'),
+                       help='extra rows, each changing one setting from the trainer\'s own: checkpointing flipped '
+                            '(networks that have it), the other memory layout, bf16 instead of fp16 autocast (CUDA), '
+                            'torch.compile flipped (CUDA) (default: %(default)s)')
+    bench.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda when a GPU is available, else cpu')
+    bench.add_argument('--steps', type=int, metavar='N', help='timed steps per row (default: 10 on cuda, 3 on cpu)')
+    bench.add_argument('--warmup', type=int, metavar='N', help='untimed steps first (default: 3 on cuda, 1 on cpu)')
+    bench.add_argument('--out', default='nnunet_plugins_benchmark', help='output folder (default: %(default)s)')
+    bench.set_defaults(run=_benchmark)
     return parser
 
 

@@ -1,0 +1,150 @@
+"""``nnunet-plugins benchmark``: the command end to end on a tiny patch, and its facts at the papers' setting."""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunet_plugins import benchmark, settings
+from nnunet_plugins.cli import main
+
+from conftest import CONFIGURATION, DATASET_ID
+
+COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
+# MedNeXt paper, Table 3: "GFLOPs" (multiply-accumulates) for one 128^3 patch, kernel 3 and kernel 5
+PAPER_GMACS = {'S': (130, 169), 'B': (170, 208), 'M': (248, 308), 'L': (500, 564)}
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The command on a 16x32x32 patch: two trainers, nnUNetTrainer and MONAI's MedNeXt-S, one step each."""
+    out = tmp_path_factory.mktemp('benchmark')
+    env = {name: value for name, value in os.environ.items() if name not in settings.VARIABLES}
+    result = subprocess.run(
+        [COMMAND, 'benchmark', '--patch', '16', '32', '32', '--classes', '3', '--batch', '1', '--device', 'cpu',
+         '-tr', 'nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM', '--baselines', 'nnUNetTrainer', '--peers', 'MedNeXtS',
+         '--steps', '1', '--warmup', '0', '--out', str(out)],
+        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, out
+
+
+def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run):
+    _, out = tiny_run
+    rows = json.loads((out / 'benchmark.json').read_text())['rows']
+    assert [(row['label'], row['gradient_checkpointing']) for row in rows] == [
+        ('nnUNetTrainerMedNeXtS', False), ('nnUNetTrainerMedNeXtS', True),  # S: off by default, then flipped
+        ('nnUNetTrainerMedNeXtM', True), ('nnUNetTrainerMedNeXtM', False),
+        ('nnUNetTrainer (nnUNetPlans)', None), ('MONAI MedNeXtS', None)]
+    for row in rows:
+        assert tuple(row) == benchmark.ROW_FIELDS
+        assert row['status'] == 'ok'
+        nulls = {key for key, value in row.items() if value is None}
+        assert set(row['null_reasons']) == nulls, row['label']
+        assert nulls <= {'gradient_checkpointing', 'autocast_dtype'}
+        assert all(reason for reason in row['null_reasons'].values())
+        assert len(row['step_times_s']) == 1 and row['step_time_s'] > 0 and row['peak_memory_bytes'] >= 0
+        assert row['patch_size'] == [16, 32, 32] and row['batch_size'] == 1 and row['output_channels'] == 3
+    by_label = {}
+    for row in rows:
+        by_label.setdefault(row['label'], []).append(row)
+    # checkpointing on and off train the same network on the same batch: the same first loss, bit for bit
+    for label in ('nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM'):
+        first, second = by_label[label]
+        assert first['first_loss'] == second['first_loss'] and first['parameters'] == second['parameters']
+    # each as its trainer runs it: the plugin trainers (and the peer, trained with their recipe) channels-last
+    # on a CPU, nnU-Net's own trainer in the default layout
+    assert {row['label']: (row['network_class'], row['memory_layout']) for row in rows} == {
+        'nnUNetTrainerMedNeXtS': ('MedNeXt', 'channels-last'), 'nnUNetTrainerMedNeXtM': ('MedNeXt', 'channels-last'),
+        'nnUNetTrainer (nnUNetPlans)': ('PlainConvUNet', 'contiguous'), 'MONAI MedNeXtS': ('MedNeXt', 'channels-last')}
+
+
+def test_report_table_ratios_and_chart(tiny_run):
+    result, out = tiny_run
+    report = (out / 'benchmark.md').read_text()
+    assert report in result.stdout
+    assert '| network | setting | parameters | GMAC/patch | step (s) | memory (GiB) | voxels/s |' in report
+    assert '| nnUNetTrainer (nnUNetPlans) | contiguous, fp32 |' in report
+    ratios = json.loads((out / 'benchmark.json').read_text())['ratios']
+    # on this plan our MedNeXt-S has 4 levels (the plans' strides), MONAI's always 5: reported, not hidden
+    assert [(r['ours'], r['monai']) for r in ratios] == [('nnUNetTrainerMedNeXtS', 'MONAI MedNeXtS')] * 2
+    assert all(r['topology'].startswith('differs: the plans give strides') for r in ratios)
+    assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_papers_setting_plans_macs_and_monai_sizes():
+    dataset_json = benchmark.synthetic_dataset_json(1, 14)
+    plans, configuration = benchmark.synthetic_plans([128, 128, 128], [1.0, 1.0, 1.0], 2, dataset_json)
+    arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
+    assert [list(s) for s in arch['strides']] == [[1, 1, 1]] + [[2, 2, 2]] * 5
+    assert plans['configurations'][configuration]['architecture']['network_class_name'].endswith('PlainConvUNet')
+    resenc, _ = benchmark.resenc_l_plans(plans, configuration, dataset_json, None)
+    assert resenc['plans_name'] == 'nnUNetResEncUNetLPlans'
+    resenc_arch = resenc['configurations'][configuration]['architecture']
+    assert resenc_arch['network_class_name'].endswith('ResidualEncoderUNet')
+    assert list(resenc_arch['arch_kwargs']['n_blocks_per_stage']) == [1, 3, 4, 6, 6, 6]
+    assert resenc_arch['arch_kwargs']['strides'] == arch['strides']
+
+    def facts(trainer: str) -> dict:
+        return benchmark.probe(benchmark.Network(trainer, '', trainer, trainer, plans), configuration, dataset_json)
+
+    for variant, paper in PAPER_GMACS.items():
+        for kernel, paper_gmacs in zip(('', '_k5'), paper):
+            ours = facts(f'nnUNetTrainerMedNeXt{variant}{kernel}')['forward_gmacs_per_patch']
+            # the paper's counter adds a little (norms, activations) that ours leaves out
+            assert 0.98 < ours / paper_gmacs < 1, (variant, kernel, ours)
+    # MONAI's S is the authors' network; its B (and M, L) gives down blocks the wrong expansion ratio
+    assert facts('MedNeXtS')['forward_gmacs_per_patch'] == facts('nnUNetTrainerMedNeXtS')['forward_gmacs_per_patch']
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    configuration_manager = PlansManager(plans).get_configuration(configuration)
+
+    def parameters(trainer: str) -> int:
+        network = benchmark.trainer_class(trainer).build_network_architecture(
+            PlansManager(plans), configuration_manager, 1, 14, enable_deep_supervision=True)
+        return sum(p.numel() for p in network.parameters())
+    assert parameters('MedNeXtS') == parameters('nnUNetTrainerMedNeXtS') == 5_564_806
+    assert parameters('nnUNetTrainerMedNeXtB') - parameters('MedNeXtB') == 15_456
+    assert benchmark._topology_versus_monai(benchmark.trainer_class('nnUNetTrainerMedNeXtS'),
+                                            configuration_manager) == 'same'
+
+
+def test_default_trainers_leave_out_upkern_and_reach_every_other_plugin_trainer():
+    from nnunet_plugins.training import TRAINERS
+    names = benchmark.default_trainers()
+    assert names == [t.__name__ for t in TRAINERS if not t.__name__.endswith('_UpKern')]
+    assert 'nnUNetTrainerMedNeXtL_k5' in names and not any(name.endswith('_UpKern') for name in names)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--patch', '100', '100', '100'], 'would train patch [112, 112, 112] rather than [100, 100, 100]'),
+    (['--patch', '64', '64', '64', '--peers', 'MedNeXtX'], 'unknown baseline or peer MedNeXtX'),
+    (['4'], 'give DATASET CONFIGURATION'),
+], ids=['patch-nnunet-would-not-plan', 'unknown-peer', 'no-configuration'])
+def test_errors_say_what_is_wrong_before_anything_runs(args, message, tmp_path):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main(['benchmark', *args, '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
+
+
+def test_dataset_plans_are_read_and_nothing_lands_in_nnunet_results(workspace):
+    """A planned dataset: the rows train at its (anisotropic) plan; ResEnc L is derived for the same patch because
+    the dataset has no ResEnc L plans; the trainers' log folders go to a temporary folder, not nnUNet_results."""
+    results = Path(workspace.env['nnUNet_results'])
+    before = sorted(results.rglob('*')) if results.exists() else []
+    out = workspace.root / 'benchmark'
+    result = subprocess.run(
+        [COMMAND, 'benchmark', str(DATASET_ID), CONFIGURATION, '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
+         '--baselines', 'ResEncL', '--peers', '--variants', '--steps', '1', '--warmup', '0', '--out', str(out)],
+        capture_output=True, text=True, env=workspace.env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    plan = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())['configurations'][CONFIGURATION]
+    rows = json.loads((out / 'benchmark.json').read_text())['rows']
+    assert [(row['label'], row['status'], row['plans_name'], row['network_class']) for row in rows] == [
+        ('nnUNetTrainerMedNeXtS', 'ok', 'nnUNetPlans', 'MedNeXt'),
+        ('nnUNetTrainer (ResEnc L)', 'ok', 'nnUNetResEncUNetLPlans', 'ResidualEncoderUNet')]
+    assert all(row['patch_size'] == plan['patch_size'] and row['batch_size'] == plan['batch_size'] for row in rows)
+    assert 'ResEnc L baseline: nnUNetPlannerResEncL architecture for the same patch and spacing' in result.stdout
+    assert (sorted(results.rglob('*')) if results.exists() else []) == before
