@@ -165,15 +165,19 @@ def test_nnunetv2_train_starts_from_the_kernel_3_run_and_continues_from_its_own(
     assert checkpoint['current_epoch'] == 2
 
 
-def test_a_missing_source_names_the_path_and_the_variable(workspace):
-    expected = workspace.results(SOURCE_TRAINER) / 'fold_3' / 'checkpoint_final.pth'
-    assert not expected.exists()
+def test_a_missing_source_names_the_path_and_the_variable(workspace, tmp_path):
+    # an empty results folder of its own: other tests train the kernel-3 trainer on every fold
+    results = tmp_path / 'nnUNet_results'
+    relative = workspace.results(SOURCE_TRAINER).relative_to(workspace.root / 'nnUNet_results')
+    expected = results / relative / 'fold_0' / 'checkpoint_final.pth'
     with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 3, '-tr', UPKERN_TRAINER, '-device', 'cpu')
+        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', UPKERN_TRAINER, '-device', 'cpu',
+                      env={**workspace.env, 'nnUNet_results': str(results)})
     message = str(error.value)
     assert f'but {expected} does not exist' in message
     assert settings.UPKERN_SOURCE in message
-    assert not list(workspace.results(UPKERN_TRAINER).glob('fold_3/checkpoint_*.pth'))
+    upkern_fold = results / workspace.results(UPKERN_TRAINER).relative_to(workspace.root / 'nnUNet_results') / 'fold_0'
+    assert not list(upkern_fold.glob('checkpoint_*.pth'))
 
 
 def test_a_source_of_another_size_is_refused_before_training(workspace):
