@@ -132,6 +132,12 @@ def load_preset(name: str) -> Preset:
     return presets[name]
 
 
+def preset_for(trainer_name: str, dimensions: int) -> Preset | None:
+    """The first preset (by name) meant for ``trainer_name`` with a ``dimensions``-axis patch, or None."""
+    return next((preset for preset in load_presets().values()
+                 if trainer_name in preset.trainers and len(preset.patch_size) == dimensions), None)
+
+
 def describe_presets(presets: dict[str, Preset] | None = None) -> str:
     """The text of ``nnunet-plugins plans --list``: every preset with its setting, trainers and source."""
     presets = presets if presets is not None else load_presets()

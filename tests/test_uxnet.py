@@ -220,18 +220,19 @@ def test_two_d_configuration_builds_the_two_d_network(workspace):
 def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_trainer, workspace):
     trainer = make_trainer(nnUNetTrainerUXNet, {'patch_size': [13, 32, 30]})
     with pytest.raises(ValueError, match=r'axis 0 \(13\) must be divisible by 2, axis 2 \(30\) must be divisible '
-                                         r'by 8 .*e\.g\. \[12, 32, 32\]'):
+                                         r'by 8 .*such as \[12, 32, 32\]: `nnunet-plugins plans DATASET --preset uxnet '
+                                         r'--patch 12 32 32`'):
         trainer.initialize()
     # on an isotropic plan every axis needs the reference's 16
     architecture = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())[
         'configurations'][CONFIGURATION]['architecture']
     architecture['arch_kwargs'].update(strides=ISOTROPIC_STRIDES[:5], kernel_sizes=ISOTROPIC_KERNELS[:5])
     trainer = make_trainer(nnUNetTrainerUXNet, {'patch_size': [24, 32, 32], 'architecture': architecture})
-    with pytest.raises(ValueError, match=r'axis 0 \(24\) must be divisible by 16 .*e\.g\. \[32, 32, 32\]'):
+    with pytest.raises(ValueError, match=r'axis 0 \(24\) must be divisible by 16 .*such as \[32, 32, 32\]'):
         trainer.initialize()
     # divisible, but the 1/16 level would be one voxel
     trainer = make_trainer(nnUNetTrainerUXNet, {'patch_size': [16, 16, 16], 'architecture': architecture})
-    with pytest.raises(ValueError, match=r'would be \[1, 1, 1\], a single voxel.*e\.g\. \[32, 16, 16\]'):
+    with pytest.raises(ValueError, match=r'would be \[1, 1, 1\], a single voxel.*such as \[32, 16, 16\]'):
         trainer.initialize()
 
 

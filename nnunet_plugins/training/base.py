@@ -98,9 +98,20 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             raise ValueError(
                 f'{cls.__name__} cannot take patch size {patch_size}: '
                 + ', '.join(f'axis {a} ({patch_size[a]}) must be divisible by {divisors[a]}' for a in bad)
-                + f' (the product of its strides over the levels the network uses). Set the configuration\'s '
-                f'patch_size to a multiple, e.g. {suggestion}, in a configuration that inherits_from this one, '
-                f'or re-plan with nnUNetv2_plan_experiment.')
+                + f' (the product of its strides over the levels the network uses). '
+                + cls.patch_advice(suggestion))
+
+    @classmethod
+    def patch_advice(cls, patch_size: list[int]) -> str:
+        """The end of every patch-size error: how to get a configuration that has ``patch_size``."""
+        from nnunet_plugins.presets import preset_for  # presets checks patches with the trainers
+        preset = preset_for(cls.__name__, len(patch_size))
+        command = ('' if preset is None else
+                   f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))}` '
+                   f'adds a configuration with it and nnU-Net\'s strides for it (at the preset\'s spacing unless '
+                   f'--spacing is given); or ')
+        return (f'Use a patch_size such as {patch_size}: {command}set it in a configuration that inherits_from this '
+                f'one, or re-plan with nnUNetv2_plan_experiment.')
 
     @classmethod
     def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:

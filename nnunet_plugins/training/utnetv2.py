@@ -38,9 +38,8 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
             raise ValueError(
                 f'{cls.__name__} needs at least {MIN_LEVELS} resolution levels (full resolution, the stem\'s second '
                 f'level, a B-MHA level and the bottleneck), but the plans configuration has {len(strides)} '
-                f'(strides {strides}) for patch size {patch_size}. nnU-Net plans more levels for a larger patch: '
-                f'set a larger patch_size (and matching strides and kernel_sizes) in a configuration that '
-                f'inherits_from this one, or re-plan with nnUNetv2_plan_experiment.')
+                f'(strides {strides}) for patch size {patch_size}; nnU-Net plans more levels for a larger patch. '
+                + cls.patch_advice([2 * p for p in patch_size]))
         super().check_patch_size(configuration_manager)
         divisors = np.prod(np.array(strides), axis=0)
         bottleneck = (np.array(patch_size) // divisors).tolist()
@@ -50,9 +49,8 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
             suggestion[axis] = 2 * int(divisors[axis])
             raise ValueError(
                 f'{cls.__name__} cannot take patch size {patch_size}: with strides {strides} its bottleneck would be '
-                f'{bottleneck}, a single voxel, on which instance norm and attention are undefined. Set a '
-                f'patch_size with a bottleneck of at least two voxels, e.g. {suggestion}, in a configuration that '
-                f'inherits_from this one, or re-plan with nnUNetv2_plan_experiment.')
+                f'{bottleneck}, a single voxel, on which instance norm and attention are undefined. '
+                + cls.patch_advice(suggestion))
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:

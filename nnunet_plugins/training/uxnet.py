@@ -54,9 +54,8 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
             suggestion[int(np.argmax(divisors))] *= 2
             raise ValueError(
                 f'{cls.__name__} cannot take patch size {patch_size}: with strides {divisors.tolist()} in all its '
-                f'deepest level would be {deepest}, a single voxel, on which instance norm is undefined. Set a '
-                f'patch_size with at least two voxels there, e.g. {suggestion}, in a configuration that '
-                f'inherits_from this one, or re-plan with nnUNetv2_plan_experiment.')
+                f'deepest level would be {deepest}, a single voxel, on which instance norm is undefined. '
+                + cls.patch_advice(suggestion))
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
