@@ -129,12 +129,18 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             return None
         return self.deep_supervision_scales(self.configuration_manager)
 
+    def deep_supervision_weights(self) -> list[float]:
+        """Loss weight of every output, highest resolution first, summing to 1.
+
+        nnU-Net weights its lowest output 0; here every head counts, halving per level (as MedNeXt's reference).
+        """
+        weights = np.array([1 / 2 ** i for i in range(len(self._get_deep_supervision_scales()))])
+        return (weights / weights.sum()).tolist()
+
     def _build_loss(self) -> nn.Module:
         loss = super()._build_loss()
         if self.enable_deep_supervision:
-            # nnU-Net weights its lowest output 0; here every head counts, halving per level (as MedNeXt's reference)
-            weights = np.array([1 / 2 ** i for i in range(len(self._get_deep_supervision_scales()))])
-            loss = DeepSupervisionWrapper(loss.loss, weights / weights.sum())
+            loss = DeepSupervisionWrapper(loss.loss, self.deep_supervision_weights())
         return loss
 
     # ---- optimisation ----

@@ -7,7 +7,6 @@ the authors clip nothing). Loss: nnU-Net's Dice + cross-entropy on the main outp
 output, weighted 1:1 as in the authors' configuration.
 """
 import numpy as np
-from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
@@ -67,11 +66,8 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
         return utnetv2_from_plan(num_input_channels, num_output_channels, strides, kernel_sizes,
                                  deep_supervision=enable_deep_supervision)
 
-    def _build_loss(self) -> nn.Module:
-        loss = super()._build_loss()
-        if self.enable_deep_supervision:
-            loss = DeepSupervisionWrapper(loss.loss, AUX_LOSS_WEIGHTS)
-        return loss
+    def deep_supervision_weights(self) -> list[float]:
+        return list(AUX_LOSS_WEIGHTS)
 
     def initialize(self):
         super().initialize()
