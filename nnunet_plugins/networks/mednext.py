@@ -24,6 +24,8 @@ from dynamic_network_architectures.building_blocks.helper import convert_dim_to_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from nnunet_plugins.networks.kernels import kernels_from_plan, same_padding
+
 MAX_LEVELS = 5  # four downsamplings, as in the paper
 STEM_FEATURES = 32
 
@@ -72,7 +74,7 @@ class MedNeXtBlock(_InvertedBottleneck):
     """MedNeXt block with residual: ``(B, C, *S) -> (B, C, *S)``."""
 
     def __init__(self, conv_op: type[nn.Module], channels: int, expansion: int, kernel_size: Sequence[int]):
-        depthwise = conv_op(channels, channels, kernel_size, padding=_same_padding(kernel_size), groups=channels)
+        depthwise = conv_op(channels, channels, kernel_size, padding=same_padding(kernel_size), groups=channels)
         super().__init__(depthwise, channels, channels, expansion, conv_op)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +87,7 @@ class MedNeXtDownBlock(_InvertedBottleneck):
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, expansion: int,
                  kernel_size: Sequence[int], stride: Sequence[int]):
         depthwise = conv_op(in_channels, in_channels, kernel_size, stride=stride,
-                            padding=_same_padding(kernel_size), groups=in_channels)
+                            padding=same_padding(kernel_size), groups=in_channels)
         super().__init__(depthwise, in_channels, out_channels, expansion, conv_op)
         self.shortcut = conv_op(in_channels, out_channels, kernel_size=1, stride=stride)
 
@@ -105,7 +107,7 @@ class MedNeXtUpBlock(_InvertedBottleneck):
                  kernel_size: Sequence[int], stride: Sequence[int]):
         transposed_op = get_matching_convtransp(conv_op)
         depthwise = transposed_op(in_channels, in_channels, kernel_size, stride=stride,
-                                  padding=_same_padding(kernel_size), groups=in_channels)
+                                  padding=same_padding(kernel_size), groups=in_channels)
         super().__init__(depthwise, in_channels, out_channels, expansion, conv_op)
         self.shortcut = transposed_op(in_channels, out_channels, kernel_size=1, stride=stride)
         # F.pad lists (before, after) pairs starting at the last axis
@@ -248,7 +250,7 @@ def mednext_from_plan(variant: str, kernel_size: int, input_channels: int, num_c
     config = VARIANTS[variant]
     n_levels = min(MAX_LEVELS, len(plan_strides))
     strides = [list(s) for s in plan_strides[:n_levels]]
-    kernels = [[1 if k == 1 else kernel_size for k in kernel] for kernel in plan_kernel_sizes[:n_levels]]
+    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], kernel_size)
     if gradient_checkpointing is None:
         gradient_checkpointing = config.gradient_checkpointing
     return MedNeXt(
@@ -260,10 +262,6 @@ def mednext_from_plan(variant: str, kernel_size: int, input_channels: int, num_c
         encoder_blocks=config.encoder_blocks[:n_levels],
         decoder_blocks=config.decoder_blocks[:n_levels - 1],
         deep_supervision=deep_supervision, gradient_checkpointing=gradient_checkpointing)
-
-
-def _same_padding(kernel_size: Sequence[int]) -> list[int]:
-    return [k // 2 for k in kernel_size]
 
 
 def _run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, gradient_checkpointing: bool) -> torch.Tensor:

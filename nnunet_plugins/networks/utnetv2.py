@@ -35,6 +35,8 @@ from dynamic_network_architectures.building_blocks.helper import (
     convert_conv_op_to_dim, convert_dim_to_conv_op, get_matching_instancenorm)
 from torch import nn
 
+from nnunet_plugins.networks.kernels import kernels_from_plan, same_padding
+
 MAX_LEVELS = 5  # full resolution, the stem's 1/2, and B-MHA levels 1/4, 1/8 and the 1/16 bottleneck
 MIN_LEVELS = 4  # the stem's two levels, one B-MHA level and a B-MHA bottleneck below it
 FIRST_BMHA_LEVEL = 2  # levels from here on have semantic maps and B-MHA blocks
@@ -53,17 +55,13 @@ def _norm(conv_op: type[nn.Module], channels: int) -> nn.Module:
     return get_matching_instancenorm(conv_op)(channels)
 
 
-def _same_padding(kernel_size: Sequence[int]) -> list[int]:
-    return [k // 2 for k in kernel_size]
-
-
 class PreActConv(nn.Sequential):
     """Norm -> ReLU (optional) -> conv without bias: ``(B, C_in, *S) -> (B, C_out, *S)``."""
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
                  activation: bool = True, groups: int = 1):
         super().__init__(_norm(conv_op, in_channels), nn.ReLU() if activation else nn.Identity(),
-                         conv_op(in_channels, out_channels, kernel_size, padding=_same_padding(kernel_size),
+                         conv_op(in_channels, out_channels, kernel_size, padding=same_padding(kernel_size),
                                  groups=groups, bias=False))
 
 
@@ -88,7 +86,7 @@ class DepthwiseSeparableConv(nn.Sequential):
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int]):
         super().__init__(
-            conv_op(in_channels, in_channels, kernel_size, padding=_same_padding(kernel_size), groups=in_channels,
+            conv_op(in_channels, in_channels, kernel_size, padding=same_padding(kernel_size), groups=in_channels,
                     bias=False),
             conv_op(in_channels, out_channels, kernel_size=1, bias=False))
 
@@ -155,7 +153,7 @@ class SemanticMapGeneration(nn.Module):
     def __init__(self, conv_op: type[nn.Module], channels: int, map_size: Sequence[int], kernel_size: Sequence[int]):
         super().__init__()
         self.map_size = tuple(map_size)
-        padding = _same_padding(kernel_size)
+        padding = same_padding(kernel_size)
         self.base = conv_op(channels, channels, kernel_size, padding=padding, bias=False)
         self.weights = conv_op(channels, math.prod(map_size), kernel_size, padding=padding, bias=False)
 
@@ -287,7 +285,7 @@ class UTNetV2Encoder(nn.Module):
         super().__init__()
         self.stem = nn.ModuleList([
             nn.Sequential(
-                conv_op(input_channels, features[0], kernel_sizes[0], padding=_same_padding(kernel_sizes[0]),
+                conv_op(input_channels, features[0], kernel_sizes[0], padding=same_padding(kernel_sizes[0]),
                         bias=False),
                 ResidualConvBlock(conv_op, features[0], features[0], kernel_sizes[0])),
             nn.Sequential(
@@ -478,6 +476,6 @@ def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Seque
     """
     n_levels = min(MAX_LEVELS, len(plan_strides))
     strides = [list(s) for s in plan_strides[:n_levels]]
-    kernels = [[1 if k == 1 else 3 for k in kernel] for kernel in plan_kernel_sizes[:n_levels]]
+    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], 3)
     return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
                    deep_supervision=deep_supervision, **network_kwargs)

@@ -35,6 +35,8 @@ from dynamic_network_architectures.building_blocks.helper import (
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from torch import nn
 
+from nnunet_plugins.networks.kernels import kernels_from_plan, same_padding
+
 LEVELS = 5  # full resolution + stem (1/2) + three stage downsamplings (down to 1/16)
 FEATURES_PER_STAGE = (48, 96, 192, 384)
 HIDDEN_FEATURES = 768  # width of the decoder's residual block on the last stage output
@@ -63,8 +65,7 @@ class UXNetBlock(nn.Module):
 
     def __init__(self, conv_op: type[nn.Module], channels: int, kernel_size: Sequence[int]):
         super().__init__()
-        self.depthwise = conv_op(channels, channels, kernel_size, padding=[k // 2 for k in kernel_size],
-                                 groups=channels)
+        self.depthwise = conv_op(channels, channels, kernel_size, padding=same_padding(kernel_size), groups=channels)
         self.norm = ChannelLayerNorm(channels)
         # "depthwise convolution scaling": each channel is widened to EXPANSION channels and back on its own
         self.expand = conv_op(channels, EXPANSION * channels, kernel_size=1, groups=channels)
@@ -91,7 +92,7 @@ class UXNetEncoder(nn.Module):
         stem_kernel = large_kernel_sizes[0]
         downsamplers = [nn.Sequential(
             conv_op(input_channels, FEATURES_PER_STAGE[0], stem_kernel, stride=strides[1],
-                    padding=[k // 2 for k in stem_kernel]),
+                    padding=same_padding(stem_kernel)),
             ChannelLayerNorm(FEATURES_PER_STAGE[0]))]
         for stage in range(1, len(FEATURES_PER_STAGE)):
             stride = strides[stage + 1]
@@ -212,13 +213,9 @@ def uxnet_from_plan(input_channels: int, num_classes: int, plan_strides: Sequenc
     :data:`DECODER_KERNEL` in the decoder's residual blocks.
     """
     strides, plan_kernels = uxnet_levels(plan_strides, plan_kernel_sizes)
-
-    def keep_ones(kernel: Sequence[int], size: int) -> list[int]:
-        return [1 if k == 1 else size for k in kernel]
-
     return UXNet(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides,
-                 large_kernel_sizes=[keep_ones(k, LARGE_KERNEL) for k in plan_kernels[1:]],
-                 kernel_sizes=[keep_ones(k, DECODER_KERNEL) for k in plan_kernels])
+                 large_kernel_sizes=kernels_from_plan(plan_kernels[1:], LARGE_KERNEL),
+                 kernel_sizes=kernels_from_plan(plan_kernels, DECODER_KERNEL))
 
 
 def _residual_block(conv_op: type[nn.Module], in_channels: int, out_channels: int,
