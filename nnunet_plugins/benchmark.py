@@ -353,7 +353,7 @@ def plan_rows(networks: Sequence[Network], configuration: str, dataset_json: dic
 
 # ---- measuring one row, in its own process ----
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """The peak resident set size of this process so far, in bytes."""
     import resource
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -372,7 +372,7 @@ def _reset_peak_rss() -> int:
         Path('/proc/self/clear_refs').write_text('5')
     except (OSError, AttributeError):  # not Linux, or a C library without malloc_trim
         pass
-    return _peak_rss_bytes()
+    return peak_rss_bytes()
 
 
 def _memory_layout(network: nn.Module) -> str:
@@ -466,9 +466,9 @@ def measure(spec: dict) -> dict:
                 print(_STEP_MARKER, flush=True)
         except Exception as error:  # e.g. out of memory: the row is reported as failed, with what was measured
             return {**result, 'status': 'failed', 'reason': f'{type(error).__name__}: {str(error)[:300]}'}
-        peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else _peak_rss_bytes() - baseline_rss
+        peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss_bytes() - baseline_rss
         return {**result, 'status': 'ok', 'step_times_s': times, 'first_loss': losses[0],
-                'peak_memory_bytes': peak, 'process_peak_rss_bytes': _peak_rss_bytes()}
+                'peak_memory_bytes': peak, 'process_peak_rss_bytes': peak_rss_bytes()}
 
 
 def _measure_in_process(spec_file: str, result_file: str) -> None:

@@ -12,7 +12,6 @@ Usage: ``python scripts/utnetv2_memory.py [--patches 8,32,32 16,64,64] [--batch 
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 
@@ -20,20 +19,17 @@ BCV_STRIDES = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
 BCV_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 
 
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 def measure_step(patch: list[int], batch: int) -> dict:
     """One forward and backward pass in this process; the MiB its peak RSS rose by."""
     import torch
+    from nnunet_plugins.benchmark import peak_rss_bytes
     from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
     torch.manual_seed(0)
     network = utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS)
     x = torch.randn(batch, 1, *patch)
-    before = _peak_rss_mib()
+    before = peak_rss_bytes()
     sum(output.float().mean() for output in network(x)).backward()
-    return {'patch': patch, 'voxels': batch * math.prod(patch), 'step_peak_mib': _peak_rss_mib() - before}
+    return {'patch': patch, 'voxels': batch * math.prod(patch), 'step_peak_mib': (peak_rss_bytes() - before) / 2 ** 20}
 
 
 def main() -> None:

@@ -34,6 +34,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     initial_lr: float = 1e-3
     weight_decay: float = 3e-5
     adam_eps: float = 1e-8
+    max_levels: int  # resolution levels the network uses at most; a plan's deeper stages are left out
+    # for networks that cannot take a one-voxel bottleneck, what is undefined there (in the patch-size error)
+    undefined_on_one_voxel: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -100,6 +103,16 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                 + ', '.join(f'axis {a} ({patch_size[a]}) must be divisible by {divisors[a]}' for a in bad)
                 + f' (the product of its strides over the levels the network uses). '
                 + cls.patch_advice(suggestion))
+        bottleneck = [p // d for p, d in zip(patch_size, divisors)]
+        if cls.undefined_on_one_voxel and np.prod(bottleneck) == 1:
+            # the patch equals the divisors here: doubling the most downsampled axis gives two voxels
+            axis = int(np.argmax(divisors))
+            suggestion = list(patch_size)
+            suggestion[axis] = 2 * divisors[axis]
+            raise ValueError(
+                f'{cls.__name__} cannot take patch size {patch_size}: with strides '
+                f'{cls.network_strides(configuration_manager)} its bottleneck would be {bottleneck}, a single voxel, '
+                f'on which {cls.undefined_on_one_voxel}. ' + cls.patch_advice(suggestion))
 
     @classmethod
     def patch_advice(cls, patch_size: list[int]) -> str:
@@ -115,8 +128,10 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     @classmethod
     def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
-        """Strides of the resolution levels the network uses, one list per level, level 0 first."""
-        raise NotImplementedError
+        """Strides of the resolution levels the network uses, one list per level, level 0 first: those of the
+        plan's first ``max_levels`` stages."""
+        strides, _ = cls.plan_topology(configuration_manager)
+        return strides[:cls.max_levels]
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:
@@ -166,9 +181,13 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     # ---- safety ----
 
+    def existing_checkpoints(self) -> list[str]:
+        """The nnU-Net checkpoint files this fold's output folder already holds."""
+        return [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+
     def on_train_start(self):
         if self.current_epoch == 0:
-            existing = [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+            existing = self.existing_checkpoints()
             if existing:
                 raise RuntimeError(
                     f'{self.output_folder} already holds a training run ({", ".join(existing)}), and this run would '

@@ -13,7 +13,7 @@ from torch import nn
 
 from nnunet_plugins import settings
 from nnunet_plugins.networks.mednext import MAX_LEVELS, mednext_from_plan
-from nnunet_plugins.training.base import CHECKPOINT_FILES, nnUNetTrainerPlugin
+from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint
 
 UPKERN_REPORT_FILE = 'upkern_report.json'
@@ -27,11 +27,7 @@ class MedNeXtTrainer(nnUNetTrainerPlugin):
     initial_lr = 1e-3
     weight_decay = 3e-5
     adam_eps = 1e-4
-
-    @classmethod
-    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
-        strides, _ = cls.plan_topology(configuration_manager)
-        return strides[:MAX_LEVELS]
+    max_levels = MAX_LEVELS
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -112,7 +108,7 @@ class MedNeXtUpKernTrainer(MedNeXtTrainer):
         if self.was_initialized:
             return
         super().initialize()
-        own = [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
+        own = self.existing_checkpoints()
         if own:
             self.print_to_log_file(f'UpKern skipped: this fold already holds {own[0]}, which nnU-Net loads instead')
             return

@@ -6,7 +6,6 @@ up for 5 of 150 epochs first; nnU-Net's schedule has no warm-up), gradient-norm 
 the authors clip nothing). Loss: nnU-Net's Dice + cross-entropy on the main output and on the auxiliary
 output, weighted 1:1 as in the authors' configuration.
 """
-import numpy as np
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
@@ -22,15 +21,12 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
     initial_lr = 6e-4
     weight_decay = 0.05
     adam_eps = 1e-5
-
-    @classmethod
-    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
-        strides, _ = cls.plan_topology(configuration_manager)
-        return strides[:MAX_LEVELS]
+    max_levels = MAX_LEVELS
+    undefined_on_one_voxel = 'instance norm and attention are undefined'
 
     @classmethod
     def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
-        """Also refuse plans with fewer than four levels and patches whose bottleneck is a single voxel."""
+        """Also refuse plans with fewer than four levels."""
         strides = cls.network_strides(configuration_manager)
         patch_size = list(configuration_manager.patch_size)
         if len(strides) < MIN_LEVELS:
@@ -40,16 +36,6 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
                 f'(strides {strides}) for patch size {patch_size}; nnU-Net plans more levels for a larger patch. '
                 + cls.patch_advice([2 * p for p in patch_size]))
         super().check_patch_size(configuration_manager)
-        divisors = np.prod(np.array(strides), axis=0)
-        bottleneck = (np.array(patch_size) // divisors).tolist()
-        if np.prod(bottleneck) <= 1:
-            axis = int(np.argmax(divisors))
-            suggestion = list(patch_size)
-            suggestion[axis] = 2 * int(divisors[axis])
-            raise ValueError(
-                f'{cls.__name__} cannot take patch size {patch_size}: with strides {strides} its bottleneck would be '
-                f'{bottleneck}, a single voxel, on which instance norm and attention are undefined. '
-                + cls.patch_advice(suggestion))
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:

@@ -16,7 +16,6 @@ Optimiser: AdamW with poly decay per epoch and nnU-Net's gradient-norm clipping 
   nnU-Net's schedule: 2.5e-3 x 1e-3 x 250,000 iterations x 1/1.9 (mean of poly decay) = 0.33, against the
   paper's 1e-4 x 0.08 x 40,000 = 0.32.
 """
-import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -31,6 +30,7 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
     initial_lr = 2.5e-3
     weight_decay = 1e-3
     adam_eps = 1e-4
+    undefined_on_one_voxel = 'instance norm is undefined'
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -41,21 +41,6 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
     def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
         strides, _ = uxnet_levels(*cls.plan_topology(configuration_manager))
         return strides
-
-    @classmethod
-    def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
-        """Also refuse a patch whose deepest level would be a single voxel, where instance norm is undefined."""
-        super().check_patch_size(configuration_manager)
-        patch_size = list(configuration_manager.patch_size)
-        divisors = np.prod(np.array(cls.network_strides(configuration_manager)), axis=0)
-        deepest = (np.array(patch_size) // divisors).tolist()
-        if np.prod(deepest) == 1:
-            suggestion = list(patch_size)
-            suggestion[int(np.argmax(divisors))] *= 2
-            raise ValueError(
-                f'{cls.__name__} cannot take patch size {patch_size}: with strides {divisors.tolist()} in all its '
-                f'deepest level would be {deepest}, a single voxel, on which instance norm is undefined. '
-                + cls.patch_advice(suggestion))
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
