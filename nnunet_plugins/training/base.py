@@ -101,7 +101,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             raise ValueError(
                 f'{cls.__name__} cannot take patch size {patch_size}: '
                 + ', '.join(f'axis {a} ({patch_size[a]}) must be divisible by {divisors[a]}' for a in bad)
-                + f' (the product of its strides over the levels the network uses). '
+                + ' (the product of its strides over the levels the network uses). '
                 + cls.patch_advice(suggestion))
         bottleneck = [p // d for p, d in zip(patch_size, divisors)]
         if cls.undefined_on_one_voxel and np.prod(bottleneck) == 1:
