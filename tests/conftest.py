@@ -9,8 +9,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
+from torch import nn
 
 from nnunet_plugins import settings, synthetic, trainers_folder
 from nnunet_plugins.workspace import nnunet_environment, run_stock
@@ -19,6 +22,9 @@ DATASET_ID = 991
 DATASET_NAME = 'Tiny'
 CONFIGURATION = '3d_fullres'
 NUM_TRAINING, NUM_HELDOUT = 10, 3
+# nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
+TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
+TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 
 
 @dataclass
@@ -51,6 +57,26 @@ class Workspace:
             self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
         return self._trained[key]
 
+    def predict_and_ensemble(self, trainers, out: Path, *extra) -> list[Path]:
+        """``nnUNetv2_predict`` fold 0 of each trainer on the held-out images with probabilities, then
+        ``nnUNetv2_ensemble``; asserts that every held-out case is predicted and that the ensemble is the argmax
+        of the mean probabilities. Returns the trainers' prediction folders; the ensemble is ``out/ensemble``."""
+        folders = []
+        for trainer in trainers:
+            folders.append(out / trainer)
+            self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
+                     '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
+                     '-npp', 1, '-nps', 1, *extra)
+        ensemble = out / 'ensemble'
+        self.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
+        cases = sorted(p.name for p in folders[0].glob('*.nii.gz'))
+        assert len(cases) == NUM_HELDOUT
+        for case in cases:
+            probabilities = [np.load(folder / case.replace('.nii.gz', '.npz'))['probabilities'] for folder in folders]
+            np.testing.assert_array_equal(read_labels(ensemble / case),
+                                          np.argmax(np.mean(probabilities, axis=0), axis=0))
+        return folders
+
 
 @pytest.fixture(scope='session')
 def workspace(tmp_path_factory) -> Workspace:
@@ -64,6 +90,15 @@ def workspace(tmp_path_factory) -> Workspace:
     ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
            '--verify_dataset_integrity')
     return ws
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A label image as an array, axes as nnU-Net's SimpleITK reader gives them."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
 
 
 def training_log(fold_folder: Path) -> str:

@@ -11,7 +11,7 @@ import pytest
 from nnunet_plugins import benchmark, settings
 from nnunet_plugins.cli import main
 
-from conftest import CONFIGURATION, DATASET_ID
+from conftest import CONFIGURATION, DATASET_ID, parameter_count
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 # MedNeXt paper, Table 3: "GFLOPs" (multiply-accumulates) for one 128^3 patch, kernel 3 and kernel 5
@@ -102,9 +102,8 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     configuration_manager = PlansManager(plans).get_configuration(configuration)
 
     def parameters(trainer: str) -> int:
-        network = benchmark.trainer_class(trainer).build_network_architecture(
-            PlansManager(plans), configuration_manager, 1, 14, enable_deep_supervision=True)
-        return sum(p.numel() for p in network.parameters())
+        return parameter_count(benchmark.trainer_class(trainer).build_network_architecture(
+            PlansManager(plans), configuration_manager, 1, 14, enable_deep_supervision=True))
     assert parameters('MedNeXtS') == parameters('nnUNetTrainerMedNeXtS') == 5_564_806
     assert parameters('nnUNetTrainerMedNeXtB') - parameters('MedNeXtB') == 15_456
     assert benchmark._topology_versus_monai(benchmark.trainer_class('nnUNetTrainerMedNeXtS'),

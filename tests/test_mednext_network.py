@@ -6,6 +6,8 @@ from torch import nn
 
 from nnunet_plugins.networks.mednext import MedNeXt, mednext_from_plan
 
+from conftest import parameter_count
+
 ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for 128^3 at 1 mm
 ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
 # nnU-Net's plan for the synthetic CT-like data: in-plane pooling first, kernel 1 along z at full resolution
@@ -21,20 +23,16 @@ REFERENCE_PARAMETERS = {
 }
 
 
-def count(network: nn.Module) -> int:
-    return sum(p.numel() for p in network.parameters())
-
-
 @pytest.mark.parametrize('variant,kernel', sorted(REFERENCE_PARAMETERS))
 def test_parameter_count_equals_reference(variant, kernel):
     network = mednext_from_plan(variant, kernel, 1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
-    assert count(network) == REFERENCE_PARAMETERS[variant, kernel] - 1
+    assert parameter_count(network) == REFERENCE_PARAMETERS[variant, kernel] - 1
 
 
 def test_each_extra_input_channel_adds_32_parameters():
     one = mednext_from_plan('S', 3, 1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
     four = mednext_from_plan('S', 3, 4, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
-    assert count(four) - count(one) == 3 * 32
+    assert parameter_count(four) - parameter_count(one) == 3 * 32
 
 
 def _copy_monai_weights(monai_net: nn.Module, ours: MedNeXt) -> None:
@@ -78,7 +76,7 @@ def test_layer_for_layer_equal_to_monai_port_of_reference(kernel):
     reference = create_mednext(variant, spatial_dims=3, in_channels=1, out_channels=3, kernel_size=kernel,
                                deep_supervision=True).train()
     ours = mednext_from_plan(variant, kernel, 1, 3, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, gradient_checkpointing=False)
-    assert count(ours) == count(reference)
+    assert parameter_count(ours) == parameter_count(reference)
     _copy_monai_weights(reference, ours)
     x = torch.randn(1, 1, 32, 32, 32)
     with torch.no_grad():

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -22,7 +21,7 @@ from nnunet_plugins import presets, synthetic
 from nnunet_plugins.presets import PRESET_KEY, PresetError, add_preset
 from nnunet_plugins.training import TRAINERS
 
-from conftest import DATASET_ID, NUM_TRAINING
+from conftest import DATASET_ID, NUM_TRAINING, read_labels
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 MEDNEXT_TRAINERS = {f'nnUNetTrainerMedNeXt{v}{k}' for v in 'SBML' for k in ('', '_k5', '_k5_UpKern')}
@@ -321,10 +320,6 @@ SMALL = {
 }
 
 
-def _labels(path: Path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
 @pytest.mark.parametrize('preset_name', list(SMALL))
 def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_env, tmp_path, preset_name):
     workspace = nnunet_env
@@ -346,7 +341,7 @@ def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_e
     validated = sorted((fold / 'validation').glob('*.nii.gz'))
     assert len(validated) == 2  # fold 0 of the 10 training cases, resampled back to their own spacing
     for path in validated:
-        assert _labels(path).shape == _labels(workspace.raw / 'labelsTr' / path.name).shape
+        assert read_labels(path).shape == read_labels(workspace.raw / 'labelsTr' / path.name).shape
 
     if predict:
         case = 'Tiny_010_0000.nii.gz'
@@ -354,6 +349,6 @@ def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_e
         (tmp_path / 'in' / case).symlink_to(workspace.raw / 'imagesTs' / case)
         workspace.run('nnUNetv2_predict', '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-d', DATASET_ID, '-c', name,
                       '-f', 0, '-tr', trainer, '-device', 'cpu', '-npp', 1, '-nps', 1, '--disable_tta')
-        prediction = _labels(tmp_path / 'out' / 'Tiny_010.nii.gz')
-        assert prediction.shape == _labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
+        prediction = read_labels(tmp_path / 'out' / 'Tiny_010.nii.gz')
+        assert prediction.shape == read_labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
         assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())

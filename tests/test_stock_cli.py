@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from nnunet_plugins import synthetic
@@ -12,7 +11,7 @@ from nnunet_plugins.demo import heldout_dice
 from nnunet_plugins.training import TRAINERS
 from nnunet_plugins.training.mednext import MedNeXtTrainer, MedNeXtUpKernTrainer
 
-from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
+from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, read_labels, training_log
 
 FIVE_FOLD_TRAINER = 'nnUNetTrainerMedNeXtS'
 FOLDS = ('0', '1', '2', '3', '4')
@@ -20,10 +19,6 @@ FOLDS = ('0', '1', '2', '3', '4')
 
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_labels(path) -> np.ndarray:
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 # the UpKern trainers are tested in test_upkern.py, since they need a trained source run
@@ -102,20 +97,7 @@ def test_nnunetv2_ensemble_of_plugin_and_stock_nnunet_trainer(workspace, tmp_pat
     # the stock nnUNetTrainer with nnU-Net's own shortest schedule (1 epoch of 250 iterations)
     members = {FIVE_FOLD_TRAINER: workspace.train(FIVE_FOLD_TRAINER, 0),
                'nnUNetTrainer_1epoch': workspace.train('nnUNetTrainer_1epoch', 0)}
-    folders = []
-    for trainer in members:
-        folders.append(tmp_path / trainer)
-        workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
-                      '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
-                      '-npp', 1, '-nps', 1)
-    ensemble = tmp_path / 'ensemble'
-    workspace.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
-    cases = sorted(p.name for p in folders[0].glob('*.nii.gz'))
-    assert len(cases) == NUM_HELDOUT
-    for case in cases:
-        probabilities = [np.load(folder / case.replace('.nii.gz', '.npz'))['probabilities'] for folder in folders]
-        expected = np.argmax(np.mean(probabilities, axis=0), axis=0)
-        np.testing.assert_array_equal(read_labels(ensemble / case), expected)
+    workspace.predict_and_ensemble(members, tmp_path)
 
 
 def test_mednext_learns_the_organ_on_heldout_cases(workspace, tmp_path):

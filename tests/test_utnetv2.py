@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +12,8 @@ from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.utnetv2 import BidirectionalAttention, utnetv2_from_plan
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
-from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, random_batch, training_log
+from conftest import (CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, parameter_count, random_batch,
+                      training_log)
 
 TRAINER = nnUNetTrainerUTNetV2.__name__
 # the paper's BCV setting (Supplementary): 32x128x128 patches at 3.0 x 0.75 x 0.75 mm
@@ -29,12 +29,6 @@ AUTHORS_MACS = 219_153_235_968
 PARAMETER_DIFFERENCE = -128 * 128 + 2 * 3 * 320
 # the two computations left out: that projection at the 1/4 level (32^3 voxels) and the map update matmul
 MAC_DIFFERENCE = -(128 * 128 + 64 * 128) * 32 ** 3
-TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]  # nnU-Net's plan for the tiny dataset
-TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-
-
-def count(network: torch.nn.Module) -> int:
-    return sum(p.numel() for p in network.parameters())
 
 
 @pytest.fixture(scope='module')
@@ -45,7 +39,7 @@ def bcv_network():
 @pytest.mark.parametrize('map_size', sorted(AUTHORS_PARAMETERS))
 def test_parameter_count_on_the_authors_bcv_setting(map_size):
     network = utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS, map_size=map_size)
-    assert count(network) == AUTHORS_PARAMETERS[map_size] + PARAMETER_DIFFERENCE
+    assert parameter_count(network) == AUTHORS_PARAMETERS[map_size] + PARAMETER_DIFFERENCE
     assert abs(PARAMETER_DIFFERENCE) / AUTHORS_PARAMETERS[map_size] < 0.001
 
 
@@ -197,20 +191,8 @@ def test_stock_cli_train_predict_and_ensemble_with_mednext(workspace, tmp_path):
     summary = json.loads((members[TRAINER] / 'validation' / 'summary.json').read_text())
     assert set(summary['mean']) == {'1', '2', '3'}
 
-    folders = []
-    for trainer in members:  # loads the checkpoint strictly; mirroring off to save time, it is no trainer's business
-        folders.append(tmp_path / trainer)
-        workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
-                      '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
-                      '--disable_tta', '-npp', 1, '-nps', 1)
-    ensemble = tmp_path / 'ensemble'
-    workspace.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
-    cases = sorted(p.name for p in folders[0].glob('*.nii.gz'))
-    assert len(cases) == NUM_HELDOUT
-    for case in cases:
-        probabilities = [np.load(folder / case.replace('.nii.gz', '.npz'))['probabilities'] for folder in folders]
-        expected = np.argmax(np.mean(probabilities, axis=0), axis=0)
-        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(ensemble / case))), expected)
+    # loads the checkpoints strictly; mirroring off to save time, it is no trainer's business
+    workspace.predict_and_ensemble(members, tmp_path, '--disable_tta')
 
 
 def test_continue_with_c_resumes_epoch_and_learning_rate(workspace, tmp_path):

@@ -17,8 +17,9 @@ from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.uxnet import UXNet, uxnet_from_plan
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
-from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
-from test_stock_cli import read_labels
+from conftest import (CONFIGURATION, DATASET_ID, NUM_HELDOUT, TINY_KERNELS, TINY_STRIDES, parameter_count, read_labels,
+                      training_log)
+from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
 
 UXNET = 'nnUNetTrainerUXNet'
 UXNET_ITERATIONS = 1  # per epoch in the stock-CLI runs: a UX-Net step costs 11x the multiply-adds of MedNeXt-S
@@ -27,20 +28,11 @@ REFERENCE_PARAMETERS = 53_006_510
 # multiply-adds of one forward pass of a 96^3 patch, counted on the authors' implementation and on ours
 REFERENCE_MACS_96 = 577_785_747_456
 
-ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for a large isotropic patch
-ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
-# the tiny dataset's plan: only three downsamplings
-TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
-TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 # thick-slice CT: in-plane downsampling first, nnU-Net kernel 1 along z there, six levels
 THICK_SLICE_STRIDES = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 THICK_SLICE_KERNELS = [[1, 3, 3], [1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 PLANS_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
 PLANS_2D_KERNELS = [[3, 3]] * 6
-
-
-def count(network: nn.Module) -> int:
-    return sum(p.numel() for p in network.parameters())
 
 
 # ---- network ----
@@ -53,7 +45,7 @@ def on_meta(build, *args) -> nn.Module:
 
 def test_parameters_and_macs_equal_the_reference_on_isotropic_plans():
     network = on_meta(uxnet_from_plan, 1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
-    assert count(network) == REFERENCE_PARAMETERS
+    assert parameter_count(network) == REFERENCE_PARAMETERS
     macs = forward_macs(network, (1, 1, 96, 96, 96))
     assert macs == REFERENCE_MACS_96
     assert round(macs / 1e9, 1) == 577.8
@@ -135,7 +127,7 @@ def test_decoder_equals_the_references_monai_blocks():
     torch.manual_seed(0)
     ours = uxnet_from_plan(1, 3, IN_PLANE_STRIDES, [[3, 3, 3]] * 5)
     reference = _monai_decoder_with_our_weights(ours)
-    assert count(reference) == count(ours.decoder)
+    assert parameter_count(reference) == parameter_count(ours.decoder)
     x = torch.randn(1, 1, 2, 32, 32)
     with torch.no_grad():
         stage_outputs = ours.encoder(x)
@@ -289,23 +281,10 @@ def test_nnunetv2_train_and_continue_with_c(workspace):
 def test_nnunetv2_predict_and_ensemble_with_mednext(workspace, tmp_path):
     workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
     workspace.train('nnUNetTrainerMedNeXtS', 0)  # trained by other tests too
-    folders = []
-    for trainer in (UXNET, 'nnUNetTrainerMedNeXtS'):
-        folders.append(tmp_path / trainer)
-        workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
-                      '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
-                      '--disable_tta', '-npp', 1, '-nps', 1)
+    folders = workspace.predict_and_ensemble((UXNET, 'nnUNetTrainerMedNeXtS'), tmp_path, '--disable_tta')
     references = sorted((workspace.raw / 'labelsTs').glob('*.nii.gz'))
     assert len(references) == NUM_HELDOUT
     for reference in references:  # UX-Net's own prediction: loaded strictly, every case, valid labels
         prediction = read_labels(folders[0] / reference.name)
         assert prediction.shape == read_labels(reference).shape
         assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
-
-    ensemble = tmp_path / 'ensemble'
-    workspace.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
-    for reference in references:
-        probabilities = [np.load(folder / reference.name.replace('.nii.gz', '.npz'))['probabilities']
-                         for folder in folders]
-        np.testing.assert_array_equal(read_labels(ensemble / reference.name),
-                                      np.argmax(np.mean(probabilities, axis=0), axis=0))
