@@ -368,11 +368,6 @@ def _check_data_identifier_unused(dataset_folder: Path, plans_file: Path, name: 
                                   f'delete them. Name the new one with -c NAME.')
 
 
-def _dataset_id(dataset_name: str) -> int:
-    """The id in nnU-Net's dataset folder name ``DatasetXXX_Name``."""
-    return int(dataset_name[len('Dataset'):len('Dataset') + 3])
-
-
 def _required_folder(variable: str) -> Path:
     value = os.environ.get(variable)
     if not value:
@@ -398,7 +393,8 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = 'nn
     Raises:
         PresetError: the request is invalid; the plans file has not been touched.
     """
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.dataset_name_id_conversion import (convert_dataset_name_to_id,
+                                                               maybe_convert_to_dataset_name)
     preset = load_preset(preset_name)
     name = configuration or preset.configuration
     _check_configuration_name(name)
@@ -413,7 +409,7 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = 'nn
     if not plans_file.is_file():
         available = [path.stem for path in _plans_files(dataset_folder)] if dataset_folder.is_dir() else []
         raise PresetError(f'no plans file {plans_file}. Plan the dataset first (nnUNetv2_plan_experiment -d '
-                          f'{_dataset_id(dataset_name)}), or pick one of its plans with -p: '
+                          f'{convert_dataset_name_to_id(dataset_name)}), or pick one of its plans with -p: '
                           f'{", ".join(available) or "none yet"}.')
     plans = json.loads(plans_file.read_text())
     _check_replaceable(plans, name, overwrite)
@@ -440,9 +436,10 @@ def add_preset(dataset: str | int, preset_name: str, plans_identifier: str = 'nn
 
 def describe_added(added: AddedConfiguration) -> str:
     """What ``nnunet-plugins plans`` prints after writing: the new configuration and the two stock commands to run."""
+    from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
     config = added.configuration
     arch_kwargs = config['architecture']['arch_kwargs']
-    dataset_id = _dataset_id(added.dataset_name)
+    dataset_id = convert_dataset_name_to_id(added.dataset_name)
     plans_option = '' if added.plans_identifier == 'nnUNetPlans' else f' -plans_name {added.plans_identifier}'
     train_plans_option = '' if added.plans_identifier == 'nnUNetPlans' else f' -p {added.plans_identifier}'
     lines = [
