@@ -1,9 +1,58 @@
-"""The ``nnunet-plugins`` command. Heavy imports happen inside the subcommands, so ``--help`` is quick."""
+"""The ``nnunet-plugins`` command: its arguments and their checks; the work is in :mod:`nnunet_plugins.commands`.
+
+Every argument is checked here, before any work starts. Heavy imports happen inside the subcommands,
+so ``--help`` is quick.
+"""
 import argparse
 import os
 import sys
 
 from nnunet_plugins import __version__, trainers_folder
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (sizes, counts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive whole number')
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number of at least 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 0')
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0 (spacings in mm)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float('inf'):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a positive number')
+    return value
+
+
+def at_least_two(text: str) -> int:
+    """An argparse type: a class count, background included, so at least 2."""
+    value = positive_int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f'{text!r} counts background alone; give at least 2 classes')
+    return value
+
+
+def _fail(command: str, message: str) -> SystemExit:
+    return SystemExit(f'nnunet-plugins {command}: error: {message}')
 
 
 def _trainers(args: argparse.Namespace) -> int:
@@ -19,14 +68,18 @@ def _trainers(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from nnunet_plugins.doctor import run_checks
+    from nnunet_plugins.commands.doctor import run_checks
     return run_checks()
 
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
     from nnunet_plugins import synthetic
-    from nnunet_plugins.demo import run_demo
+    from nnunet_plugins.commands.demo import find_trainer, run_demo
+    try:
+        find_trainer(args.trainer)
+    except ValueError as error:
+        raise _fail('demo', str(error)) from None
     device = args.device
     if device == 'auto':
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -36,28 +89,38 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _plans(args: argparse.Namespace) -> int:
-    from nnunet_plugins import presets
+    from nnunet_plugins.presets import PresetError, describe_presets
+    if args.list:
+        print(describe_presets())
+        return 0
+    if args.dataset is None or args.preset is None:
+        raise _fail('plans', 'give a DATASET and --preset NAME (`nnunet-plugins plans --list` shows the presets)')
+    from nnunet_plugins.commands.plans import add_preset, describe_added
     try:
-        if args.list:
-            print(presets.describe_presets())
-            return 0
-        if args.dataset is None or args.preset is None:
-            raise presets.PresetError('give a DATASET and --preset NAME (`nnunet-plugins plans --list` shows the '
-                                      'presets)')
-        added = presets.add_preset(args.dataset, args.preset, args.plans, args.configuration, args.spacing,
-                                   args.patch, args.batch, args.overwrite)
-    except presets.PresetError as error:
-        raise SystemExit(f'nnunet-plugins plans: error: {error}') from None
-    print(presets.describe_added(added))
+        added = add_preset(args.dataset, args.preset, args.plans, args.configuration, args.spacing, args.patch,
+                           args.batch, args.overwrite)
+    except PresetError as error:
+        raise _fail('plans', str(error)) from None
+    print(describe_added(added))
     return 0
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from nnunet_plugins import benchmark
+    if args.patch:
+        if args.dataset or args.configuration:
+            raise _fail('benchmark', 'give either DATASET CONFIGURATION or --patch, not both')
+        if len(args.patch) not in (2, 3):
+            raise _fail('benchmark', f'--patch takes 2 or 3 sizes, got {len(args.patch)}')
+        if args.spacing and len(args.spacing) != len(args.patch):
+            raise _fail('benchmark', f'--spacing needs one value per patch axis ({len(args.patch)})')
+    elif not (args.dataset and args.configuration):
+        raise _fail('benchmark', 'give DATASET CONFIGURATION (e.g. 4 3d_fullres), or --patch Z Y X for a patch '
+                                 'without a dataset')
+    from nnunet_plugins.commands.benchmark.command import run
     try:
-        return benchmark.run(args)
+        return run(args)
     except ValueError as error:
-        raise SystemExit(f'nnunet-plugins benchmark: error: {error}') from None
+        raise _fail('benchmark', str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,15 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
                     'a PNG of one case. nnU-Net\'s folder variables point into --work for these commands only.')
     demo.add_argument('--work', default='nnunet_plugins_demo', help='work folder (default: %(default)s)')
     demo.add_argument('--trainer', default='nnUNetTrainerMedNeXtS', help='trainer to run (default: %(default)s)')
-    demo.add_argument('--epochs', type=int, default=25, help='epochs (default: %(default)s)')
-    demo.add_argument('--iterations', type=int, default=12, help='training iterations per epoch (default: %(default)s)')
-    demo.add_argument('--num-training', type=int, default=20, help='training cases (default: %(default)s)')
-    demo.add_argument('--num-heldout', type=int, default=5, help='held-out cases (default: %(default)s)')
+    demo.add_argument('--epochs', type=positive_int, default=25, help='epochs (default: %(default)s)')
+    demo.add_argument('--iterations', type=positive_int, default=12,
+                      help='training iterations per epoch (default: %(default)s)')
+    demo.add_argument('--num-training', type=positive_int, default=20, help='training cases (default: %(default)s)')
+    demo.add_argument('--num-heldout', type=positive_int, default=5, help='held-out cases (default: %(default)s)')
     demo.add_argument('--device', choices=('auto', 'cpu', 'cuda'), default='auto',
                       help='auto: cuda when a GPU is available, else cpu (default: %(default)s)')
-    demo.add_argument('--processes', type=int, default=max(1, min(4, cores - 1)),
+    demo.add_argument('--processes', type=positive_int, default=max(1, min(4, cores - 1)),
                       help='worker processes for nnU-Net (default on this machine: %(default)s)')
-    demo.add_argument('--seed', type=int, default=0, help='seed of the synthetic dataset (default: %(default)s)')
+    demo.add_argument('--seed', type=non_negative_int, default=0,
+                      help='seed of the synthetic dataset (default: %(default)s)')
     demo.add_argument('--tiny', action='store_true',
                       help='tiny volumes: a quick check that the pipeline runs, not a meaningful Dice')
     demo.add_argument('--overwrite', action='store_true', help='replace an earlier demo run in --work')
@@ -116,10 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help='plans identifier, e.g. nnUNetResEncUNetMPlans (default: %(default)s)')
     plans.add_argument('-c', dest='configuration', metavar='NAME',
                        help="name of the new configuration (default: the preset's, e.g. 3d_fullres_mednext)")
-    plans.add_argument('--spacing', type=float, nargs='+', metavar='MM',
+    plans.add_argument('--spacing', type=positive_float, nargs='+', metavar='MM',
                        help="override the preset's spacing, in the plans' axis order (coarsest axis first)")
-    plans.add_argument('--patch', type=int, nargs='+', metavar='VOXELS', help="override the preset's patch size")
-    plans.add_argument('--batch', type=int, metavar='N', help="override the preset's batch size (at least 2)")
+    plans.add_argument('--patch', type=positive_int, nargs='+', metavar='VOXELS',
+                       help="override the preset's patch size")
+    plans.add_argument('--batch', type=positive_int, metavar='N', help="override the preset's batch size (at least 2)")
     plans.add_argument('--overwrite', action='store_true',
                        help='replace a configuration of the same name that an earlier preset made')
     plans.set_defaults(run=_plans)
@@ -135,14 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('configuration', nargs='?', metavar='CONFIGURATION', help='e.g. 3d_fullres')
     bench.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
                        help='plans identifier (default: %(default)s)')
-    bench.add_argument('--patch', type=int, nargs='+', metavar='VOXELS',
+    bench.add_argument('--patch', type=positive_int, nargs='+', metavar='VOXELS',
                        help='benchmark without a dataset, on the plans nnU-Net\'s default planner makes for this '
                             'patch, e.g. 128 128 128')
-    bench.add_argument('--spacing', type=float, nargs='+', metavar='MM', help='with --patch (default: 1 mm isotropic)')
-    bench.add_argument('--in-channels', type=int, default=1, help='with --patch (default: %(default)s)')
-    bench.add_argument('--classes', type=int, default=14,
+    bench.add_argument('--spacing', type=positive_float, nargs='+', metavar='MM',
+                       help='with --patch (default: 1 mm isotropic)')
+    bench.add_argument('--in-channels', type=positive_int, default=1, help='with --patch (default: %(default)s)')
+    bench.add_argument('--classes', type=at_least_two, default=14,
                        help='with --patch: output classes, background included (default: %(default)s)')
-    bench.add_argument('--batch', type=int, metavar='N', help='batch size (default: the plans\'; 2 with --patch)')
+    bench.add_argument('--batch', type=positive_int, metavar='N',
+                       help='batch size (default: the plans\'; 2 with --patch)')
     bench.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
                        help='trainers to benchmark (default: every plugin trainer except the UpKern ones)')
     bench.add_argument('--baselines', nargs='*', metavar='NAME',
@@ -156,8 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                             '(networks that have it), the other memory layout, bf16 instead of fp16 autocast (CUDA), '
                             'torch.compile flipped (CUDA) (default: %(default)s)')
     bench.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda when a GPU is available, else cpu')
-    bench.add_argument('--steps', type=int, metavar='N', help='timed steps per row (default: 10 on cuda, 3 on cpu)')
-    bench.add_argument('--warmup', type=int, metavar='N', help='untimed steps first (default: 3 on cuda, 1 on cpu)')
+    bench.add_argument('--steps', type=positive_int, metavar='N',
+                       help='timed steps per row (default: 10 on cuda, 3 on cpu)')
+    bench.add_argument('--warmup', type=non_negative_int, metavar='N',
+                       help='untimed steps first (default: 3 on cuda, 1 on cpu)')
     bench.add_argument('--out', default='nnunet_plugins_benchmark', help='output folder (default: %(default)s)')
     bench.set_defaults(run=_benchmark)
     return parser

@@ -2,8 +2,9 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from nnunet_plugins import trainers_folder
 
@@ -43,3 +44,16 @@ def run_stock(args: Sequence[str], env: Mapping[str, str], capture: bool = False
         output = f'\n{result.stdout}\n{result.stderr}' if capture else ''
         raise RuntimeError(f'`{" ".join(command)}` failed with exit code {result.returncode}{output}')
     return result
+
+
+@contextmanager
+def environment(changes: Mapping[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables of this process inside the block; restore them afterwards."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)

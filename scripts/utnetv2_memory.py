@@ -22,7 +22,7 @@ BCV_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 def measure_step(patch: list[int], batch: int) -> dict:
     """One forward and backward pass in this process; the MiB its peak RSS rose by."""
     import torch
-    from nnunet_plugins.benchmark import peak_rss_bytes
+    from nnunet_plugins.commands.benchmark.worker import peak_rss_bytes
     from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
     torch.manual_seed(0)
     network = utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS)

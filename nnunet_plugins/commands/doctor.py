@@ -50,6 +50,9 @@ def check_folder_variable(variable: str) -> Finding:
     fix = f'export {variable}=/path/to/{variable}  (and create that folder)'
     if not path:
         return Finding(FAIL, f'{variable} is not set', fix)
+    if os.path.exists(path) and not os.path.isdir(path):
+        return Finding(FAIL, f'{variable}={path} is a file, not a folder',
+                       f'point {variable} to a folder, or move the file away and mkdir -p {path}')
     if not os.path.isdir(path):
         return Finding(FAIL, f'{variable}={path} does not exist', f'mkdir -p {path}')
     if not os.access(path, os.W_OK):

@@ -5,16 +5,21 @@ short schedule, predict the held-out cases) and reports per-label Dice on those 
 one of them. Everything lives in the work folder; the nnU-Net folder variables are set for the
 demo's own commands only.
 """
+import contextlib
+import io
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunet_plugins import settings, synthetic
-from nnunet_plugins.workspace import NNUNET_FOLDERS, nnunet_environment, run_stock
+from nnunet_plugins import settings, synthetic, trainers_folder
+from nnunet_plugins.workspace import NNUNET_FOLDERS, environment, nnunet_environment, run_stock
 
 DATASET_ID = 990
 DATASET_NAME = 'SyntheticCT'
@@ -64,7 +69,7 @@ def run_demo(work: Path, trainer: str, epochs: int, iterations: int, num_trainin
     timings['predict_s'] = time.time() - t
 
     step(5, 'Dice on the held-out cases')
-    dice = heldout_dice(raw / 'labelsTs', predictions)
+    dice = heldout_dice(raw / 'labelsTs', predictions, processes)
     picture = work / PICTURE
     save_case_picture(raw / 'imagesTs', raw / 'labelsTs', predictions, picture)
     timings['total_s'] = time.time() - started
@@ -80,18 +85,29 @@ def run_demo(work: Path, trainer: str, epochs: int, iterations: int, num_trainin
     return summary
 
 
-def heldout_dice(reference_folder: Path, prediction_folder: Path) -> dict[str, float]:
-    """Mean Dice per foreground label over the cases of ``reference_folder`` (a label absent from both
-    reference and prediction of a case is left out of that label's mean)."""
-    per_label = {name: [] for name, value in synthetic.LABELS.items() if value > 0}
-    for reference_file in sorted(reference_folder.glob(f'*{synthetic.FILE_ENDING}')):
-        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(reference_file)))
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(prediction_folder / reference_file.name)))
-        for name in per_label:
-            ref, pred = reference == synthetic.LABELS[name], prediction == synthetic.LABELS[name]
-            if ref.any() or pred.any():
-                per_label[name].append(2 * np.sum(ref & pred) / (np.sum(ref) + np.sum(pred)))
-    return {name: float(np.mean(values)) if values else float('nan') for name, values in per_label.items()}
+def heldout_dice(reference_folder: Path, prediction_folder: Path, processes: int = 1) -> dict[str, float]:
+    """Mean Dice per foreground label over the cases of ``reference_folder``, by nnU-Net's own folder evaluation
+    (which also writes ``summary.json`` into ``prediction_folder``). As there, a label absent from both reference
+    and prediction of a case is left out of that label's mean."""
+    labels = {name: value for name, value in synthetic.LABELS.items() if value > 0}
+    summary = compute_metrics_on_folder(str(reference_folder), str(prediction_folder),
+                                        str(prediction_folder / 'summary.json'), SimpleITKIO(),
+                                        synthetic.FILE_ENDING, list(labels.values()), num_processes=processes,
+                                        chill=False)
+    return {name: float(summary['mean'][value]['Dice']) for name, value in labels.items()}
+
+
+def find_trainer(name: str) -> type:
+    """The trainer class ``nnUNetv2_train -tr name`` would use with the plugin's trainer folder; ValueError if none."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    search_path = os.pathsep.join([trainers_folder(), os.environ.get('nnUNet_extTrainer', '')]).rstrip(os.pathsep)
+    with environment({'nnUNet_extTrainer': search_path}), \
+            contextlib.redirect_stdout(io.StringIO()):  # the search narrates every module it imports
+        try:
+            return recursive_find_trainer_class_by_name(name)
+        except RuntimeError:
+            raise ValueError(f'--trainer {name}: nnU-Net finds no trainer of that name; `nnunet-plugins trainers` '
+                             f'lists the plugin\'s, and nnU-Net\'s own (e.g. nnUNetTrainer) work too') from None
 
 
 def save_case_picture(image_folder: Path, reference_folder: Path, prediction_folder: Path, path: Path) -> None:

@@ -1,0 +1,123 @@
+"""The benchmark report: the Markdown table, our MedNeXt against MONAI's, and the chart."""
+from pathlib import Path
+from typing import Sequence
+
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_plugins.commands.benchmark.peers import MONAIMedNeXtPeer, trainer_class
+from nnunet_plugins.commands.benchmark.rows import Row, setting_text
+from nnunet_plugins.training.mednext import MedNeXtTrainer
+
+
+def topology_versus_monai(cls: type[MedNeXtTrainer], configuration_manager: ConfigurationManager) -> str:
+    """'same' when our MedNeXt has MONAI's fixed topology on these plans (four isotropic 2x downsamplings, the
+    kernel on every axis), otherwise what differs."""
+    ours = [list(stride) for stride in cls.network_strides(configuration_manager)]
+    _, kernel_sizes = cls.plan_topology(configuration_manager)
+    if ours != MONAIMedNeXtPeer.network_strides(configuration_manager):
+        return f'differs: the plans give strides {ours}'
+    if any(size == 1 for level in kernel_sizes[:len(ours)] for size in level):
+        return 'differs: the plans give kernel size 1 on some axes'
+    return 'same'
+
+
+def ratios(rows: Sequence[Row], records: Sequence[dict], configuration: str) -> list[dict]:
+    """Our MedNeXt rows against MONAI's MedNeXt of the same size and kernel run with the same layout, precision
+    and compilation: step time and peak memory, ours / MONAI, and whether the topologies are the same."""
+    def size(row: Row) -> tuple | None:
+        cls = trainer_class(row.network.trainer)
+        return (cls.variant, cls.kernel_size) if issubclass(cls, (MedNeXtTrainer, MONAIMedNeXtPeer)) else None
+
+    def conditions(rec: dict) -> tuple:
+        return rec['memory_layout'], rec['autocast_dtype'], rec['compiled']
+
+    peers = {(size(row), conditions(rec)): rec for row, rec in zip(rows, records)
+             if row.network.kind == 'peer' and size(row) and rec['status'] == 'ok'}
+    out = []
+    for row, rec in zip(rows, records):
+        if row.network.kind != 'plugin' or rec['status'] != 'ok' or size(row) is None:
+            continue
+        peer = peers.get((size(row), conditions(rec)))
+        if peer is None:
+            continue
+        configuration_manager = PlansManager(row.network.plans).get_configuration(configuration)
+        out.append({'ours': rec['label'], 'monai': peer['label'], 'setting': setting_text(rec),
+                    'step_time_ratio': rec['step_time_s'] / peer['step_time_s'],
+                    # None when MONAI's row used no measurable memory (a tiny patch on a CPU)
+                    'peak_memory_ratio': rec['peak_memory_bytes'] / peer['peak_memory_bytes']
+                    if peer['peak_memory_bytes'] else None,
+                    'parameter_difference': rec['parameters'] - peer['parameters'],
+                    'topology': topology_versus_monai(trainer_class(row.network.trainer), configuration_manager)})
+    return out
+
+
+def markdown(meta: dict, records: Sequence[dict], peer_ratios: Sequence[dict]) -> str:
+    """The report: a header saying what was measured and how, the table, and the ratios against MONAI."""
+    lines = [f'## {meta["date"]}, {meta["device_name"]}, torch {meta["torch"]}',
+             '',
+             f'{meta["source"]}; patch {"x".join(map(str, meta["patch_size"]))}, batch {meta["batch_size"]}, '
+             f'{meta["input_channels"]} input channel(s), {meta["output_channels"]} output channels. '
+             f'Step: median of {meta["steps"]} training steps after {meta["warmup"]} warm-up, each the trainer\'s '
+             f'own train_step. Memory: {meta["memory_counter"]}. MACs: {meta["mac_counter"]}.',
+             '',
+             '| network | setting | parameters | GMAC/patch | step (s) | memory (GiB) | voxels/s |',
+             '|---|---|---:|---:|---:|---:|---:|']
+    notes = []
+    for rec in records:
+        def shown(key: str, fmt: str) -> str:
+            return '—' if rec[key] is None else format(rec[key], fmt)
+        memory = '—' if rec['peak_memory_bytes'] is None else f'{rec["peak_memory_bytes"] / 2 ** 30:.3g}'
+        lines.append(f'| {rec["label"]} | {setting_text(rec)} | {shown("parameters", ",")} | '
+                     f'{shown("forward_gmacs_per_patch", ".1f")} | {shown("step_time_s", ".3g")} | {memory} | '
+                     f'{shown("voxels_per_second", ",.0f")} |')
+        if rec['status'] != 'ok':
+            notes.append(f'- {rec["label"]}: {rec["status"]}, {rec["null_reasons"].get("step_time_s")}')
+    if notes:
+        lines += ['', *notes]
+    if peer_ratios:
+        lines += ['', 'Ours / MONAI\'s MedNeXt of the same size and kernel, same layout and precision (MONAI\'s B, M '
+                  'and L have fewer parameters than the authors\' networks, see "parameters"):', '',
+                  '| ours | MONAI | setting | step time | peak memory | parameters, ours - MONAI | topology |',
+                  '|---|---|---|---:|---:|---:|---|']
+        lines += [f'| {r["ours"]} | {r["monai"]} | {r["setting"]} | {r["step_time_ratio"]:.2f}x | '
+                  f'{"—" if r["peak_memory_ratio"] is None else format(r["peak_memory_ratio"], ".2f") + "x"} | '
+                  f'{r["parameter_difference"]:+,} | {r["topology"]} |' for r in peer_ratios]
+    return '\n'.join(lines) + '\n'
+
+
+def chart(records: Sequence[dict], path: Path, title: str) -> None:
+    """Step time against parameters; bubble area proportional to peak memory."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    measured = [rec for rec in records if rec['status'] == 'ok']
+    biggest = max([rec['peak_memory_bytes'] for rec in measured], default=1)
+    figure, axes = plt.subplots(figsize=(10, 7))
+    for kind, colour in (('plugin', 'tab:blue'), ('baseline', 'tab:green'), ('peer', 'tab:orange')):
+        chosen = [rec for rec in measured if rec['kind'] == kind]
+        if not chosen:
+            continue
+        axes.scatter([rec['parameters'] / 1e6 for rec in chosen], [rec['step_time_s'] for rec in chosen],
+                     s=[30 + 1500 * rec['peak_memory_bytes'] / biggest for rec in chosen], alpha=0.45, c=colour,
+                     edgecolors='black', linewidths=0.5, label=kind)
+        for rec in chosen:
+            short = rec['label'] if rec['gradient_checkpointing'] is None else \
+                f'{rec["label"]} ({"ckpt" if rec["gradient_checkpointing"] else "no ckpt"})'
+            axes.annotate(short, (rec['parameters'] / 1e6, rec['step_time_s']), fontsize=6,
+                          xytext=(4, 4), textcoords='offset points')
+    axes.set_xscale('log')
+    plain_numbers = matplotlib.ticker.FuncFormatter(lambda value, _: f'{value:g}')
+    axes.xaxis.set_major_formatter(plain_numbers)
+    axes.xaxis.set_minor_formatter(plain_numbers)
+    axes.set_xlabel('parameters (millions)')
+    axes.set_ylabel('training step (s, median)')
+    axes.set_title(f'{title}\nbubble area: peak memory (largest {biggest / 2 ** 30:.2f} GiB)', fontsize=9)
+    axes.grid(True, which='both', alpha=0.3)
+    if measured:
+        for handle in axes.legend(loc='upper left', fontsize=8).legend_handles:
+            handle.set_sizes([40])
+    figure.tight_layout()
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+
+

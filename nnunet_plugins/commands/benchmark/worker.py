@@ -1,0 +1,189 @@
+"""One benchmark row's measurement, in a fresh process: ``python -m nnunet_plugins.commands.benchmark.worker SPEC
+RESULT`` reads the row's spec (JSON), builds its trainer, times its training steps and writes the result (JSON).
+
+:func:`run_row` starts that process and follows its steps; every row runs in its own, so rows share no
+memory, allocator caches or compiled code.
+"""
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+from unittest import mock
+
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+import torch
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
+from torch._dynamo import OptimizedModule
+
+from nnunet_plugins import settings
+from nnunet_plugins.commands.benchmark.peers import monai_available, trainer_class
+from nnunet_plugins.commands.benchmark.rows import Row
+from nnunet_plugins.workspace import environment
+
+_STEP_MARKER = '@@nnunet-plugins-benchmark-step@@'
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far, in bytes."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == 'darwin' else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak_rss() -> int:
+    """Reset the process's peak RSS to its current RSS where Linux allows it; return that RSS in bytes.
+
+    Heap memory freed after the imports is first given back to the system, so that what the row allocates
+    shows in its RSS instead of reusing it unseen. Elsewhere the peak stays the one since the process
+    started, which includes the imports.
+    """
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+        Path('/proc/self/clear_refs').write_text('5')
+    except (OSError, AttributeError):  # not Linux, or a C library without malloc_trim
+        pass
+    return peak_rss_bytes()
+
+
+def _memory_layout(network: nn.Module) -> str:
+    """'channels-last' or 'contiguous': the strides of the first conv weight whose two layouts differ.
+
+    (``is_contiguous`` cannot tell: depthwise and 1x1 weights count as contiguous in both layouts, yet
+    their strides, which decide the layout of the activations, differ.)
+    """
+    for parameter in network.parameters():
+        if parameter.dim() in (4, 5):
+            layout = torch.channels_last if parameter.dim() == 4 else torch.channels_last_3d
+            channels_last = torch.empty(parameter.shape, device='meta', memory_format=layout).stride()
+            contiguous = torch.empty(parameter.shape, device='meta').stride()
+            if channels_last != contiguous:
+                return 'channels-last' if parameter.stride() == channels_last else 'contiguous'
+    return 'contiguous'
+
+
+def random_batch(trainer: nnUNetTrainer, seed: int = 0) -> dict:
+    """Noise and random labels at the plans' patch and batch size, targets per output scale as nnU-Net's loader
+    makes them (``DownsampleSegForDSTransform``)."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (trainer.batch_size, *trainer.configuration_manager.patch_size)
+    data = torch.randn(shape[0], trainer.num_input_channels, *shape[1:], generator=generator)
+    label_manager = trainer.label_manager
+    if label_manager.has_regions:
+        target = torch.randint(0, 2, (shape[0], label_manager.num_segmentation_heads, *shape[1:]), generator=generator)
+    else:
+        target = torch.randint(0, label_manager.num_segmentation_heads, (shape[0], 1, *shape[1:]), generator=generator)
+    target = target.to(torch.int16)
+    scales = trainer._get_deep_supervision_scales()
+    if scales is not None:
+        per_sample = [DownsampleSegForDSTransform(scales)(segmentation=sample)['segmentation'] for sample in target]
+        target = [torch.stack(scale) for scale in zip(*per_sample)]
+    if trainer.device.type == 'cuda':
+        data = data.pin_memory()
+        target = [t.pin_memory() for t in target] if isinstance(target, list) else target.pin_memory()
+    return {'data': data, 'target': target}
+
+
+def measure(spec: dict) -> dict:
+    """Build the row's trainer and time its training step; runs inside the row's own process."""
+    # everything a row may import is imported before the baseline (the rest at the top of this module), so
+    # baselines are equal across rows
+    if monai_available():
+        import monai.networks.nets  # noqa: F401
+    baseline_rss = _reset_peak_rss()
+    device = torch.device(spec['device'])
+    if device.type == 'cuda':  # as nnUNetv2_train
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+    cls = trainer_class(spec['trainer'])
+    result = {'baseline_rss_bytes': baseline_rss}
+    with tempfile.TemporaryDirectory() as results, environment({'nnUNet_results': results}):
+        torch.manual_seed(0)
+        trainer = cls({**spec['plans'], 'continue_training': False}, spec['configuration'], 0, spec['dataset_json'],
+                      device)
+        if spec['flip_compile']:
+            os.environ['nnUNet_compile'] = 'f' if trainer._do_i_compile() else 't'
+        # there is no preprocessed data to pick a dataset class for, and the step does not load any
+        with mock.patch.object(nnunet_trainer_module, 'infer_dataset_class', return_value=None):
+            trainer.initialize()
+        network = trainer.network._orig_mod if isinstance(trainer.network, OptimizedModule) else trainer.network
+        if spec['flip_layout']:
+            flipped = 'contiguous' if _memory_layout(network) == 'channels-last' else 'channels-last'
+            channels_last = torch.channels_last_3d if len(trainer.configuration_manager.patch_size) == 3 \
+                else torch.channels_last
+            network.to(memory_format=channels_last if flipped == 'channels-last' else torch.contiguous_format)
+        if spec['bf16']:
+            if not torch.cuda.is_bf16_supported():
+                return {**result, 'status': 'skipped', 'reason': f'{torch.cuda.get_device_name()} has no bf16'}
+            torch.set_autocast_dtype('cuda', torch.bfloat16)
+        result.update(
+            parameters=sum(p.numel() for p in network.parameters()),
+            gradient_checkpointing=getattr(network, 'gradient_checkpointing', None),
+            memory_layout=_memory_layout(network),
+            autocast_dtype=str(torch.get_autocast_dtype('cuda')).removeprefix('torch.') if device.type == 'cuda'
+            else None,
+            compiled=isinstance(trainer.network, OptimizedModule))
+        batch = random_batch(trainer)
+        times, losses = [], []
+        try:
+            for _ in range(spec['warmup'] + spec['steps']):
+                start = time.perf_counter()
+                losses.append(float(trainer.train_step(batch)['loss']))
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                times.append(time.perf_counter() - start)
+                print(_STEP_MARKER, flush=True)
+        except Exception as error:  # e.g. out of memory: the row is reported as failed, with what was measured
+            return {**result, 'status': 'failed', 'reason': f'{type(error).__name__}: {str(error)[:300]}'}
+        peak = torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else peak_rss_bytes() - baseline_rss
+        return {**result, 'status': 'ok', 'step_times_s': times, 'first_loss': losses[0],
+                'peak_memory_bytes': peak, 'process_peak_rss_bytes': peak_rss_bytes()}
+
+
+def _measure_in_process(spec_file: str, result_file: str) -> None:
+    """Entry point of a row's subprocess: read the spec, measure, write the result."""
+    spec = json.loads(Path(spec_file).read_text())
+    Path(result_file).write_text(json.dumps(measure(spec)))
+
+
+def run_row(row: Row, configuration: str, dataset_json: dict, device: str, steps: int, warmup: int,
+            on_step, work: Path) -> dict:
+    """Measure ``row`` in a fresh Python process; ``on_step()`` is called after every step it takes."""
+    spec = {'trainer': row.network.trainer, 'plans': row.network.plans, 'configuration': configuration,
+            'dataset_json': dataset_json, 'device': device, 'steps': steps, 'warmup': warmup,
+            'flip_layout': row.flip_layout, 'bf16': row.bf16, 'flip_compile': row.flip_compile}
+    spec_file, result_file = work / 'spec.json', work / 'result.json'
+    spec_file.write_text(json.dumps(spec))
+    result_file.unlink(missing_ok=True)
+    env = {name: value for name, value in os.environ.items() if name != 'nnUNet_wandb_enabled'}
+    env['PYTHONUNBUFFERED'] = '1'
+    if row.checkpointing is not None:
+        env[settings.CHECKPOINTING] = '1' if row.checkpointing else '0'
+    else:
+        env.pop(settings.CHECKPOINTING, None)
+    command = [sys.executable, '-m', 'nnunet_plugins.commands.benchmark.worker', str(spec_file), str(result_file)]
+    output = deque(maxlen=60)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL) as process:
+        for line in process.stdout:
+            if line.strip() == _STEP_MARKER:
+                on_step()
+            else:
+                output.append(line)
+    if process.returncode == 0 and result_file.is_file():
+        return json.loads(result_file.read_text())
+    last = next((line.strip() for line in reversed(output) if line.strip()), 'no output')
+    return {'status': 'failed', 'reason': f'the row\'s process exited with code {process.returncode}: {last}',
+            'output': ''.join(output)}
+
+
+
+
+if __name__ == '__main__':
+    _measure_in_process(sys.argv[1], sys.argv[2])
