@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnunet_plugins.checkpoints import load_checkpoint_file
+
 # prefixes of state-dict keys saved from a wrapped network: torch.compile's OptimizedModule, DDP
 _WRAPPER_PREFIXES = ('_orig_mod.', 'module.')
 _INTERPOLATION_MODES = {1: 'linear', 2: 'bilinear', 3: 'trilinear'}
@@ -140,8 +142,11 @@ def sha256_of(path: Path | str) -> str:
 
 
 def load_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The network weights of an nnU-Net checkpoint (or of a bare state-dict file) on the CPU, and its metadata."""
-    checkpoint = torch.load(path, map_location='cpu', weights_only=False)
+    """The network weights of an nnU-Net checkpoint (or of a bare state-dict file) on the CPU, and its metadata.
+
+    Raises :class:`~nnunet_plugins.checkpoints.CheckpointError` for a file that cannot be read at all.
+    """
+    checkpoint = load_checkpoint_file(path)
     if isinstance(checkpoint, Mapping) and 'network_weights' in checkpoint:
         init_args = checkpoint.get('init_args') or {}
         metadata = {'trainer': checkpoint.get('trainer_name'), 'configuration': init_args.get('configuration')}

@@ -24,10 +24,10 @@ from dynamic_network_architectures.building_blocks.helper import convert_dim_to_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_plugins.networks.kernels import kernels_from_plan, same_padding
+from nnunet_plugins.networks.topology import kernels_from_plan, same_padding
 
 MAX_LEVELS = 5  # four downsamplings, as in the paper
-STEM_FEATURES = 32
+STEM_FEATURES = 32  # level l has STEM_FEATURES * 2 ** l channels
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,20 @@ class MedNeXtUpBlock(_InvertedBottleneck):
 
 
 class MedNeXtEncoder(nn.Module):
-    """Stem and one stage per level; returns the output of every level, highest resolution first."""
+    """Stem and the blocks of every level (``stages[l]``); returns the output of every level, highest resolution
+    first."""
 
-    def __init__(self, input_channels: int, conv_op: type[nn.Module], features_per_stage: Sequence[int],
+    def __init__(self, input_channels: int, conv_op: type[nn.Module], features_per_level: Sequence[int],
                  strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
                  expansion: Sequence[int], blocks: Sequence[int], gradient_checkpointing: bool):
         super().__init__()
         self.gradient_checkpointing = gradient_checkpointing
-        self.stem = conv_op(input_channels, features_per_stage[0], kernel_size=1)
+        self.stem = conv_op(input_channels, features_per_level[0], kernel_size=1)
         stages = []
-        for level, channels in enumerate(features_per_stage):
+        for level, channels in enumerate(features_per_level):
             layers = []
             if level > 0:
-                layers.append(MedNeXtDownBlock(conv_op, features_per_stage[level - 1], channels, expansion[level],
+                layers.append(MedNeXtDownBlock(conv_op, features_per_level[level - 1], channels, expansion[level],
                                                kernel_sizes[level], strides[level]))
             layers += [MedNeXtBlock(conv_op, channels, expansion[level], kernel_sizes[level])
                        for _ in range(blocks[level])]
@@ -154,23 +155,23 @@ class MedNeXtDecoder(nn.Module):
     way so that checkpoints load strictly.
     """
 
-    def __init__(self, num_classes: int, conv_op: type[nn.Module], features_per_stage: Sequence[int],
+    def __init__(self, num_classes: int, conv_op: type[nn.Module], features_per_level: Sequence[int],
                  strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
                  expansion: Sequence[int], blocks: Sequence[int], deep_supervision: bool,
                  gradient_checkpointing: bool):
         super().__init__()
         self.deep_supervision = deep_supervision
         self.gradient_checkpointing = gradient_checkpointing
-        levels = range(len(features_per_stage) - 1)
+        levels = range(len(features_per_level) - 1)
         # the up block into level l mirrors the down block into level l + 1
         self.upsamplers = nn.ModuleList([
-            MedNeXtUpBlock(conv_op, features_per_stage[level + 1], features_per_stage[level], expansion[level],
+            MedNeXtUpBlock(conv_op, features_per_level[level + 1], features_per_level[level], expansion[level],
                            kernel_sizes[level + 1], strides[level + 1]) for level in levels])
         self.stages = nn.ModuleList([
-            nn.Sequential(*[MedNeXtBlock(conv_op, features_per_stage[level], expansion[level], kernel_sizes[level])
+            nn.Sequential(*[MedNeXtBlock(conv_op, features_per_level[level], expansion[level], kernel_sizes[level])
                             for _ in range(blocks[level])]) for level in levels])
         self.seg_layers = nn.ModuleList([conv_op(channels, num_classes, kernel_size=1)
-                                         for channels in features_per_stage])
+                                         for channels in features_per_level])
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
@@ -190,14 +191,14 @@ class MedNeXt(nn.Module):
         input_channels: channels of the input image.
         num_classes: output channels (nnU-Net's number of segmentation heads).
         conv_op: ``nn.Conv2d`` or ``nn.Conv3d``.
-        features_per_stage: channels per resolution level; one entry per level, at least two levels.
+        features_per_level: channels per resolution level; one entry per level, at least two levels.
         strides: per level, the stride per axis of the down block into that level; level 0 must be all ones.
         kernel_sizes: per level, the depthwise kernel per axis (odd sizes).
         encoder_expansion, encoder_blocks: one entry per level (see :class:`MedNeXtVariant`).
         decoder_expansion, decoder_blocks: one entry per level except the bottleneck.
         deep_supervision: return one output per level instead of the full-resolution logits alone.
         gradient_checkpointing: recompute each block's activations in the backward pass (non-reentrant)
-            to trade speed for memory; results are unchanged.
+            to trade speed for memory; results are unchanged. Can be switched later by setting the attribute.
 
     Input ``(B, input_channels, *S)``; every axis of ``S`` must be divisible by the product of its
     strides. Output ``(B, num_classes, *S)``, or with deep supervision a list whose entry ``l`` has
@@ -205,12 +206,12 @@ class MedNeXt(nn.Module):
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: type[nn.Module],
-                 features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
+                 features_per_level: Sequence[int], strides: Sequence[Sequence[int]],
                  kernel_sizes: Sequence[Sequence[int]], encoder_expansion: Sequence[int],
                  decoder_expansion: Sequence[int], encoder_blocks: Sequence[int], decoder_blocks: Sequence[int],
                  deep_supervision: bool = True, gradient_checkpointing: bool = False):
         super().__init__()
-        n_levels = len(features_per_stage)
+        n_levels = len(features_per_level)
         if n_levels < 2:
             raise ValueError('MedNeXt needs at least two resolution levels')
         for name, value, expected in (('strides', strides, n_levels), ('kernel_sizes', kernel_sizes, n_levels),
@@ -226,41 +227,55 @@ class MedNeXt(nn.Module):
             raise ValueError(f'MedNeXt kernels must be odd, got {kernel_sizes}')
         self.strides = [tuple(s) for s in strides]
         self.kernel_sizes = [tuple(k) for k in kernel_sizes]
-        self.gradient_checkpointing = gradient_checkpointing
-        self.encoder = MedNeXtEncoder(input_channels, conv_op, features_per_stage, strides, kernel_sizes,
+        self.encoder = MedNeXtEncoder(input_channels, conv_op, features_per_level, strides, kernel_sizes,
                                       encoder_expansion, encoder_blocks, gradient_checkpointing)
-        self.decoder = MedNeXtDecoder(num_classes, conv_op, features_per_stage, strides, kernel_sizes,
+        self.decoder = MedNeXtDecoder(num_classes, conv_op, features_per_level, strides, kernel_sizes,
                                       decoder_expansion, decoder_blocks, deep_supervision, gradient_checkpointing)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.encoder.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         return self.decoder(self.encoder(x))
 
+    def extra_repr(self) -> str:
+        return (f'{len(self.strides)} levels, strides {self.strides}, kernels {self.kernel_sizes}, '
+                f'gradient checkpointing {"on" if self.gradient_checkpointing else "off"}')
 
-def mednext_from_plan(variant: str, kernel_size: int, input_channels: int, num_classes: int,
-                      plan_strides: Sequence[Sequence[int]], plan_kernel_sizes: Sequence[Sequence[int]],
-                      deep_supervision: bool = True, gradient_checkpointing: bool | None = None) -> MedNeXt:
-    """Build a named MedNeXt size on the topology of an nnU-Net plans configuration.
+
+def mednext_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
+                      plan_kernel_sizes: Sequence[Sequence[int]], variant: str | MedNeXtVariant = 'S',
+                      kernel_size: int = 3, deep_supervision: bool = True,
+                      gradient_checkpointing: bool | None = None) -> MedNeXt:
+    """Build a MedNeXt size (a name of :data:`VARIANTS` or a :class:`MedNeXtVariant`) on the topology of an
+    nnU-Net plans configuration.
 
     Uses the first :data:`MAX_LEVELS` stages of the plan: their strides, and their kernels with every
     axis of nnU-Net kernel 1 kept at 1 and every other axis set to ``kernel_size``.
     ``gradient_checkpointing=None`` takes the variant's default (on for M and L, as in the reference).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f'unknown MedNeXt variant {variant!r}; choose one of {sorted(VARIANTS)}')
-    config = VARIANTS[variant]
+    if isinstance(variant, str):
+        if variant not in VARIANTS:
+            raise ValueError(f'unknown MedNeXt variant {variant!r}; choose one of {sorted(VARIANTS)}')
+        variant = VARIANTS[variant]
     n_levels = min(MAX_LEVELS, len(plan_strides))
     strides = [list(s) for s in plan_strides[:n_levels]]
     kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], kernel_size)
     if gradient_checkpointing is None:
-        gradient_checkpointing = config.gradient_checkpointing
+        gradient_checkpointing = variant.gradient_checkpointing
     return MedNeXt(
         input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])),
-        features_per_stage=[STEM_FEATURES * 2 ** level for level in range(n_levels)],
+        features_per_level=[STEM_FEATURES * 2 ** level for level in range(n_levels)],
         strides=strides, kernel_sizes=kernels,
-        encoder_expansion=config.encoder_expansion[:n_levels],
-        decoder_expansion=config.decoder_expansion[:n_levels - 1],
-        encoder_blocks=config.encoder_blocks[:n_levels],
-        decoder_blocks=config.decoder_blocks[:n_levels - 1],
+        encoder_expansion=variant.encoder_expansion[:n_levels],
+        decoder_expansion=variant.decoder_expansion[:n_levels - 1],
+        encoder_blocks=variant.encoder_blocks[:n_levels],
+        decoder_blocks=variant.decoder_blocks[:n_levels - 1],
         deep_supervision=deep_supervision, gradient_checkpointing=gradient_checkpointing)
 
 

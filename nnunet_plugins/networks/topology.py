@@ -1,5 +1,9 @@
-"""Kernel helpers shared by the plugin networks, which take their kernel anisotropy from nnU-Net plans."""
+"""What the plugin networks share in reading their topology from nnU-Net plans: kernels, padding, depth."""
 from typing import Sequence
+
+
+class ShallowPlanError(ValueError):
+    """The plans configuration has fewer stages than the network needs; a larger patch gets more stages."""
 
 
 def kernels_from_plan(plan_kernel_sizes: Sequence[Sequence[int]], size: int) -> list[list[int]]:

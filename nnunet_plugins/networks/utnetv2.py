@@ -27,6 +27,7 @@ What differs from the authors' implementation, and why:
 """
 import itertools
 import math
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
@@ -35,19 +36,35 @@ from dynamic_network_architectures.building_blocks.helper import (
     convert_conv_op_to_dim, convert_dim_to_conv_op, get_matching_instancenorm)
 from torch import nn
 
-from nnunet_plugins.networks.kernels import kernels_from_plan, same_padding
+from nnunet_plugins.networks.topology import ShallowPlanError, kernels_from_plan, same_padding
 
 MAX_LEVELS = 5  # full resolution, the stem's 1/2, and B-MHA levels 1/4, 1/8 and the 1/16 bottleneck
 MIN_LEVELS = 4  # the stem's two levels, one B-MHA level and a B-MHA bottleneck below it
 FIRST_BMHA_LEVEL = 2  # levels from here on have semantic maps and B-MHA blocks
 AUX_LEVEL = 2  # the auxiliary head reads the decoder output at this level (the last B-MHA block's)
-FEATURES = (32, 64, 128, 256, 320)  # per level, the authors' BCV configuration
-TRANSFORMER_BLOCKS = (2, 4, 6)  # N1, N2, N3: B-MHA blocks at levels 2, 3, 4 (the decoder repeats them)
-MAP_SIZE = 4  # semantic map of 4 tokens per axis
-HEAD_DIM = 32
-EXPANSION = 4  # of the MBConv feed-forward
-STEM_BLOCKS = 2  # residual conv blocks at level 1 and in each conv decoder stage
-FUSION_DIM, FUSION_HEADS, FUSION_DEPTH = 320, 10, 2
+KERNEL = 3  # of every conv with a spatial extent, where the plans' kernel is not 1
+
+
+@dataclass(frozen=True)
+class UTNetV2Variant:
+    """The settings of UTNetV2 that the plans do not decide (arguments of :class:`UTNetV2` of the same names)."""
+
+    features_per_level: tuple[int, ...]
+    transformer_blocks: tuple[int, ...]  # N1, N2, N3: B-MHA blocks at levels 2, 3, 4 (the decoder repeats them)
+    map_size: int | tuple[int, ...]  # semantic map tokens per axis
+    stem_blocks: int  # residual conv blocks at level 1 and in each conv decoder stage
+    head_dim: int
+    expansion: int  # of the MBConv feed-forward
+    fusion_dim: int
+    fusion_heads: int
+    fusion_depth: int
+
+
+VARIANTS: dict[str, UTNetV2Variant] = {
+    # the authors' BCV configuration
+    'bcv': UTNetV2Variant(features_per_level=(32, 64, 128, 256, 320), transformer_blocks=(2, 4, 6), map_size=4,
+                          stem_blocks=2, head_dim=32, expansion=4, fusion_dim=320, fusion_heads=10, fusion_depth=2),
+}
 
 
 def _norm(conv_op: type[nn.Module], channels: int) -> nn.Module:
@@ -404,7 +421,7 @@ class UTNetV2(nn.Module):
         strides: per level, the stride per axis of the downsampling into that level; level 0 (full
             resolution) must be all ones. Between :data:`MIN_LEVELS` and :data:`MAX_LEVELS` levels.
         kernel_sizes: per level, the conv kernel per axis (odd sizes).
-        features_per_stage: channels per level; the first ``len(strides)`` entries are used. Every B-MHA
+        features_per_level: channels per level; the first ``len(strides)`` entries are used. Every B-MHA
             level's width must be a multiple of ``head_dim``.
         transformer_blocks: B-MHA blocks per B-MHA level (levels 2, 3, ...; the paper's N1, N2, N3), used in
             the encoder and again in the decoder stage into the same level; the first ``len(strides) - 2``
@@ -421,18 +438,22 @@ class UTNetV2(nn.Module):
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: type[nn.Module],
-                 strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
-                 features_per_stage: Sequence[int] = FEATURES, transformer_blocks: Sequence[int] = TRANSFORMER_BLOCKS,
-                 map_size: int | Sequence[int] = MAP_SIZE, stem_blocks: int = STEM_BLOCKS, head_dim: int = HEAD_DIM,
-                 expansion: int = EXPANSION, fusion_dim: int = FUSION_DIM, fusion_heads: int = FUSION_HEADS,
-                 fusion_depth: int = FUSION_DEPTH, deep_supervision: bool = True):
+                 strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]], *,
+                 features_per_level: Sequence[int], transformer_blocks: Sequence[int], map_size: int | Sequence[int],
+                 stem_blocks: int, head_dim: int, expansion: int, fusion_dim: int, fusion_heads: int,
+                 fusion_depth: int, deep_supervision: bool = True):
         super().__init__()
         n_levels, dim = len(strides), convert_conv_op_to_dim(conv_op)
-        if not MIN_LEVELS <= n_levels <= MAX_LEVELS:
+        if n_levels < MIN_LEVELS:
+            raise ShallowPlanError(
+                f'UTNetV2 needs at least {MIN_LEVELS} resolution levels (full resolution, the stem\'s second level, '
+                f'a B-MHA level and the bottleneck), but the plans configuration has {n_levels} (strides '
+                f'{[list(s) for s in strides]})')
+        if n_levels > MAX_LEVELS:
             raise ValueError(f'UTNetV2 takes {MIN_LEVELS} to {MAX_LEVELS} resolution levels, got {n_levels} strides')
         map_size = [map_size] * dim if isinstance(map_size, int) else list(map_size)
         for name, value, expected in (('kernel_sizes', kernel_sizes, n_levels),
-                                      ('features_per_stage', features_per_stage, n_levels),
+                                      ('features_per_level', features_per_level, n_levels),
                                       ('transformer_blocks', transformer_blocks, n_levels - FIRST_BMHA_LEVEL)):
             if len(value) < expected:
                 raise ValueError(f'{name} has {len(value)} entries, {n_levels} levels need {expected}')
@@ -444,7 +465,7 @@ class UTNetV2(nn.Module):
             raise ValueError(f'UTNetV2 kernels must be odd, got {kernel_sizes}')
         if math.prod(map_size) < 2:
             raise ValueError(f'the semantic map needs at least two tokens, got map_size {map_size}')
-        features = list(features_per_stage[:n_levels])
+        features = list(features_per_level[:n_levels])
         if any(c % head_dim for c in features[FIRST_BMHA_LEVEL:]):
             raise ValueError(f'the B-MHA widths {features[FIRST_BMHA_LEVEL:]} must be multiples of head_dim {head_dim}')
         if fusion_dim % fusion_heads:
@@ -464,18 +485,25 @@ class UTNetV2(nn.Module):
         skips, maps = self.encoder(x)
         return self.decoder(skips, self.map_fusion(maps))
 
+    def extra_repr(self) -> str:
+        return (f'{len(self.strides)} levels, strides {self.strides}, kernels {self.kernel_sizes}, B-MHA blocks '
+                f'{self.transformer_blocks} from level {FIRST_BMHA_LEVEL}, semantic map {self.map_size}')
+
 
 def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
-                      plan_kernel_sizes: Sequence[Sequence[int]], deep_supervision: bool = True,
-                      **network_kwargs) -> UTNetV2:
-    """Build UTNetV2 on the topology of an nnU-Net plans configuration.
+                      plan_kernel_sizes: Sequence[Sequence[int]], variant: str | UTNetV2Variant = 'bcv',
+                      deep_supervision: bool = True) -> UTNetV2:
+    """Build UTNetV2 (a name of :data:`VARIANTS` or a :class:`UTNetV2Variant`) on the topology of an nnU-Net plans
+    configuration.
 
     Uses the first :data:`MAX_LEVELS` stages of the plan (their strides; their kernels with every axis of
-    nnU-Net kernel 1 kept at 1 and every other axis 3, UTNetV2's kernel). A plan with fewer stages drops
-    the deepest B-MHA levels. ``network_kwargs`` go to :class:`UTNetV2` (block counts, map size, ...).
+    nnU-Net kernel 1 kept at 1 and every other axis :data:`KERNEL`). A plan with fewer stages drops the
+    deepest B-MHA levels; one with fewer than :data:`MIN_LEVELS` raises :class:`ShallowPlanError`.
     """
+    if isinstance(variant, str):
+        variant = VARIANTS[variant]
     n_levels = min(MAX_LEVELS, len(plan_strides))
     strides = [list(s) for s in plan_strides[:n_levels]]
-    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], 3)
+    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], KERNEL)
     return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
-                   deep_supervision=deep_supervision, **network_kwargs)
+                   deep_supervision=deep_supervision, **asdict(variant))

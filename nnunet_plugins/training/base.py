@@ -3,6 +3,10 @@
 nnU-Net's planning, preprocessing, data augmentation, loss and 1000 x 250 schedule stay as they are.
 A plugin trainer adds:
 
+- its network, built by one family factory (:meth:`network_from_plan`) on the plans' topology, checked
+  against the patch size before training, and described in the training log;
+- every schedule and optimiser setting it declares on its class (``num_epochs = 300``, ``initial_lr``,
+  ...), which nnU-Net's ``__init__`` would otherwise overwrite with its own defaults;
 - the network's own deep-supervision scales, with a non-zero loss weight on every head
   (DDP requires every parameter to get a gradient);
 - AdamW with poly decay per epoch (``--c`` resumes it exactly, the learning rate being a function
@@ -18,33 +22,46 @@ import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_plugins import settings
+from nnunet_plugins.checkpoints import CheckpointError, check_readable
+from nnunet_plugins.networks.topology import ShallowPlanError
+from nnunet_plugins.presets import preset_for
 
 MAX_NONFINITE_STEPS = 25
 CHECKPOINT_FILES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
+# nnUNetTrainer.__init__ assigns these as instance attributes; a value a subclass declares on its class wins
+CLASS_SETTINGS = ('initial_lr', 'weight_decay', 'oversample_foreground_percent', 'probabilistic_oversampling',
+                  'num_iterations_per_epoch', 'num_val_iterations_per_epoch', 'num_epochs',
+                  'enable_deep_supervision', 'save_every')
 
 
 class nnUNetTrainerPlugin(nnUNetTrainer):
-    """Base of the plugin trainers; subclasses define the network and their optimiser settings."""
+    """Base of the plugin trainers; a network family supplies :meth:`network_from_plan` and its optimiser settings.
+
+    Any of :data:`CLASS_SETTINGS` declared on a subclass takes effect, e.g. a 300-epoch variant::
+
+        class nnUNetTrainerMedNeXtL_300epochs(nnUNetTrainerMedNeXtL):
+            num_epochs = 300
+    """
 
     initial_lr: float = 1e-3
     weight_decay: float = 3e-5
     adam_eps: float = 1e-8
-    max_levels: int  # resolution levels the network uses at most; a plan's deeper stages are left out
     # for networks that cannot take a one-voxel bottleneck, what is undefined there (in the patch-size error)
     undefined_on_one_voxel: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        # nnUNetTrainer.__init__ assigns its own defaults to these as instance attributes
-        self.initial_lr = type(self).initial_lr
-        self.weight_decay = type(self).weight_decay
+        for name in CLASS_SETTINGS:
+            if hasattr(type(self), name):
+                setattr(self, name, getattr(type(self), name))
         self._nonfinite_steps = 0
+        self._loaded_checkpoint = None  # the file name load_checkpoint read (--c), e.g. checkpoint_latest.pth
         self._apply_schedule_override()
 
     def _apply_schedule_override(self) -> None:
@@ -70,18 +87,46 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             # measured for MedNeXt: depthwise 3d convs train 1.7x faster channels-last on a CPU (oneDNN),
             # while on an H100 (cuDNN) channels-last is 1.6x slower, so only CPU training uses it
             self.network.to(memory_format=torch.channels_last_3d)
+        network = self.plain_network()
+        self.print_to_log_file(f'{self.network_name()}: {network.extra_repr()}, '
+                               f'{sum(p.numel() for p in network.parameters()):,} parameters')
 
     def plain_network(self) -> nn.Module:
         """The network without the DDP and torch.compile wrappers."""
         network = self.network.module if self.is_ddp else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
-    # ---- network topology, provided by each network family ----
+    # ---- the network, from the family's factory ----
+
+    @classmethod
+    def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                          num_output_channels: int, deep_supervision: bool) -> nn.Module:
+        """The family's network on the configuration's topology (its factory decides how many stages it uses).
+
+        The network has ``strides`` (per level, the stride into it) and ``kernel_sizes`` attributes.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def network_name(cls) -> str:
+        """What the training log calls the network."""
+        return cls.__name__.removeprefix('nnUNetTrainer')
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        if enable_deep_supervision and getattr(cls, 'enable_deep_supervision', True) is False:
+            raise ValueError(f'{cls.__name__} builds {cls.network_name()}, which has one output and no deep '
+                             f'supervision; build it with enable_deep_supervision=False.')
+        cls.check_patch_size(configuration_manager)
+        return cls.network_from_plan(configuration_manager, num_input_channels, num_output_channels,
+                                     enable_deep_supervision)
 
     @staticmethod
     def plan_topology(configuration_manager: ConfigurationManager) -> tuple[list[list[int]], list[list[int]]]:
         """The configuration's per-stage ``strides`` and ``kernel_sizes`` (from its ``architecture`` block)."""
-        arch_kwargs = configuration_manager.configuration.get('architecture', {}).get('arch_kwargs', {})
+        arch_kwargs = configuration_manager.network_arch_init_kwargs
         missing = [key for key in ('strides', 'kernel_sizes') if key not in arch_kwargs]
         if missing:
             raise ValueError(
@@ -91,10 +136,23 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         return arch_kwargs['strides'], arch_kwargs['kernel_sizes']
 
     @classmethod
+    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
+        """Strides of the network's resolution levels, one list per level, level 0 first, as its factory builds
+        it on this configuration (on the meta device: no memory, no compute)."""
+        with torch.device('meta'):
+            network = cls.network_from_plan(configuration_manager, 1, 2, deep_supervision=False)
+        return [list(stride) for stride in network.strides]
+
+    @classmethod
     def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
         """Raise ValueError, saying what each axis needs, when the network cannot take the plans' patch size."""
         patch_size = list(configuration_manager.patch_size)
-        divisors = np.prod(np.array(cls.network_strides(configuration_manager)), axis=0).tolist()
+        try:
+            strides = cls.network_strides(configuration_manager)
+        except ShallowPlanError as error:
+            raise ValueError(f'{cls.__name__} cannot take patch size {patch_size}: {error}; nnU-Net plans more '
+                             f'levels for a larger patch. ' + cls.patch_advice([2 * p for p in patch_size])) from None
+        divisors = np.prod(np.array(strides), axis=0).tolist()
         bad = [axis for axis, (p, d) in enumerate(zip(patch_size, divisors)) if p % d]
         if bad:
             suggestion = [max(d, round(p / d) * d) for p, d in zip(patch_size, divisors)]
@@ -110,14 +168,13 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             suggestion = list(patch_size)
             suggestion[axis] = 2 * divisors[axis]
             raise ValueError(
-                f'{cls.__name__} cannot take patch size {patch_size}: with strides '
-                f'{cls.network_strides(configuration_manager)} its bottleneck would be {bottleneck}, a single voxel, '
-                f'on which {cls.undefined_on_one_voxel}. ' + cls.patch_advice(suggestion))
+                f'{cls.__name__} cannot take patch size {patch_size}: with strides {strides} its bottleneck would '
+                f'be {bottleneck}, a single voxel, on which {cls.undefined_on_one_voxel}. '
+                + cls.patch_advice(suggestion))
 
     @classmethod
     def patch_advice(cls, patch_size: list[int]) -> str:
         """The end of every patch-size error: how to get a configuration that has ``patch_size``."""
-        from nnunet_plugins.presets import preset_for  # presets checks patches with the trainers
         preset = preset_for(cls.__name__, len(patch_size))
         command = ('' if preset is None else
                    f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))}` '
@@ -125,13 +182,6 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                    f'--spacing is given); or ')
         return (f'Use a patch_size such as {patch_size}: {command}set it in a configuration that inherits_from this '
                 f'one, or re-plan with nnUNetv2_plan_experiment.')
-
-    @classmethod
-    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
-        """Strides of the resolution levels the network uses, one list per level, level 0 first: those of the
-        plan's first ``max_levels`` stages."""
-        strides, _ = cls.plan_topology(configuration_manager)
-        return strides[:cls.max_levels]
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:
@@ -143,6 +193,10 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         if not self.enable_deep_supervision:
             return None
         return self.deep_supervision_scales(self.configuration_manager)
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        if getattr(type(self), 'enable_deep_supervision', True) is not False:  # else: one output, nothing to switch
+            super().set_deep_supervision_enabled(enabled)
 
     def deep_supervision_weights(self) -> list[float]:
         """Loss weight of every output, highest resolution first, summing to 1.
@@ -185,6 +239,20 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         """The nnU-Net checkpoint files this fold's output folder already holds."""
         return [f for f in CHECKPOINT_FILES if os.path.isfile(os.path.join(self.output_folder, f))]
 
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        if isinstance(filename_or_checkpoint, str):
+            try:
+                check_readable(filename_or_checkpoint)
+            except CheckpointError as error:
+                others = [f for f in self.existing_checkpoints() if os.path.join(self.output_folder, f) !=
+                          os.path.abspath(filename_or_checkpoint)]
+                raise CheckpointError(
+                    f'{type(self).__name__}: {error}. Move it out of {self.output_folder}'
+                    + (f' to continue from {" or ".join(others)}' if others else '')
+                    + ', or train this fold anew in an empty folder.') from None
+            self._loaded_checkpoint = os.path.basename(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
+
     def on_train_start(self):
         if self.current_epoch == 0:
             existing = self.existing_checkpoints()
@@ -193,4 +261,16 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                     f'{self.output_folder} already holds a training run ({", ".join(existing)}), and this run would '
                     f'start from scratch over it. Continue that run with `nnUNetv2_train ... --c`, or move or delete '
                     f'the folder to train anew.')
+        elif self.current_epoch > self.num_epochs or (self.current_epoch == self.num_epochs
+                                                      and self._loaded_checkpoint != 'checkpoint_final.pth'):
+            asked = os.environ.get(settings.EPOCHS, '').strip()
+            cause, fix = ((f'{settings.EPOCHS}={asked} asks for {self.num_epochs} epochs',
+                           f'Unset {settings.EPOCHS} to continue {type(self).__name__}\'s own schedule, or set it to '
+                           f'more than {self.current_epoch}.') if asked else
+                          (f'{type(self).__name__} trains {self.num_epochs} epochs',
+                           f'Set {settings.EPOCHS} to more than {self.current_epoch} to train on.'))
+            raise RuntimeError(
+                f'{self._loaded_checkpoint} in {self.output_folder} is at epoch {self.current_epoch}, but {cause}, so '
+                f'`--c` would end the run without training the epochs left (nor decaying the learning rate to its '
+                f'end). {fix}')
         super().on_train_start()

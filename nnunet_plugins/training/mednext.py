@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 
 from nnunetv2.utilities.file_path_utilities import convert_trainer_plans_config_to_identifier
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.networks.mednext import MAX_LEVELS, mednext_from_plan
+from nnunet_plugins.checkpoints import CheckpointError
+from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint
 
@@ -20,32 +21,25 @@ UPKERN_REPORT_FILE = 'upkern_report.json'
 
 
 class MedNeXtTrainer(nnUNetTrainerPlugin):
-    """Shared by the MedNeXt trainers, which set ``variant`` and ``kernel_size``."""
+    """Shared by the MedNeXt trainers, which set ``variant`` (a size of the network's ``VARIANTS``) and
+    ``kernel_size``."""
 
     variant: str
     kernel_size: int
     initial_lr = 1e-3
     weight_decay = 3e-5
     adam_eps = 1e-4
-    max_levels = MAX_LEVELS
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        cls.check_patch_size(configuration_manager)
-        strides, kernel_sizes = cls.plan_topology(configuration_manager)
-        return mednext_from_plan(cls.variant, cls.kernel_size, num_input_channels, num_output_channels,
-                                 strides, kernel_sizes, deep_supervision=enable_deep_supervision,
+    def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                          num_output_channels: int, deep_supervision: bool) -> nn.Module:
+        return mednext_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager),
+                                 variant=cls.variant, kernel_size=cls.kernel_size, deep_supervision=deep_supervision,
                                  gradient_checkpointing=settings.flag(settings.CHECKPOINTING))
 
-    def initialize(self):
-        super().initialize()
-        network = self.plain_network()
-        self.print_to_log_file(
-            f'MedNeXt-{self.variant} k{self.kernel_size}: {len(network.strides)} levels, strides {network.strides}, '
-            f'kernels {network.kernel_sizes}, {sum(p.numel() for p in network.parameters()):,} parameters, '
-            f'gradient checkpointing {"on" if network.gradient_checkpointing else "off"}')
+    @classmethod
+    def network_name(cls) -> str:
+        return f'MedNeXt-{cls.variant} k{cls.kernel_size}'
 
 
 class nnUNetTrainerMedNeXtS(MedNeXtTrainer):
@@ -128,6 +122,13 @@ class MedNeXtUpKernTrainer(MedNeXtTrainer):
             report = upkern_from_checkpoint(self.plain_network(), source)
         except UpKernError as error:
             raise UpKernError(f'{type(self).__name__} cannot start from {source}: {error}') from None
+        except CheckpointError as error:
+            fix = (f'Set {settings.UPKERN_SOURCE} to a checkpoint file that is whole, or unset it to start from '
+                   f'{self.conventional_source()}.' if override else
+                   f'Train {self.source_trainer} on this fold again (move its folder away first), or set '
+                   f'{settings.UPKERN_SOURCE} to another checkpoint file to start from.')
+            raise CheckpointError(f'{type(self).__name__} starts from {self.source_trainer}\'s weights, but {error}. '
+                                  f'{fix}') from None
         for line in report.lines():
             self.print_to_log_file(line)
         if self.local_rank == 0:

@@ -16,11 +16,10 @@ Optimiser: AdamW with poly decay per epoch and nnU-Net's gradient-norm clipping 
   nnU-Net's schedule: 2.5e-3 x 1e-3 x 250,000 iterations x 1/1.9 (mean of poly decay) = 0.33, against the
   paper's 1e-4 x 0.08 x 40,000 = 0.32.
 """
-import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.networks.uxnet import uxnet_from_plan, uxnet_levels
+from nnunet_plugins.networks.uxnet import uxnet_from_plan
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 
 
@@ -30,35 +29,14 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
     initial_lr = 2.5e-3
     weight_decay = 1e-3
     adam_eps = 1e-4
+    enable_deep_supervision = False
     undefined_on_one_voxel = 'instance norm is undefined'
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.enable_deep_supervision = False
-
     @classmethod
-    def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
-        strides, _ = uxnet_levels(*cls.plan_topology(configuration_manager))
-        return strides
-
-    @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        if enable_deep_supervision:
-            raise ValueError(f'{cls.__name__} builds 3D UX-Net, which has one output and no deep supervision; '
-                             f'build it with enable_deep_supervision=False.')
-        cls.check_patch_size(configuration_manager)
+    def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
+                          num_output_channels: int, deep_supervision: bool) -> nn.Module:
         return uxnet_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager))
 
-    def set_deep_supervision_enabled(self, enabled: bool) -> None:
-        """Nothing to switch: the network always returns its single full-resolution output."""
-
-    def initialize(self):
-        super().initialize()
-        network = self.plain_network()
-        self.print_to_log_file(
-            f'3D UX-Net: strides {network.strides}, large kernels {network.large_kernel_sizes}, decoder kernels '
-            f'{network.kernel_sizes}, {sum(p.numel() for p in network.parameters()):,} parameters, '
-            f'no deep supervision')
+    @classmethod
+    def network_name(cls) -> str:
+        return '3D UX-Net'
