@@ -6,12 +6,12 @@ Anatomy is drawn in millimetres and then sampled on an anisotropic voxel grid wh
 shape vary from case to case, so nnU-Net's planning and resampling have real work to do. The same
 seed always gives the same files.
 """
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from scipy.ndimage import gaussian_filter
 
 LABELS = {'background': 0, 'organ': 1, 'vessel': 2, 'lesion': 3}
@@ -100,15 +100,9 @@ def write_dataset(raw_folder: str | Path, dataset_id: int, name: str, num_traini
         (folder / f'labels{part}').mkdir(parents=True, exist_ok=True)
         _write_nifti(image, spacing, folder / f'images{part}' / f'{case}_0000{FILE_ENDING}')
         _write_nifti(labels, spacing, folder / f'labels{part}' / f'{case}{FILE_ENDING}')
-    dataset_json = {
-        'name': name,
-        'description': f'nnunet-plugins synthetic CT-like dataset (seed {seed})',
-        'channel_names': {'0': 'CT'},
-        'labels': LABELS,
-        'numTraining': num_training,
-        'file_ending': FILE_ENDING,
-    }
-    (folder / 'dataset.json').write_text(json.dumps(dataset_json, indent=2))
+    generate_dataset_json(str(folder), channel_names={0: 'CT'}, labels=dict(LABELS), num_training_cases=num_training,
+                          file_ending=FILE_ENDING, dataset_name=name,
+                          description=f'nnunet-plugins synthetic CT-like dataset (seed {seed})')
     return folder
 
 
