@@ -1,81 +1,17 @@
 """Shared fixtures: a tiny synthetic dataset, planned and preprocessed once per session with the stock CLI.
 
-Trained folds are memoised per session (``workspace.train``), so tests that need the same trained
-model share one training run instead of each paying for it.
+Trained folds are memoised per session (``Workspace.train`` in helpers.py), so tests that need the same
+trained model share one training run instead of each paying for it.
 """
-import glob
 import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
-from torch import nn
 
 from nnunet_plugins import settings, synthetic, trainers_folder
-from nnunet_plugins.workspace import nnunet_environment, run_stock
+from nnunet_plugins.workspace import nnunet_environment
 
-DATASET_ID = 991
-DATASET_NAME = 'Tiny'
-CONFIGURATION = '3d_fullres'
-NUM_TRAINING, NUM_HELDOUT = 10, 3
-# nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
-TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
-TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-
-
-@dataclass
-class Workspace:
-    root: Path
-    raw: Path
-    env: dict
-    _trained: dict = field(default_factory=dict)
-
-    @property
-    def preprocessed(self) -> Path:
-        return self.root / 'nnUNet_preprocessed' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
-
-    def results(self, trainer: str, configuration: str = CONFIGURATION) -> Path:
-        return (self.root / 'nnUNet_results' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
-                / f'{trainer}__nnUNetPlans__{configuration}')
-
-    def run(self, *args, env: dict | None = None):
-        """Run a stock nnU-Net command and return its completed process (output captured)."""
-        return run_stock(args, env or self.env, capture=True)
-
-    def train(self, trainer: str, fold, epochs: int = 1, iterations: int = 2, configuration: str = CONFIGURATION,
-              extra: tuple = ()) -> Path:
-        """Train ``trainer`` on ``fold`` through ``nnUNetv2_train`` once per session; return the fold folder."""
-        key = (trainer, str(fold), configuration)
-        if key not in self._trained:
-            env = {**self.env, settings.EPOCHS: str(epochs), settings.ITERATIONS: str(iterations)}
-            self.run('nnUNetv2_train', DATASET_ID, configuration, fold, '-tr', trainer, '-device', 'cpu', *extra,
-                     env=env)
-            self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
-        return self._trained[key]
-
-    def predict_and_ensemble(self, trainers, out: Path, *extra) -> list[Path]:
-        """``nnUNetv2_predict`` fold 0 of each trainer on the held-out images with probabilities, then
-        ``nnUNetv2_ensemble``; asserts that every held-out case is predicted and that the ensemble is the argmax
-        of the mean probabilities. Returns the trainers' prediction folders; the ensemble is ``out/ensemble``."""
-        folders = []
-        for trainer in trainers:
-            folders.append(out / trainer)
-            self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
-                     '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
-                     '-npp', 1, '-nps', 1, *extra)
-        ensemble = out / 'ensemble'
-        self.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
-        cases = sorted(p.name for p in folders[0].glob('*.nii.gz'))
-        assert len(cases) == NUM_HELDOUT
-        for case in cases:
-            probabilities = [np.load(folder / case.replace('.nii.gz', '.npz'))['probabilities'] for folder in folders]
-            np.testing.assert_array_equal(read_labels(ensemble / case),
-                                          np.argmax(np.mean(probabilities, axis=0), axis=0))
-        return folders
+from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, NUM_HELDOUT, NUM_TRAINING, Workspace
 
 
 @pytest.fixture(scope='session')
@@ -90,20 +26,6 @@ def workspace(tmp_path_factory) -> Workspace:
     ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
            '--verify_dataset_integrity')
     return ws
-
-
-def read_labels(path: Path) -> np.ndarray:
-    """A label image as an array, axes as nnU-Net's SimpleITK reader gives them."""
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-
-
-def parameter_count(network: nn.Module) -> int:
-    return sum(p.numel() for p in network.parameters())
-
-
-def training_log(fold_folder: Path) -> str:
-    """The text of every nnU-Net training log in a fold folder, oldest first."""
-    return ''.join(Path(f).read_text() for f in sorted(glob.glob(os.path.join(fold_folder, 'training_log_*.txt'))))
 
 
 @pytest.fixture
@@ -122,13 +44,3 @@ def make_trainer(workspace, tmp_path, monkeypatch):
         dataset_json = json.loads((workspace.preprocessed / 'dataset.json').read_text())
         return trainer_class(plans, CONFIGURATION, 0, dataset_json, torch.device(device))
     return make
-
-
-def random_batch(trainer) -> dict:
-    """A training batch of noise and random labels at the plan's patch size, one target per output scale."""
-    patch = trainer.configuration_manager.patch_size
-    generator = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 4, (trainer.batch_size, 1, *patch), generator=generator).float()
-    targets = [torch.nn.functional.interpolate(labels, scale_factor=scale, mode='nearest-exact')
-               for scale in trainer._get_deep_supervision_scales()]
-    return {'data': torch.randn(trainer.batch_size, 1, *patch, generator=generator), 'target': targets}

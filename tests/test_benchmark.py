@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_plugins import benchmark, settings
+from nnunet_plugins import settings
 from nnunet_plugins.cli import main
+from nnunet_plugins.commands.benchmark.peers import default_trainers, trainer_class
+from nnunet_plugins.commands.benchmark.plans import resenc_l_plans, synthetic_dataset_json, synthetic_plans
+from nnunet_plugins.commands.benchmark.report import topology_versus_monai
+from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, probe
 
-from conftest import CONFIGURATION, DATASET_ID, parameter_count
+from helpers import CONFIGURATION, DATASET_ID, parameter_count
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 # MedNeXt paper, Table 3: "GFLOPs" (multiply-accumulates) for one 128^3 patch, kernel 3 and kernel 5
@@ -40,7 +44,7 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
         ('nnUNetTrainerMedNeXtM', True), ('nnUNetTrainerMedNeXtM', False),
         ('nnUNetTrainer (nnUNetPlans)', None), ('MONAI MedNeXtS', None)]
     for row in rows:
-        assert tuple(row) == benchmark.ROW_FIELDS
+        assert tuple(row) == ROW_FIELDS
         assert row['status'] == 'ok'
         nulls = {key for key, value in row.items() if value is None}
         assert set(row['null_reasons']) == nulls, row['label']
@@ -76,12 +80,12 @@ def test_report_table_ratios_and_chart(tiny_run):
 
 
 def test_papers_setting_plans_macs_and_monai_sizes():
-    dataset_json = benchmark.synthetic_dataset_json(1, 14)
-    plans, configuration = benchmark.synthetic_plans([128, 128, 128], [1.0, 1.0, 1.0], 2, dataset_json)
+    dataset_json = synthetic_dataset_json(1, 14)
+    plans, configuration = synthetic_plans([128, 128, 128], [1.0, 1.0, 1.0], 2, dataset_json)
     arch = plans['configurations'][configuration]['architecture']['arch_kwargs']
     assert [list(s) for s in arch['strides']] == [[1, 1, 1]] + [[2, 2, 2]] * 5
     assert plans['configurations'][configuration]['architecture']['network_class_name'].endswith('PlainConvUNet')
-    resenc, _ = benchmark.resenc_l_plans(plans, configuration, dataset_json, None)
+    resenc, _ = resenc_l_plans(plans, configuration, dataset_json, None)
     assert resenc['plans_name'] == 'nnUNetResEncUNetLPlans'
     resenc_arch = resenc['configurations'][configuration]['architecture']
     assert resenc_arch['network_class_name'].endswith('ResidualEncoderUNet')
@@ -89,7 +93,7 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     assert resenc_arch['arch_kwargs']['strides'] == arch['strides']
 
     def facts(trainer: str) -> dict:
-        return benchmark.probe(benchmark.Network(trainer, '', trainer, trainer, plans), configuration, dataset_json)
+        return probe(Network(trainer, '', trainer, trainer, plans), configuration, dataset_json)
 
     for variant, paper in PAPER_GMACS.items():
         for kernel, paper_gmacs in zip(('', '_k5'), paper):
@@ -102,17 +106,17 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     configuration_manager = PlansManager(plans).get_configuration(configuration)
 
     def parameters(trainer: str) -> int:
-        return parameter_count(benchmark.trainer_class(trainer).build_network_architecture(
+        return parameter_count(trainer_class(trainer).build_network_architecture(
             PlansManager(plans), configuration_manager, 1, 14, enable_deep_supervision=True))
     assert parameters('MedNeXtS') == parameters('nnUNetTrainerMedNeXtS') == 5_564_806
     assert parameters('nnUNetTrainerMedNeXtB') - parameters('MedNeXtB') == 15_456
-    assert benchmark._topology_versus_monai(benchmark.trainer_class('nnUNetTrainerMedNeXtS'),
+    assert topology_versus_monai(trainer_class('nnUNetTrainerMedNeXtS'),
                                             configuration_manager) == 'same'
 
 
 def test_default_trainers_leave_out_upkern_and_reach_every_other_plugin_trainer():
     from nnunet_plugins.training import TRAINERS
-    names = benchmark.default_trainers()
+    names = default_trainers()
     assert names == [t.__name__ for t in TRAINERS if not t.__name__.endswith('_UpKern')]
     assert 'nnUNetTrainerMedNeXtL_k5' in names and not any(name.endswith('_UpKern') for name in names)
 
@@ -147,3 +151,47 @@ def test_dataset_plans_are_read_and_nothing_lands_in_nnunet_results(workspace):
     assert all(row['patch_size'] == plan['patch_size'] and row['batch_size'] == plan['batch_size'] for row in rows)
     assert 'ResEnc L baseline: nnUNetPlannerResEncL architecture for the same patch and spacing' in result.stdout
     assert (sorted(results.rglob('*')) if results.exists() else []) == before
+
+
+PATCH = ['--patch', '16', '32', '32']
+
+
+@pytest.mark.parametrize('args, code, message', [
+    ([*PATCH, '--batch', '-1'], 2, "argument --batch: '-1' is not a positive whole number"),
+    ([*PATCH, '--batch', '0'], 2, "argument --batch: '0' is not a positive whole number"),
+    ([*PATCH, '--in-channels', '0'], 2, "argument --in-channels: '0' is not a positive whole number"),
+    ([*PATCH, '--classes', '0'], 2, "argument --classes: '0' is not a positive whole number"),
+    ([*PATCH, '--classes', '1'], 2, "argument --classes: '1' counts background alone; give at least 2 classes"),
+    (['--patch', '0', '0', '0'], 2, "argument --patch: '0' is not a positive whole number"),
+    ([*PATCH, '--spacing', '0', '0', '0'], 2, "argument --spacing: '0' is not a positive number"),
+    ([*PATCH, '--spacing', '-1', '1', '1'], 2, "argument --spacing: '-1' is not a positive number"),
+    ([*PATCH, '--steps', '0'], 2, "argument --steps: '0' is not a positive whole number"),
+    (['999', '3d_fullres'], 1, "nnunet-plugins benchmark: error: dataset '999' not found"),
+], ids=['batch-negative', 'batch-zero', 'no-input-channels', 'no-classes', 'background-only', 'patch-zero',
+        'spacing-zero', 'spacing-negative', 'no-steps', 'unknown-dataset'])
+def test_bad_arguments_fail_before_any_work_with_a_message(args, code, message, tmp_path):
+    out = tmp_path / 'out'
+    env = {**os.environ, 'nnUNet_raw': str(tmp_path), 'nnUNet_preprocessed': str(tmp_path),
+           'nnUNet_results': str(tmp_path)}
+    result = subprocess.run([COMMAND, 'benchmark', *args, '--out', str(out)], capture_output=True, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and result.stderr.count(message) == 1
+    assert 'Traceback' not in result.stderr
+    assert not out.exists()
+
+
+def test_plans_words_the_same_mistake_the_same_way():
+    result = subprocess.run([COMMAND, 'plans', '4', '--preset', 'mednext', '--batch', '0'], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and "argument --batch: '0' is not a positive whole number" in result.stderr
+
+
+def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path):
+    """On a 16^3 patch nnU-Net plans three stages, and UTNetV2 needs four: its only row is skipped."""
+    result = subprocess.run(
+        [COMMAND, 'benchmark', '--patch', '16', '16', '16', '-tr', 'nnUNetTrainerUTNetV2', '--baselines', '--peers',
+         '--device', 'cpu', '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'no row was measured (1 skipped or failed' in result.stderr
+    assert 'needs at least 4 resolution levels' in (tmp_path / 'benchmark.md').read_text()

@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
+from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL_k5, nnUNetTrainerMedNeXtS
 
-from conftest import random_batch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -28,8 +28,8 @@ def test_gradient_checkpointing_changes_nothing_on_cuda():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     strides, kernels = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
     torch.manual_seed(0)
-    plain = mednext_from_plan('M', 5, 1, 3, strides, kernels, gradient_checkpointing=False).cuda()
-    checkpointed = mednext_from_plan('M', 5, 1, 3, strides, kernels, gradient_checkpointing=True).cuda()
+    plain = mednext_from_plan(1, 3, strides, kernels, 'M', 5, gradient_checkpointing=False).cuda()
+    checkpointed = mednext_from_plan(1, 3, strides, kernels, 'M', 5, gradient_checkpointing=True).cuda()
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 16, 64, 64, device='cuda')
     grads = []

@@ -4,9 +4,10 @@ import torch
 from monai.networks.nets.mednext import create_mednext
 from torch import nn
 
+from nnunet_plugins.networks import mednext as mednext_module
 from nnunet_plugins.networks.mednext import MedNeXt, mednext_from_plan
 
-from conftest import parameter_count
+from helpers import parameter_count
 
 ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for 128^3 at 1 mm
 ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
@@ -25,13 +26,13 @@ REFERENCE_PARAMETERS = {
 
 @pytest.mark.parametrize('variant,kernel', sorted(REFERENCE_PARAMETERS))
 def test_parameter_count_equals_reference(variant, kernel):
-    network = mednext_from_plan(variant, kernel, 1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
+    network = mednext_from_plan(1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, variant, kernel)
     assert parameter_count(network) == REFERENCE_PARAMETERS[variant, kernel] - 1
 
 
 def test_each_extra_input_channel_adds_32_parameters():
-    one = mednext_from_plan('S', 3, 1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
-    four = mednext_from_plan('S', 3, 4, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
+    one = mednext_from_plan(1, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, 'S', 3)
+    four = mednext_from_plan(4, 14, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, 'S', 3)
     assert parameter_count(four) - parameter_count(one) == 3 * 32
 
 
@@ -75,7 +76,7 @@ def test_layer_for_layer_equal_to_monai_port_of_reference(kernel):
     variant = 'S'
     reference = create_mednext(variant, spatial_dims=3, in_channels=1, out_channels=3, kernel_size=kernel,
                                deep_supervision=True).train()
-    ours = mednext_from_plan(variant, kernel, 1, 3, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, gradient_checkpointing=False)
+    ours = mednext_from_plan(1, 3, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, variant, kernel, gradient_checkpointing=False)
     assert parameter_count(ours) == parameter_count(reference)
     _copy_monai_weights(reference, ours)
     x = torch.randn(1, 1, 32, 32, 32)
@@ -93,7 +94,7 @@ def test_layer_for_layer_equal_to_monai_port_of_reference(kernel):
     (PLANS_2D_STRIDES, PLANS_2D_KERNELS, (64, 48), 2),
 ], ids=['isotropic', 'anisotropic', '2d'])
 def test_outputs_follow_the_plan(strides, kernels, patch, dims):
-    network = mednext_from_plan('S', 5, 2, 4, strides, kernels)
+    network = mednext_from_plan(2, 4, strides, kernels, 'S', 5)
     outputs = network(torch.randn(2, 2, *patch))
     assert len(outputs) == 5  # four downsamplings, as in the paper, whatever the plan's depth
     scale = torch.ones(dims)
@@ -108,15 +109,15 @@ def test_outputs_follow_the_plan(strides, kernels, patch, dims):
 
 
 def test_shallow_plan_uses_all_its_levels():
-    network = mednext_from_plan('B', 3, 1, 3, [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]])
+    network = mednext_from_plan(1, 3, [[1, 1, 1], [1, 2, 2], [2, 2, 2]], [[1, 3, 3], [3, 3, 3], [3, 3, 3]], 'B')
     outputs = network(torch.randn(1, 1, 8, 16, 16))
     assert [tuple(o.shape[2:]) for o in outputs] == [(8, 16, 16), (8, 8, 8), (4, 4, 4)]
     assert [m.out_channels for m in network.decoder.seg_layers] == [3, 3, 3]
 
 
 def test_without_deep_supervision_same_parameters_and_one_output():
-    with_ds = mednext_from_plan('S', 3, 1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, deep_supervision=True)
-    without = mednext_from_plan('S', 3, 1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, deep_supervision=False)
+    with_ds = mednext_from_plan(1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, 'S', 3, deep_supervision=True)
+    without = mednext_from_plan(1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, 'S', 3, deep_supervision=False)
     without.load_state_dict(with_ds.state_dict(), strict=True)
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
@@ -128,8 +129,8 @@ def test_without_deep_supervision_same_parameters_and_one_output():
 @pytest.mark.parametrize('variant', ['S', 'M'])
 def test_gradient_checkpointing_changes_nothing_but_memory(variant):
     torch.manual_seed(0)
-    plain = mednext_from_plan(variant, 3, 1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, gradient_checkpointing=False)
-    checkpointed = mednext_from_plan(variant, 3, 1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS,
+    plain = mednext_from_plan(1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, variant, 3, gradient_checkpointing=False)
+    checkpointed = mednext_from_plan(1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, variant, 3,
                                      gradient_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x = torch.randn(2, 1, 16, 32, 32)
@@ -144,9 +145,25 @@ def test_gradient_checkpointing_changes_nothing_but_memory(variant):
         assert torch.equal(a, b)
 
 
+def test_checkpointing_switched_after_construction_reaches_every_block(monkeypatch):
+    network = mednext_from_plan(1, 3, ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, 'S', 3)
+    network.gradient_checkpointing = True
+    assert network.encoder.gradient_checkpointing and network.decoder.gradient_checkpointing
+    calls = []
+    real = mednext_module.checkpoint
+    monkeypatch.setattr(mednext_module, 'checkpoint', lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    sum(o.mean() for o in network(torch.randn(1, 1, 16, 32, 32))).backward()
+    blocks = sum(len(stage) for stage in network.encoder.stages) + sum(len(stage) for stage in network.decoder.stages)
+    assert len(calls) == blocks + len(network.decoder.upsamplers)
+    network.gradient_checkpointing = False
+    calls.clear()
+    network(torch.randn(1, 1, 16, 32, 32))
+    assert calls == []
+
+
 def test_variant_default_checkpointing():
-    assert not mednext_from_plan('S', 3, 1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS).gradient_checkpointing
-    assert mednext_from_plan('L', 3, 1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS).gradient_checkpointing
+    assert not mednext_from_plan(1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, 'S', 3).gradient_checkpointing
+    assert mednext_from_plan(1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, 'L', 3).gradient_checkpointing
 
 
 @pytest.mark.parametrize('strides,kernels,message', [
@@ -163,4 +180,4 @@ def test_invalid_topology_is_refused(strides, kernels, message):
 
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match='unknown MedNeXt variant'):
-        mednext_from_plan('XL', 3, 1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
+        mednext_from_plan(1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, 'XL', 3)

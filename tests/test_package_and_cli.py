@@ -33,7 +33,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
-            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py'} <= names
+            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py',
+            'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py'} <= names
     presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv')
     assert {f'nnunet_plugins/plans/{preset}.json' for preset in presets} <= names
     assert not any(name.startswith(('tests/', 'trainers/', 'plans/')) for name in names)
@@ -111,3 +112,29 @@ def test_demo_pipeline_runs_end_to_end_on_tiny_volumes(tmp_path):
     # a second run refuses to replace the first unless asked to
     again = run(*args)
     assert again.returncode != 0 and '--overwrite' in again.stderr
+
+
+@pytest.mark.parametrize('option, message', [
+    (['--epochs', '0'], "nnunet-plugins demo: error: argument --epochs: '0' is not a positive whole number"),
+    (['--trainer', 'Bogus'], 'nnunet-plugins demo: error: --trainer Bogus: nnU-Net finds no trainer of that name'),
+], ids=['epochs-zero', 'unknown-trainer'])
+def test_demo_checks_its_options_before_any_work(tmp_path, option, message):
+    work = tmp_path / 'demo'
+    result = run(COMMAND, 'demo', '--work', str(work), '--tiny', *option)
+    assert result.returncode != 0
+    assert result.stderr.count(message) == 1, result.stderr
+    assert 'nnUNet_plugins_epochs' not in result.stderr and 'Traceback' not in result.stderr
+    assert not work.exists()  # nothing generated or planned first
+
+
+def test_doctor_says_a_file_is_not_a_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in NNUNET_FOLDERS}
+    for variable in NNUNET_FOLDERS:
+        (tmp_path / variable).mkdir()
+        env[variable] = str(tmp_path / variable)
+    not_a_folder = tmp_path / 'results.txt'
+    not_a_folder.write_text('')
+    env['nnUNet_results'] = str(not_a_folder)
+    result = run(COMMAND, 'doctor', env=env)
+    assert result.returncode == 1
+    assert f'[FAIL] nnUNet_results={not_a_folder} is a file, not a folder' in result.stdout

@@ -18,10 +18,12 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins import presets, synthetic
-from nnunet_plugins.presets import PRESET_KEY, PresetError, add_preset
+from nnunet_plugins.commands import plans as plans_command
+from nnunet_plugins.commands.plans import PRESET_KEY, add_preset
+from nnunet_plugins.presets import PresetError
 from nnunet_plugins.training import TRAINERS
 
-from conftest import DATASET_ID, NUM_TRAINING, read_labels
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 MEDNEXT_TRAINERS = {f'nnUNetTrainerMedNeXt{v}{k}' for v in 'SBML' for k in ('', '_k5', '_k5_UpKern')}
@@ -163,7 +165,7 @@ def test_preset_adds_its_configuration_with_nnunet_topology(nnunet_env, plans_co
     for trainer_name in preset.trainers:
         assert _build_on_meta(plans, preset.configuration, trainers[trainer_name]).shape == output_shape, trainer_name
 
-    text = presets.describe_added(added)
+    text = plans_command.describe_added(added)
     assert f'nnUNetv2_preprocess -d {DATASET_ID} -c {preset.configuration} -plans_name nnUNetPlansPresetTest' in text
     assert (f'nnUNetv2_train {DATASET_ID} {preset.configuration} 0 -tr {preset.trainers[0]} '
             f'-p nnUNetPlansPresetTest') in text
@@ -243,7 +245,7 @@ def test_a_crash_while_writing_leaves_the_old_plans_file_intact(nnunet_env, plan
 
     def crash(*args, **kwargs):
         raise OSError(f'simulated failure in {failing}')
-    monkeypatch.setattr(getattr(presets, module), function, crash)
+    monkeypatch.setattr(getattr(plans_command, module), function, crash)
     before = plans_copy.read_bytes()
     with pytest.raises(OSError, match='simulated failure'):
         add_preset(DATASET_ID, 'mednext', plans_copy.stem)
@@ -309,21 +311,19 @@ def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second
 
 
 # trainer to train; spacing, patch and batch small enough for a CPU, one sliding window per image (None: the
-# preset's batch); whether to run nnUNetv2_predict too (the UX-Net and UTNetV2 tests predict with those
-# trainers; here their presets are checked through the validation that nnUNetv2_train exports)
+# preset's batch). A preset's own code path is the configuration it writes, the same for every preset: the 3d
+# and the 2d one run end to end here; every preset's trainers are built on its configuration above, and
+# UX-Net's and UTNetV2's trainings through the stock CLI are in their own test files.
 SMALL = {
-    'mednext': ('nnUNetTrainerMedNeXtS', [3.0, 3.0, 3.0], [16, 16, 16], None, True),
-    'mednext-2d': ('nnUNetTrainerMedNeXtS', [3.0, 3.0], [16, 16], None, True),
-    'uxnet': ('nnUNetTrainerUXNet', [3.0, 2.4, 2.4], [16, 16, 16], None, False),
-    # UTNetV2 needs four levels: nnU-Net plans [1,1,1], [1,2,2], [2,2,2], [2,2,2] for this patch
-    'utnetv2-bcv': ('nnUNetTrainerUTNetV2', [3.0, 1.5, 1.5], [16, 32, 32], 2, False),
+    'mednext': ('nnUNetTrainerMedNeXtS', [3.0, 3.0, 3.0], [16, 16, 16], None),
+    'mednext-2d': ('nnUNetTrainerMedNeXtS', [3.0, 3.0], [16, 16], None),
 }
 
 
 @pytest.mark.parametrize('preset_name', list(SMALL))
 def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_env, tmp_path, preset_name):
     workspace = nnunet_env
-    trainer, spacing, patch, batch, predict = SMALL[preset_name]
+    trainer, spacing, patch, batch = SMALL[preset_name]
     name = f'{presets.load_preset(preset_name).configuration}_ci'
     added = add_preset(DATASET_ID, preset_name, configuration=name, spacing=spacing, patch_size=patch,
                        batch_size=batch)
@@ -343,12 +343,40 @@ def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_e
     for path in validated:
         assert read_labels(path).shape == read_labels(workspace.raw / 'labelsTr' / path.name).shape
 
-    if predict:
-        case = 'Tiny_010_0000.nii.gz'
-        (tmp_path / 'in').mkdir()
-        (tmp_path / 'in' / case).symlink_to(workspace.raw / 'imagesTs' / case)
-        workspace.run('nnUNetv2_predict', '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-d', DATASET_ID, '-c', name,
-                      '-f', 0, '-tr', trainer, '-device', 'cpu', '-npp', 1, '-nps', 1, '--disable_tta')
-        prediction = read_labels(tmp_path / 'out' / 'Tiny_010.nii.gz')
-        assert prediction.shape == read_labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
-        assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
+    case = 'Tiny_010_0000.nii.gz'
+    (tmp_path / 'in').mkdir()
+    (tmp_path / 'in' / case).symlink_to(workspace.raw / 'imagesTs' / case)
+    workspace.run('nnUNetv2_predict', '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-d', DATASET_ID, '-c', name,
+                  '-f', 0, '-tr', trainer, '-device', 'cpu', '-npp', 1, '-nps', 1, '--disable_tta')
+    prediction = read_labels(tmp_path / 'out' / 'Tiny_010.nii.gz')
+    assert prediction.shape == read_labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
+    assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
+
+
+def test_a_3d_preset_on_a_2d_dataset_names_the_2d_preset(nnunet_env, plans_copy):
+    plans = json.loads(plans_copy.read_text())
+    plans['configurations'] = {'2d': plans['configurations']['2d']}  # what nnU-Net plans for 2d images
+    plans_copy.write_text(json.dumps(plans, indent=4))
+    before = plans_copy.read_bytes()
+    with pytest.raises(PresetError) as error:
+        add_preset(DATASET_ID, 'mednext', plans_copy.stem)
+    assert 'the dataset is 2d: nnU-Net planned no 3d configuration for it (its plans have 2d)' in str(error.value)
+    assert 'use the 2d preset, --preset mednext-2d' in str(error.value)
+    assert 'nnUNetv2_plan_experiment' not in str(error.value)
+    assert plans_copy.read_bytes() == before
+
+
+def test_a_truncated_plans_file_is_named_by_plans_and_benchmark(workspace):
+    damaged = workspace.preprocessed / 'nnUNetPlansTruncated.json'
+    damaged.write_text((workspace.preprocessed / 'nnUNetPlans.json').read_text()[:500])
+    try:
+        for command in (['plans', str(DATASET_ID), '--preset', 'mednext'],
+                        ['benchmark', str(DATASET_ID), CONFIGURATION, '--out', str(workspace.root / 'bench_bad')]):
+            result = subprocess.run([COMMAND, *command, '-p', damaged.stem], env=workspace.env, capture_output=True,
+                                    text=True, stdin=subprocess.DEVNULL)
+            assert result.returncode == 1, result.stderr
+            assert f'{damaged} cannot be read as JSON (JSONDecodeError' in result.stderr
+            assert 'Traceback' not in result.stderr
+        assert damaged.read_text() == (workspace.preprocessed / 'nnUNetPlans.json').read_text()[:500]
+    finally:
+        damaged.unlink()

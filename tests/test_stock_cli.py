@@ -1,49 +1,50 @@
-"""The plugin trainers through nnU-Net's own command-line tools, in subprocesses, on the tiny dataset."""
+"""Every code path the plugin owns, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
+dataset: a MedNeXt trainer (train with validation export, ``--c``, the overwrite refusal, five folds and
+find_best, predicting held-out cases), and predict + ensemble of every network family with nnU-Net's own
+trainer. The other MedNeXt sizes and kernels differ only in the network, which is tested in-process
+(test_trainers.py); UpKern's path is in test_upkern.py, the presets' in test_presets.py, and UX-Net's and
+UTNetV2's trainings in their own files (memoised, so the ensemble here reuses them).
+"""
 import hashlib
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from nnunet_plugins import synthetic
-from nnunet_plugins.demo import heldout_dice
-from nnunet_plugins.training import TRAINERS
-from nnunet_plugins.training.mednext import MedNeXtTrainer, MedNeXtUpKernTrainer
+from nnunet_plugins.commands.demo import heldout_dice
 
-from conftest import CONFIGURATION, DATASET_ID, NUM_HELDOUT, read_labels, training_log
+from helpers import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
+from test_utnetv2 import TRAINER as UTNETV2
+from test_uxnet import UXNET, UXNET_ITERATIONS
 
-FIVE_FOLD_TRAINER = 'nnUNetTrainerMedNeXtS'
-FOLDS = ('0', '1', '2', '3', '4')
+MEDNEXT = 'nnUNetTrainerMedNeXtS'
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# the UpKern trainers are tested in test_upkern.py, since they need a trained source run
-MEDNEXT_TRAINERS = [t.__name__ for t in TRAINERS
-                    if issubclass(t, MedNeXtTrainer) and not issubclass(t, MedNeXtUpKernTrainer)]
-
-
-@pytest.mark.parametrize('trainer', MEDNEXT_TRAINERS)
-def test_nnunetv2_train_runs_each_mednext_trainer(workspace, trainer):
-    fold = workspace.train(trainer, 0)
+def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
+    fold = workspace.train(MEDNEXT, 0)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert checkpoint['trainer_name'] == trainer
+    assert checkpoint['trainer_name'] == MEDNEXT
     assert checkpoint['current_epoch'] == 1
     log = training_log(fold)
     assert '!!!!! SHORT SCHEDULE' in log
-    assert f'MedNeXt-{trainer[len("nnUNetTrainerMedNeXt")]} k{5 if trainer.endswith("_k5") else 3}' in log
+    assert 'MedNeXt-S k3: 4 levels' in log
     summary = json.loads((fold / 'validation' / 'summary.json').read_text())
     assert set(summary['mean']) == {'1', '2', '3'}
 
 
 def test_continue_with_c_resumes_epoch_and_learning_rate(workspace):
-    trainer = 'nnUNetTrainerMedNeXtB'
-    fold = workspace.train(trainer, 1, epochs=1)
+    fold = workspace.train(MEDNEXT, 1, epochs=1)  # one of the five folds below
     env = {**workspace.env, 'nnUNet_plugins_epochs': '2', 'nnUNet_plugins_iterations': '2'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 1, '-tr', trainer, '-device', 'cpu', '--c', env=env)
+    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 1, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['current_epoch'] == 2
     assert len(checkpoint['logging']['train_losses']) == 2
@@ -54,57 +55,106 @@ def test_continue_with_c_resumes_epoch_and_learning_rate(workspace):
 
 
 def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
-    fold = workspace.train(FIVE_FOLD_TRAINER, 0)
+    fold = workspace.train(MEDNEXT, 0)
     before = sha256(fold / 'checkpoint_final.pth')
     with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', FIVE_FOLD_TRAINER, '-device', 'cpu')
+        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu')
     assert 'already holds a training run (checkpoint_final.pth' in str(error.value)
     assert '--c' in str(error.value)
     assert sha256(fold / 'checkpoint_final.pth') == before
 
 
-def test_nnunetv2_predict_loads_strictly_and_segments_heldout_cases(workspace, tmp_path):
-    workspace.train(FIVE_FOLD_TRAINER, 0)
-    workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', tmp_path, '-d', DATASET_ID,
-                  '-c', CONFIGURATION, '-f', 0, '-tr', FIVE_FOLD_TRAINER, '-device', 'cpu', '-npp', 1, '-nps', 1)
-    references = sorted((workspace.raw / 'labelsTs').glob('*.nii.gz'))
-    assert len(references) == NUM_HELDOUT
-    for reference in references:
-        prediction = read_labels(tmp_path / reference.name)
-        assert prediction.shape == read_labels(reference).shape
-        assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
+def _copy_of_trained_fold(workspace, tmp_path) -> tuple[dict, Path]:
+    """The environment of a results folder of its own, holding a copy of MedNeXt-S fold 0 (1 epoch); its fold."""
+    trained = workspace.train(MEDNEXT, 0)
+    results = tmp_path / 'nnUNet_results'
+    fold = results / trained.relative_to(workspace.root / 'nnUNet_results')
+    shutil.copytree(trained, fold)
+    return {**workspace.env, 'nnUNet_results': str(results)}, fold
 
 
-def test_five_folds_find_best_configuration_and_five_fold_predict(workspace, tmp_path):
-    for fold in FOLDS:
-        workspace.train(FIVE_FOLD_TRAINER, fold)
-    result = workspace.run('nnUNetv2_find_best_configuration', DATASET_ID, '-c', CONFIGURATION,
-                           '-tr', FIVE_FOLD_TRAINER, '-np', 1)
-    assert f'{FIVE_FOLD_TRAINER}__nnUNetPlans__{CONFIGURATION}' in result.stdout
-    results_root = workspace.results(FIVE_FOLD_TRAINER).parent
-    information = json.loads((results_root / 'inference_information.json').read_text())
-    selected = information['best_model_or_ensemble']['selected_model_or_models']
-    assert selected == [{'configuration': CONFIGURATION, 'trainer': FIVE_FOLD_TRAINER,
-                         'plans_identifier': 'nnUNetPlans'}]
-    assert (workspace.results(FIVE_FOLD_TRAINER) / 'crossval_results_folds_0_1_2_3_4' / 'summary.json').is_file()
-
-    workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', tmp_path, '-d', DATASET_ID,
-                  '-c', CONFIGURATION, '-f', *FOLDS, '-tr', FIVE_FOLD_TRAINER, '-device', 'cpu', '-npp', 1, '-nps', 1)
-    assert len(list(tmp_path.glob('*.nii.gz'))) == NUM_HELDOUT
+def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, tmp_path):
+    env, fold = _copy_of_trained_fold(workspace, tmp_path)
+    (fold / 'checkpoint_final.pth').rename(fold / 'checkpoint_latest.pth')  # a run stopped after epoch 1
+    before = sha256(fold / 'checkpoint_latest.pth')
+    env.update({'nnUNet_plugins_epochs': '1', 'nnUNet_plugins_iterations': '2'})
+    with pytest.raises(RuntimeError) as error:
+        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
+    message = str(error.value)
+    assert (f'checkpoint_latest.pth in {fold} is at epoch 1, but nnUNet_plugins_epochs=1 asks for 1 epochs, so `--c` '
+            f'would end the run without training the epochs left') in message
+    assert f'Unset nnUNet_plugins_epochs to continue {MEDNEXT}\'s own schedule, or set it to more than 1.' in message
+    assert sha256(fold / 'checkpoint_latest.pth') == before
+    assert not (fold / 'checkpoint_final.pth').exists()
 
 
-def test_nnunetv2_ensemble_of_plugin_and_stock_nnunet_trainer(workspace, tmp_path):
-    # the stock nnUNetTrainer with nnU-Net's own shortest schedule (1 epoch of 250 iterations)
-    members = {FIVE_FOLD_TRAINER: workspace.train(FIVE_FOLD_TRAINER, 0),
-               'nnUNetTrainer_1epoch': workspace.train('nnUNetTrainer_1epoch', 0)}
-    workspace.predict_and_ensemble(members, tmp_path)
+def test_continue_from_a_truncated_checkpoint_names_it(workspace, tmp_path):
+    env, fold = _copy_of_trained_fold(workspace, tmp_path)
+    damaged = fold / 'checkpoint_final.pth'
+    damaged.write_bytes(damaged.read_bytes()[:100_000])
+    with pytest.raises(RuntimeError) as error:
+        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
+    message = str(error.value)
+    assert f'CheckpointError: {MEDNEXT}: {damaged} cannot be read as a checkpoint: it is truncated' in message
+    assert f'Move it out of {fold}' in message and 'PytorchStreamReader' not in message
+
+
+def test_every_family_predicts_and_ensembles_with_nnunets_own_trainer(workspace, tmp_path):
+    """nnUNetv2_predict loads each family's checkpoint strictly and predicts every held-out case; nnUNetv2_ensemble
+    averages them with the stock nnUNetTrainer (nnU-Net's shortest schedule, 1 epoch of 250 iterations)."""
+    workspace.train(MEDNEXT, 0)
+    workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
+    workspace.train(UTNETV2, 0)
+    workspace.train('nnUNetTrainer_1epoch', 0)
+    # mirroring off to save time: it is no trainer's business
+    workspace.predict_and_ensemble((MEDNEXT, UXNET, UTNETV2, 'nnUNetTrainer_1epoch'), tmp_path, '--disable_tta')
+
+
+def readme_recipe() -> list[str]:
+    """The commands of the README's "Using it with your own data" block, one per line."""
+    text = (REPOSITORY / 'README.md').read_text()
+    section = text[text.index('## Using it with your own data'):]
+    block = section[section.index('```bash\n') + len('```bash\n'):section.index('```\n', section.index('```bash'))]
+    return [line.split('  #')[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
+    """Five folds with --npz, find_best and a five-fold prediction, as the README says, in a results folder of its
+    own (its fresh runs would otherwise meet the folds other tests trained). Substituted: the tiny dataset for 4,
+    MedNeXt-S for -L, a short schedule, the CPU, the held-out images for imagesTs."""
+    recipe = readme_recipe()
+    assert recipe[:3] == ['pip install /path/to/nnunet-plugins', 'export nnUNet_extTrainer=$(nnunet-plugins trainers '
+                          '--path)', 'nnunet-plugins doctor']  # installation: test_package_and_cli.py
+    assert recipe[3] == 'nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres'  # what the workspace fixture ran
+    results = tmp_path / 'nnUNet_results'
+    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '1',
+           'nnUNet_plugins_iterations': '2'}
+    results.mkdir()
+    workspace.run('nnunet-plugins', 'doctor', env=env)
+    for line in recipe[4:]:
+        command = (f' {line} '.replace(' 4 ', f' {DATASET_ID} ').replace('MedNeXtL', 'MedNeXtS')
+                   .replace(' imagesTs ', f' {workspace.raw / "imagesTs"} ').replace(' pred ', f' {tmp_path / "pred"} '))
+        for tool in ('nnUNetv2_train ', 'nnUNetv2_predict '):  # the README's are for a GPU
+            command = command.replace(tool, f'{tool}-device cpu ')
+        command = command.strip()
+        completed = subprocess.run(['bash', '-c', f'set -e; {command}'], env=env, capture_output=True, text=True,
+                                   stdin=subprocess.DEVNULL)
+        assert completed.returncode == 0, f'{command}\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}'
+    identifier = f'{MEDNEXT}__nnUNetPlans__{CONFIGURATION}'
+    information = json.loads((results / workspace.results(MEDNEXT).parent.name / 'inference_information.json')
+                             .read_text())
+    assert information['best_model_or_ensemble']['selected_model_or_models'] == [
+        {'configuration': CONFIGURATION, 'trainer': MEDNEXT, 'plans_identifier': 'nnUNetPlans'}]
+    assert (results / workspace.results(MEDNEXT).parent.name / identifier / 'crossval_results_folds_0_1_2_3_4' /
+            'summary.json').is_file()
+    assert len(list((tmp_path / 'pred').glob('*.nii.gz'))) == NUM_HELDOUT
 
 
 def test_mednext_learns_the_organ_on_heldout_cases(workspace, tmp_path):
     """A real learning check: after 100 iterations the large organ is segmented on unseen cases."""
-    workspace.train(FIVE_FOLD_TRAINER, 'all', epochs=5, iterations=20)
+    workspace.train(MEDNEXT, 'all', epochs=5, iterations=20)
     workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', tmp_path, '-d', DATASET_ID,
-                  '-c', CONFIGURATION, '-f', 'all', '-tr', FIVE_FOLD_TRAINER, '-device', 'cpu', '-npp', 1, '-nps', 1)
+                  '-c', CONFIGURATION, '-f', 'all', '-tr', MEDNEXT, '-device', 'cpu', '-npp', 1, '-nps', 1)
     dice = heldout_dice(workspace.raw / 'labelsTs', tmp_path)
     print('held-out Dice after 100 iterations:', dice)
     assert dice['organ'] > 0.8

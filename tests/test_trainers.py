@@ -9,11 +9,13 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins import settings, trainers_folder
+from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.training import TRAINERS
 from nnunet_plugins.training.base import MAX_NONFINITE_STEPS
-from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtS
+from nnunet_plugins.training.mednext import (MedNeXtTrainer, MedNeXtUpKernTrainer, nnUNetTrainerMedNeXtL,
+                                             nnUNetTrainerMedNeXtS)
 
-from conftest import CONFIGURATION, random_batch, training_log
+from helpers import CONFIGURATION, training_log
 
 
 @pytest.mark.parametrize('trainer_class', TRAINERS, ids=lambda c: c.__name__)
@@ -39,11 +41,20 @@ def test_deep_supervision_scales_match_outputs_and_every_head_is_weighted(make_t
     np.testing.assert_allclose(weights[1:] / weights[:-1], 0.5)
 
 
-@pytest.mark.parametrize('trainer_class', [nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtL],
-                         ids=lambda c: c.__name__)
+MEDNEXT_TRAINERS = [t for t in TRAINERS if issubclass(t, MedNeXtTrainer) and not issubclass(t, MedNeXtUpKernTrainer)]
+
+
+@pytest.mark.parametrize('trainer_class', MEDNEXT_TRAINERS, ids=lambda c: c.__name__)
 def test_every_parameter_gets_a_gradient_in_one_training_step(make_trainer, trainer_class):
+    """Each MedNeXt size and kernel, as nnUNetv2_train builds it (one of them runs through the CLI in
+    test_stock_cli.py): the log names what was built, and one training step reaches every parameter."""
     trainer = make_trainer(trainer_class)
     trainer.initialize()
+    network = trainer.network
+    assert (network.gradient_checkpointing, network.kernel_sizes[-1]) == \
+        (trainer_class.variant in 'ML', (trainer_class.kernel_size,) * 3)
+    name = f'MedNeXt-{trainer_class.variant} k{trainer_class.kernel_size}'
+    assert f'{name}: 4 levels' in training_log(trainer.output_folder)
     result = trainer.train_step(random_batch(trainer))
     assert np.isfinite(result['loss'])
     missing = [name for name, p in trainer.network.named_parameters() if p.grad is None]
@@ -61,6 +72,23 @@ def test_optimiser_and_schedule_follow_the_reference(make_trainer):
         (3e-5, 1e-4, 1000, 250)
     trainer.lr_scheduler.step(500)  # a function of the epoch alone, so --c resumes it exactly
     assert group['lr'] == pytest.approx(1e-3 * 0.5 ** 0.9)
+
+
+def test_settings_declared_on_a_subclass_take_effect(make_trainer, monkeypatch):
+    """nnUNetTrainer.__init__ assigns its own defaults as instance attributes; a two-line variant still works."""
+    class MedNeXtS_short(nnUNetTrainerMedNeXtS):
+        num_epochs = 3
+        initial_lr = 5e-4
+        num_iterations_per_epoch = 7
+
+    trainer = make_trainer(MedNeXtS_short)
+    assert (trainer.num_epochs, trainer.initial_lr, trainer.num_iterations_per_epoch) == (3, 5e-4, 7)
+    trainer.initialize()
+    assert trainer.optimizer.param_groups[0]['lr'] == 5e-4
+    assert trainer.lr_scheduler.max_steps == 3
+    # the environment's short schedule still wins over the class
+    monkeypatch.setenv(settings.EPOCHS, '2')
+    assert make_trainer(MedNeXtS_short).num_epochs == 2
 
 
 def test_short_schedule_from_environment_is_announced(make_trainer, monkeypatch):

@@ -1,6 +1,7 @@
 """UpKern: the weight transfer itself, and the UpKern trainers through nnUNetv2_train."""
 import hashlib
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -8,11 +9,12 @@ import torch
 from torch import nn
 
 from nnunet_plugins import settings
+from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.mednext import VARIANTS, mednext_from_plan
 from nnunet_plugins.training.mednext import UPKERN_REPORT_FILE, nnUNetTrainerMedNeXtS_k5_UpKern
 from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint, upkern_state_dict
 
-from conftest import CONFIGURATION, DATASET_ID, training_log
+from helpers import CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, training_log
 from test_mednext_network import (ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES,
                                   PLANS_2D_KERNELS, PLANS_2D_STRIDES)
 
@@ -22,7 +24,7 @@ SOURCE_TRAINER, UPKERN_TRAINER = 'nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtS
 def mednext(variant: str = 'S', kernel: int = 3, strides=ISOTROPIC_STRIDES, kernels=ISOTROPIC_KERNELS,
             in_channels: int = 1, classes: int = 14) -> nn.Module:
     torch.manual_seed(0)
-    return mednext_from_plan(variant, kernel, in_channels, classes, strides, kernels)
+    return mednext_from_plan(in_channels, classes, strides, kernels, variant, kernel)
 
 
 def assert_upkern_result(source: dict, result: dict, report, mode: str) -> None:
@@ -180,8 +182,11 @@ def test_a_missing_source_names_the_path_and_the_variable(workspace, tmp_path):
     assert not list(upkern_fold.glob('checkpoint_*.pth'))
 
 
-def test_a_source_of_another_size_is_refused_before_training(workspace):
-    other = workspace.train('nnUNetTrainerMedNeXtB', 0) / 'checkpoint_final.pth'
+def test_a_source_of_another_size_is_refused_before_training(workspace, tmp_path):
+    # a MedNeXt-B checkpoint as nnUNetv2_train writes it, on the tiny plan
+    other = tmp_path / 'checkpoint_final.pth'
+    torch.save({'network_weights': mednext('B', 3, TINY_STRIDES, TINY_KERNELS, classes=4).state_dict(),
+                'trainer_name': 'nnUNetTrainerMedNeXtB', 'init_args': {'configuration': CONFIGURATION}}, other)
     env = {**workspace.env, settings.UPKERN_SOURCE: str(other)}
     with pytest.raises(RuntimeError) as error:
         workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 4, '-tr', UPKERN_TRAINER, '-device', 'cpu',
@@ -191,3 +196,54 @@ def test_a_source_of_another_size_is_refused_before_training(workspace):
     assert 'tensor shapes do not fit' in message
     assert 'encoder.stages.1.0.expand.weight: source (96, 32, 1, 1, 1), target (64, 32, 1, 1, 1)' in message
     assert not list(workspace.results(UPKERN_TRAINER).glob('fold_4/checkpoint_*.pth'))
+
+
+# ---- unreadable sources: the file named, why, and what to do ----
+
+CORRUPTIONS = {  # how the file is damaged -> the word the error uses for it
+    'truncated': (lambda data: data[:200_000], 'truncated'),
+    'empty': (lambda data: b'', 'empty'),
+    'random bytes': (lambda data: random.Random(0).randbytes(50_000), 'not a PyTorch checkpoint'),
+}
+
+
+@pytest.mark.parametrize('damage', list(CORRUPTIONS))
+def test_a_corrupt_source_named_by_the_variable_is_refused_naming_it(workspace, make_trainer, monkeypatch, tmp_path,
+                                                                     damage):
+    corrupt, word = CORRUPTIONS[damage]
+    source = tmp_path / 'damaged.pth'
+    source.write_bytes(corrupt((workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth').read_bytes()))
+    monkeypatch.setenv(settings.UPKERN_SOURCE, str(source))
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_k5_UpKern)
+    with pytest.raises(CheckpointError) as error:
+        trainer.initialize()
+    message = str(error.value)
+    assert f'{source.resolve()} cannot be read as a checkpoint: it is {word}' in message
+    assert f'Set {settings.UPKERN_SOURCE} to a checkpoint file that is whole, or unset it' in message
+    assert not (Path(trainer.output_folder) / UPKERN_REPORT_FILE).exists()
+
+
+def test_a_corrupt_source_found_by_convention_says_to_retrain_it(workspace, make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_k5_UpKern)
+    source = trainer.conventional_source()
+    source.parent.mkdir(parents=True)
+    source.write_bytes((workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth').read_bytes()[:100_000])
+    with pytest.raises(CheckpointError) as error:
+        trainer.initialize()
+    message = str(error.value)
+    assert f'{source.resolve()} cannot be read as a checkpoint: it is truncated' in message
+    assert f'Train {SOURCE_TRAINER} on this fold again' in message and settings.UPKERN_SOURCE in message
+
+
+def test_nnunetv2_train_with_a_truncated_source_stops_naming_it(workspace, tmp_path):
+    source = tmp_path / 'truncated.pth'
+    source.write_bytes((workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth').read_bytes()[:200_000])
+    results = tmp_path / 'nnUNet_results'
+    env = {**workspace.env, settings.UPKERN_SOURCE: str(source), 'nnUNet_results': str(results)}
+    with pytest.raises(RuntimeError) as error:
+        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', UPKERN_TRAINER, '-device', 'cpu', env=env)
+    message = str(error.value)
+    assert f'CheckpointError: {UPKERN_TRAINER} starts from {SOURCE_TRAINER}\'s weights, but {source.resolve()} ' \
+           f'cannot be read as a checkpoint: it is truncated' in message
+    assert 'PytorchStreamReader' not in message
+    assert not list(results.rglob('checkpoint_*.pth'))

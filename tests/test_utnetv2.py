@@ -1,19 +1,19 @@
 """UTNetV2: the authors' size and cost on their BCV setting, nnU-Net's topology on other plans, the trainer,
 and the stock CLIs on the tiny dataset."""
 import json
-import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.utnetv2 import BidirectionalAttention, utnetv2_from_plan
+from nnunet_plugins.networks.utnetv2 import VARIANTS, BidirectionalAttention, utnetv2_from_plan
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
-from conftest import (CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, parameter_count, random_batch,
-                      training_log)
+from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
 
 TRAINER = nnUNetTrainerUTNetV2.__name__
 # the paper's BCV setting (Supplementary): 32x128x128 patches at 3.0 x 0.75 x 0.75 mm
@@ -38,7 +38,7 @@ def bcv_network():
 
 @pytest.mark.parametrize('map_size', sorted(AUTHORS_PARAMETERS))
 def test_parameter_count_on_the_authors_bcv_setting(map_size):
-    network = utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS, map_size=map_size)
+    network = utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS, replace(VARIANTS['bcv'], map_size=map_size))
     assert parameter_count(network) == AUTHORS_PARAMETERS[map_size] + PARAMETER_DIFFERENCE
     assert abs(PARAMETER_DIFFERENCE) / AUTHORS_PARAMETERS[map_size] < 0.001
 
@@ -105,7 +105,8 @@ def test_anisotropic_plan_with_four_levels_drops_the_deepest_bmha_level():
 
 
 def test_block_counts_and_map_size_are_arguments():
-    network = utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, transformer_blocks=(1, 3), map_size=(2, 3, 3))
+    network = utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS,
+                                replace(VARIANTS['bcv'], transformer_blocks=(1, 3), map_size=(2, 3, 3)))
     assert [len(stage.blocks) for stage in network.encoder.bmha_stages] == [1, 3]
     assert [len(stage.blocks) for stage in network.decoder.bmha_stages] == [1]
     with torch.no_grad():
@@ -183,28 +184,11 @@ def test_unusable_patch_or_plan_is_refused_before_training(make_trainer, workspa
 
 # ---- the stock CLIs on the tiny dataset ----
 
-def test_stock_cli_train_predict_and_ensemble_with_mednext(workspace, tmp_path):
-    members = {trainer: workspace.train(trainer, 0) for trainer in (TRAINER, 'nnUNetTrainerMedNeXtS')}
-    checkpoint = torch.load(members[TRAINER] / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (TRAINER, 1)
-    assert 'UTNetV2: 4 levels' in training_log(members[TRAINER])
-    summary = json.loads((members[TRAINER] / 'validation' / 'summary.json').read_text())
-    assert set(summary['mean']) == {'1', '2', '3'}
-
-    # loads the checkpoints strictly; mirroring off to save time, it is no trainer's business
-    workspace.predict_and_ensemble(members, tmp_path, '--disable_tta')
-
-
-def test_continue_with_c_resumes_epoch_and_learning_rate(workspace, tmp_path):
-    # continues a copy of the fold-0 run in a results folder of its own, so the memoised run stays as it is
-    trained = workspace.train(TRAINER, 0)
-    results = tmp_path / 'nnUNet_results'
-    fold = results / trained.relative_to(workspace.root / 'nnUNet_results')
-    shutil.copytree(trained, fold)
-    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '2',
-           'nnUNet_plugins_iterations': '1'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', TRAINER, '-device', 'cpu', '--c', env=env)
+def test_nnunetv2_train(workspace):
+    """Trains fold 0 (predicted and ensembled in test_stock_cli.py); ``--c`` is the base trainer's, tested there."""
+    fold = workspace.train(TRAINER, 0)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert checkpoint['current_epoch'] == 2
-    assert len(checkpoint['logging']['train_losses']) == 2
-    assert f'Current learning rate: {np.round(6e-4 * 0.5 ** 0.9, 5)}' in training_log(fold)
+    assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (TRAINER, 1)
+    assert 'UTNetV2: 4 levels' in training_log(fold)
+    summary = json.loads((fold / 'validation' / 'summary.json').read_text())
+    assert set(summary['mean']) == {'1', '2', '3'}

@@ -1,5 +1,6 @@
 """3D UX-Net: the authors' network on isotropic plans, nnU-Net's downsampling on the others; its trainer
 in-process and through the stock nnU-Net CLIs on the tiny dataset (see conftest.py)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -12,13 +13,11 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_plugins import settings, synthetic
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.uxnet import UXNet, uxnet_from_plan
+from nnunet_plugins.networks.uxnet import VARIANTS, UXNet, uxnet_from_plan
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
-from conftest import (CONFIGURATION, DATASET_ID, NUM_HELDOUT, TINY_KERNELS, TINY_STRIDES, parameter_count, read_labels,
-                      training_log)
+from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
 from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
 
 UXNET = 'nnUNetTrainerUXNet'
@@ -33,6 +32,9 @@ THICK_SLICE_STRIDES = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2
 THICK_SLICE_KERNELS = [[1, 3, 3], [1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 PLANS_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
 PLANS_2D_KERNELS = [[3, 3]] * 6
+# the constructor's arguments that are not kernels
+PAPER = {key: value for key, value in dataclasses.asdict(VARIANTS['paper']).items()
+         if key not in ('large_kernel', 'decoder_kernel')}
 
 
 # ---- network ----
@@ -145,12 +147,12 @@ def test_decoder_equals_the_references_monai_blocks():
 ])
 def test_invalid_topology_is_refused(strides, message):
     with pytest.raises(ValueError, match=message):
-        UXNet(1, 2, nn.Conv3d, strides, [[7, 7, 7]] * 4, [[3, 3, 3]] * 5)
+        UXNet(1, 2, nn.Conv3d, strides, [[7, 7, 7]] * 4, [[3, 3, 3]] * 5, **PAPER)
 
 
 def test_even_kernels_are_refused():
     with pytest.raises(ValueError, match='odd'):
-        UXNet(1, 2, nn.Conv3d, ISOTROPIC_STRIDES[:5], [[6, 6, 6]] * 4, [[3, 3, 3]] * 5)
+        UXNet(1, 2, nn.Conv3d, ISOTROPIC_STRIDES[:5], [[6, 6, 6]] * 4, [[3, 3, 3]] * 5, **PAPER)
 
 
 # ---- trainer, in-process ----
@@ -261,30 +263,11 @@ def test_every_parameter_learns_and_a_batch_of_synthetic_cases_is_fitted(make_tr
 
 # ---- stock CLIs, in subprocesses ----
 
-def test_nnunetv2_train_and_continue_with_c(workspace):
+def test_nnunetv2_train(workspace):
+    """Trains fold 0 (predicted and ensembled in test_stock_cli.py); ``--c`` is the base trainer's, tested there."""
     fold = workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (UXNET, 1)
     assert '3D UX-Net: strides' in training_log(fold)
     summary = json.loads((fold / 'validation' / 'summary.json').read_text())
     assert set(summary['mean']) == {'1', '2', '3'}
-
-    env = {**workspace.env, settings.EPOCHS: '2', settings.ITERATIONS: str(UXNET_ITERATIONS)}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', UXNET, '-device', 'cpu', '--c', env=env)
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert checkpoint['current_epoch'] == 2
-    assert len(checkpoint['logging']['train_losses']) == 2
-    # poly decay goes on where the first run stopped: lr(epoch 1 of 2) = 2.5e-3 * (1 - 1/2) ** 0.9
-    assert f'Current learning rate: {np.round(2.5e-3 * 0.5 ** 0.9, 5)}' in training_log(fold)
-
-
-def test_nnunetv2_predict_and_ensemble_with_mednext(workspace, tmp_path):
-    workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
-    workspace.train('nnUNetTrainerMedNeXtS', 0)  # trained by other tests too
-    folders = workspace.predict_and_ensemble((UXNET, 'nnUNetTrainerMedNeXtS'), tmp_path, '--disable_tta')
-    references = sorted((workspace.raw / 'labelsTs').glob('*.nii.gz'))
-    assert len(references) == NUM_HELDOUT
-    for reference in references:  # UX-Net's own prediction: loaded strictly, every case, valid labels
-        prediction = read_labels(folders[0] / reference.name)
-        assert prediction.shape == read_labels(reference).shape
-        assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())

@@ -1,0 +1,96 @@
+"""Helpers shared by the tests: the tiny dataset's constants, the stock-CLI workspace, readers and counters.
+
+(Fixtures live in conftest.py.)
+"""
+import glob
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from torch import nn
+
+from nnunet_plugins import settings, synthetic
+from nnunet_plugins.workspace import run_stock
+
+DATASET_ID = 991
+DATASET_NAME = 'Tiny'
+CONFIGURATION = '3d_fullres'
+NUM_TRAINING, NUM_HELDOUT = 10, 3
+# nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
+TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
+TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+
+
+@dataclass
+class Workspace:
+    root: Path
+    raw: Path
+    env: dict
+    _trained: dict = field(default_factory=dict)
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.root / 'nnUNet_preprocessed' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+
+    def results(self, trainer: str, configuration: str = CONFIGURATION) -> Path:
+        return (self.root / 'nnUNet_results' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+                / f'{trainer}__nnUNetPlans__{configuration}')
+
+    def run(self, *args, env: dict | None = None):
+        """Run a stock nnU-Net command and return its completed process (output captured)."""
+        return run_stock(args, env or self.env, capture=True)
+
+    def train(self, trainer: str, fold, epochs: int = 1, iterations: int = 2, configuration: str = CONFIGURATION,
+              extra: tuple = ()) -> Path:
+        """Train ``trainer`` on ``fold`` through ``nnUNetv2_train`` once per session; return the fold folder."""
+        key = (trainer, str(fold), configuration)
+        if key not in self._trained:
+            env = {**self.env, settings.EPOCHS: str(epochs), settings.ITERATIONS: str(iterations)}
+            self.run('nnUNetv2_train', DATASET_ID, configuration, fold, '-tr', trainer, '-device', 'cpu', *extra,
+                     env=env)
+            self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
+        return self._trained[key]
+
+    def predict_and_ensemble(self, trainers, out: Path, *extra) -> list[Path]:
+        """``nnUNetv2_predict`` fold 0 of each trainer on the held-out images with probabilities, then
+        ``nnUNetv2_ensemble``; asserts that every held-out case is predicted and that the ensemble is the argmax
+        of the mean probabilities, and that each trainer's prediction has every case's shape and valid labels.
+        Returns the trainers' prediction folders; the ensemble is ``out/ensemble``."""
+        folders = []
+        for trainer in trainers:
+            folders.append(out / trainer)
+            self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
+                     '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
+                     '-npp', 1, '-nps', 1, *extra)
+        ensemble = out / 'ensemble'
+        self.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
+        references = sorted((self.raw / 'labelsTs').glob('*.nii.gz'))
+        assert len(references) == NUM_HELDOUT
+        for folder in folders:  # each trainer's own prediction: loaded strictly, every case, valid labels
+            for reference in references:
+                prediction = read_labels(folder / reference.name)
+                assert prediction.shape == read_labels(reference).shape
+                assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
+        cases = sorted(p.name for p in folders[0].glob('*.nii.gz'))
+        assert cases == [reference.name for reference in references]
+        for case in cases:
+            probabilities = [np.load(folder / case.replace('.nii.gz', '.npz'))['probabilities'] for folder in folders]
+            np.testing.assert_array_equal(read_labels(ensemble / case),
+                                          np.argmax(np.mean(probabilities, axis=0), axis=0))
+        return folders
+
+
+def read_labels(path: Path) -> np.ndarray:
+    """A label image as an array, axes as nnU-Net's SimpleITK reader gives them."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(p.numel() for p in network.parameters())
+
+
+def training_log(fold_folder: Path) -> str:
+    """The text of every nnU-Net training log in a fold folder, oldest first."""
+    return ''.join(Path(f).read_text() for f in sorted(glob.glob(os.path.join(fold_folder, 'training_log_*.txt'))))
