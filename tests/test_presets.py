@@ -380,3 +380,14 @@ def test_a_truncated_plans_file_is_named_by_plans_and_benchmark(workspace):
         assert damaged.read_text() == (workspace.preprocessed / 'nnUNetPlans.json').read_text()[:500]
     finally:
         damaged.unlink()
+
+
+def test_plans_nnunet_cannot_read_get_a_message_instead_of_a_key_error(nnunet_env, plans_copy):
+    plans = json.loads(plans_copy.read_text())
+    del plans['configurations']['3d_fullres']['architecture']  # and no pre-2.4 keys for nnU-Net to convert
+    plans_copy.write_text(json.dumps(plans, indent=4))
+    before = plans_copy.read_bytes()
+    with pytest.raises(PresetError, match="nnU-Net cannot read configuration '3d_fullres' of these plans .*neither an "
+                                          '"architecture" block nor the keys of plans from before nnU-Net 2.4'):
+        add_preset(DATASET_ID, 'mednext', plans_copy.stem)
+    assert plans_copy.read_bytes() == before

@@ -13,7 +13,9 @@ A plugin trainer adds:
   of the epoch);
 - short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations``, announced loudly;
 - a clear error instead of training on when the loss stays non-finite;
-- a refusal to start from scratch over a fold that already holds checkpoints.
+- refusals, before training, to start from scratch over a fold that already holds checkpoints, to
+  ``--c`` with a shorter schedule than the checkpoint has trained, and to read a damaged checkpoint
+  without naming it.
 """
 import os
 
