@@ -116,6 +116,11 @@ def _benchmark(args: argparse.Namespace) -> int:
     elif not (args.dataset and args.configuration):
         raise _fail('benchmark', 'give DATASET CONFIGURATION (e.g. 4 3d_fullres), or --patch Z Y X for a patch '
                                  'without a dataset')
+    for option, given, applies, where in (('--case', args.case, args.inference and not args.patch, ' with a dataset'),
+                                          ('--volume', args.volume, args.inference and args.patch, ' with --patch'),
+                                          ('--disable-tta', args.disable_tta, args.inference, '')):
+        if given and not applies:
+            raise _fail('benchmark', f'{option} applies to --inference{where} only')
     from nnunet_plugins.commands.benchmark.command import run
     try:
         return run(args)
@@ -228,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help='timed steps per row (default: 10 on cuda, 3 on cpu)')
     bench.add_argument('--warmup', type=non_negative_int, metavar='N',
                        help='untimed steps first (default: 3 on cuda, 1 on cpu)')
+    bench.add_argument('--inference', action='store_true',
+                       help='time nnU-Net\'s sliding-window prediction of one case instead of a training step (rows: '
+                            'the trainers and nnUNetTrainer on the same plans; variant: channels-last)')
+    bench.add_argument('--case', metavar='NAME',
+                       help='with --inference and a dataset: the preprocessed case to predict (default: the first)')
+    bench.add_argument('--volume', type=positive_int, nargs='+', metavar='VOXELS',
+                       help='with --inference and --patch: the size of the noise volume to predict (default: twice '
+                            'the patch)')
+    bench.add_argument('--disable-tta', action='store_true',
+                       help='with --inference: no mirroring (nnUNetv2_predict --disable_tta)')
     bench.add_argument('--out', default='nnunet_plugins_benchmark', help='output folder (default: %(default)s)')
     bench.set_defaults(run=_benchmark)
     return parser

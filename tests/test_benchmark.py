@@ -48,7 +48,7 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
         assert row['status'] == 'ok'
         nulls = {key for key, value in row.items() if value is None}
         assert set(row['null_reasons']) == nulls, row['label']
-        assert nulls <= {'gradient_checkpointing', 'autocast_dtype'}
+        assert nulls <= {'gradient_checkpointing', 'autocast_dtype', 'case'}
         assert all(reason for reason in row['null_reasons'].values())
         assert len(row['step_times_s']) == 1 and row['step_time_s'] > 0 and row['peak_memory_bytes'] >= 0
         assert row['patch_size'] == [16, 32, 32] and row['batch_size'] == 1 and row['output_channels'] == 3
@@ -70,7 +70,8 @@ def test_report_table_ratios_and_chart(tiny_run):
     result, out = tiny_run
     report = (out / 'benchmark.md').read_text()
     assert report in result.stdout
-    assert '| network | setting | parameters | GMAC/patch | step (s) | memory (GiB) | voxels/s |' in report
+    assert ('| network | setting | parameters | GMAC/patch | step (s) | step, CPU time (s) | memory (GiB) '
+            '| voxels/s |') in report
     assert '| nnUNetTrainer (nnUNetPlans) | contiguous, fp32 |' in report
     ratios = json.loads((out / 'benchmark.json').read_text())['ratios']
     # on this plan our MedNeXt-S has 4 levels (the plans' strides), MONAI's always 5: reported, not hidden
@@ -195,3 +196,30 @@ def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'no row was measured (1 skipped or failed' in result.stderr
     assert 'needs at least 4 resolution levels' in (tmp_path / 'benchmark.md').read_text()
+
+
+def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path):
+    """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows), in each layout, beside nnU-Net's
+    own network: every field, a reason for every null, and the CPU time the ratios use."""
+    result = subprocess.run(
+        [COMMAND, 'benchmark', *PATCH, '--classes', '3', '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
+         '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', 'channels-last', '--steps', '1',
+         '--warmup', '0',
+         '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / 'benchmark.json').read_text())
+    assert report['meta']['mode'] == 'inference' and report['meta']['case'] == 'noise 16x32x48'
+    assert report['meta']['ratio_clock'].startswith('process CPU time')
+    rows = report['rows']
+    assert [(row['label'], row['memory_layout']) for row in rows] == [
+        ('nnUNetTrainerMedNeXtS', 'channels-last'), ('nnUNetTrainerMedNeXtS', 'contiguous'),
+        ('nnUNetTrainer (nnUNetPlans)', 'contiguous'), ('nnUNetTrainer (nnUNetPlans)', 'channels-last')]
+    for row in rows:
+        assert tuple(row) == ROW_FIELDS and row['status'] == 'ok' and row['mode'] == 'inference'
+        nulls = {key for key, value in row.items() if value is None}
+        assert set(row['null_reasons']) == nulls
+        assert nulls <= {'batch_size', 'first_loss', 'gradient_checkpointing', 'autocast_dtype'}
+        assert row['step_time_s'] > 0 and row['cpu_time_s'] > 0
+        assert row['voxels_per_second'] == pytest.approx(16 * 32 * 48 / row['step_time_s'])
+    assert 'predictions after 0 warm-up, each nnU-Net\'s sliding-window prediction of noise 16x32x48' in \
+        (tmp_path / 'benchmark.md').read_text()

@@ -133,7 +133,8 @@ def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
     workspace.run('nnunet-plugins', 'doctor', env=env)
     for line in recipe[4:]:
         command = (f' {line} '.replace(' 4 ', f' {DATASET_ID} ').replace('MedNeXtL', 'MedNeXtS')
-                   .replace(' imagesTs ', f' {workspace.raw / "imagesTs"} ').replace(' pred ', f' {tmp_path / "pred"} '))
+                   .replace(' imagesTs ', f' {workspace.raw / "imagesTs"} ')
+                   .replace(' pred ', f' {tmp_path / "pred"} '))
         for tool in ('nnUNetv2_train ', 'nnUNetv2_predict '):  # the README's are for a GPU
             command = command.replace(tool, f'{tool}-device cpu ')
         command = command.strip()

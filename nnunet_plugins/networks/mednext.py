@@ -54,14 +54,35 @@ VARIANTS: dict[str, MedNeXtVariant] = {
 }
 
 
+class ChannelNorm(nn.GroupNorm):
+    """GroupNorm with one group per channel (the reference's norm, same parameters), exact in every memory layout.
+
+    PyTorch's CPU GroupNorm on a channels-last input computes the variance in one pass, which loses precision
+    when a channel's mean is large against its spread (pytorch #54293: 7e-4 instead of 1e-6 on CT-like
+    values); there the statistics come from ``torch.var_mean`` (Welford), as accurate as the contiguous kernel.
+    ``(B, C, *S) -> (B, C, *S)``, same memory layout.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(num_groups=channels, num_channels=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_contiguous() or x.device.type != 'cpu':
+            return super().forward(x)
+        variance, mean = torch.var_mean(x, dim=tuple(range(2, x.ndim)), keepdim=True, unbiased=False)
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        scale = self.weight.view(shape) * torch.rsqrt(variance + self.eps)
+        return (x - mean) * scale + self.bias.view(shape)
+
+
 class _InvertedBottleneck(nn.Module):
-    """Depthwise conv -> GroupNorm (one group per channel) -> 1x1 expand -> GELU -> 1x1 project."""
+    """Depthwise conv -> per-channel norm -> 1x1 expand -> GELU -> 1x1 project."""
 
     def __init__(self, depthwise: nn.Module, channels: int, out_channels: int, expansion: int,
                  conv_op: type[nn.Module]):
         super().__init__()
         self.depthwise = depthwise
-        self.norm = nn.GroupNorm(num_groups=channels, num_channels=channels)
+        self.norm = ChannelNorm(channels)
         self.expand = conv_op(channels, expansion * channels, kernel_size=1)
         self.act = nn.GELU()
         self.project = conv_op(expansion * channels, out_channels, kernel_size=1)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -26,8 +27,9 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
                     folder: Path | None) -> list[Network]:
     """The plugin trainers (or -tr), the baselines and the MONAI peers the user asked for, in table order."""
     trainers = args.trainers or default_trainers()
-    baselines = BASELINES if args.baselines is None else args.baselines
-    peers = args.peers
+    # a prediction compares the plugin networks with nnU-Net's own on the same plans, unless asked for more
+    baselines = (('nnUNetTrainer',) if args.inference else BASELINES) if args.baselines is None else args.baselines
+    peers = [] if args.inference and args.peers is None else args.peers
     if peers is None:
         peers = list(PEERS) if monai_available() else []
         if not peers:
@@ -57,6 +59,35 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
     return networks
 
 
+def inference_case(args: argparse.Namespace, plans: dict, configuration: str, dataset_json: dict,
+                   folder: Path | None) -> dict:
+    """What the inference rows predict: a preprocessed case of the dataset (``--case``, default its first), or
+    without a dataset noise of ``--volume`` (default twice the patch per axis, so several windows overlap)."""
+    plans_manager = PlansManager(plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    base = {'mirroring': not args.disable_tta,
+            'input_channels': determine_num_input_channels(plans_manager, configuration_manager, dataset_json)}
+    if folder is None:
+        volume = args.volume or [2 * p for p in configuration_manager.patch_size]
+        if len(volume) != len(configuration_manager.patch_size):
+            raise ValueError(f'--volume needs one size per patch axis ({len(configuration_manager.patch_size)})')
+        return {**base, 'volume': list(volume), 'case_shape': list(volume),
+                'case_label': f'noise {"x".join(map(str, volume))}'}
+    data_folder = folder / configuration_manager.data_identifier
+    cases = sorted(path.stem for path in data_folder.glob('*.pkl')) if data_folder.is_dir() else []
+    if not cases:
+        raise ValueError(f'{data_folder} holds no preprocessed cases; run nnUNetv2_preprocess -d {folder.name} -c '
+                         f'{configuration} first, or benchmark a synthetic volume with --patch and --volume')
+    case = args.case or cases[0]
+    if case not in cases:
+        raise ValueError(f'--case {case}: {data_folder} has no such case; it has {", ".join(cases[:10])}'
+                         + (', ...' if len(cases) > 10 else ''))
+    data, _, _, _ = infer_dataset_class(str(data_folder))(str(data_folder), [case]).load_case(case)
+    shape = list(data.shape[1:])
+    return {**base, 'case_folder': str(data_folder), 'case': case, 'case_shape': shape,
+            'case_label': f'{case} ({"x".join(map(str, shape))})'}
+
+
 def run(args: argparse.Namespace) -> int:
     """``nnunet-plugins benchmark``: measure, print the Markdown table, write JSON, Markdown and PNG to ``--out``.
 
@@ -67,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if device == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda, but torch sees no CUDA GPU; use --device cpu')
-    steps = args.steps if args.steps is not None else (10 if device == 'cuda' else 3)
+    # a prediction of a whole case is many training steps' worth of forward passes
+    steps = args.steps if args.steps is not None else (10 if device == 'cuda' else 2 if args.inference else 3)
     warmup = args.warmup if args.warmup is not None else (3 if device == 'cuda' else 1)
     if args.patch:
         spacing = args.spacing or [1.0] * len(args.patch)
@@ -79,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
         plans, dataset_json, folder = dataset_plans(args.dataset, configuration, args.plans)
         source = f'{folder.name}, {args.plans}, {configuration}'
     networks = networks_to_run(args, plans, configuration, dataset_json, folder)
+    inference = inference_case(args, plans, configuration, dataset_json, folder) if args.inference else None
     if args.batch:
         for network in networks:
             network.plans['configurations'][configuration]['batch_size'] = args.batch
     if device == 'cpu' and {'bf16', 'compile'} & set(args.variants):
         print('bf16 and compile variants apply on CUDA only (nnU-Net trains in fp32 and eager mode on a CPU).')
-    rows = plan_rows(networks, configuration, dataset_json, args.variants, device)
+    rows = plan_rows(networks, configuration, dataset_json, args.variants, device, inference)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runnable = [row for row in rows if not row.skip_reason]
@@ -109,8 +142,13 @@ def run(args: argparse.Namespace) -> int:
             'input_channels': determine_num_input_channels(plans_manager, base, dataset_json),
             'output_channels': plans_manager.get_label_manager(dataset_json).num_segmentation_heads,
             'steps': steps, 'warmup': warmup, 'command': ' '.join(sys.argv),
+            'mode': 'inference' if inference else 'training', 'case': inference and inference['case_label'],
+            'mirroring': inference and inference['mirroring'],
+            'ratio_clock': 'process CPU time (user + system of the row\'s process, all threads)' if device == 'cpu'
+            else 'wall clock',
             'memory_counter': 'torch.cuda.max_memory_allocated' if device == 'cuda' else
-            'peak RSS of the row\'s own process while it builds and trains, minus its RSS after the imports',
+            'peak RSS of the row\'s own process while it builds and runs the network, minus its RSS after the '
+            'imports (below 1 MiB shown as such: allocator noise, not a measurement)',
             'mac_counter': 'forward pass of the inference network on one patch, FlopCounterMode on the meta device '
                            '(convolutions and matrix products; norms and activations not counted)'}
     peer_ratios = ratios(rows, records, configuration)

@@ -8,6 +8,24 @@ from nnunet_plugins.commands.benchmark.peers import MONAIMedNeXtPeer, trainer_cl
 from nnunet_plugins.commands.benchmark.rows import Row, setting_text
 from nnunet_plugins.training.mednext import MedNeXtTrainer
 
+# a CPU row's peak memory is its process's peak RSS above the RSS after the imports; below this it is allocator
+# noise (freed heap reused), not a measurement
+CPU_MEMORY_RESOLUTION_BYTES = 2 ** 20
+
+
+def measured_memory(rec: dict) -> float | None:
+    """The row's peak memory in bytes, or None when there is none or it is below the CPU measurement's resolution."""
+    peak = rec['peak_memory_bytes']
+    if peak is None or (rec['device'] == 'cpu' and peak < CPU_MEMORY_RESOLUTION_BYTES):
+        return None
+    return peak
+
+
+def step_clock(rec: dict) -> str:
+    """The clock a row's step times are compared by: on a CPU the process's CPU time (user + system, all threads),
+    which another process's load on a shared machine barely changes; on CUDA the wall clock."""
+    return 'cpu_time_s' if rec['device'] == 'cpu' else 'step_time_s'
+
 
 def topology_versus_monai(cls: type[MedNeXtTrainer], configuration_manager: ConfigurationManager) -> str:
     """'same' when our MedNeXt has MONAI's fixed topology on these plans (four isotropic 2x downsamplings, the
@@ -41,11 +59,12 @@ def ratios(rows: Sequence[Row], records: Sequence[dict], configuration: str) -> 
         if peer is None:
             continue
         configuration_manager = PlansManager(row.network.plans).get_configuration(configuration)
+        clock, ours_memory, monai_memory = step_clock(rec), measured_memory(rec), measured_memory(peer)
         out.append({'ours': rec['label'], 'monai': peer['label'], 'setting': setting_text(rec),
-                    'step_time_ratio': rec['step_time_s'] / peer['step_time_s'],
-                    # None when MONAI's row used no measurable memory (a tiny patch on a CPU)
-                    'peak_memory_ratio': rec['peak_memory_bytes'] / peer['peak_memory_bytes']
-                    if peer['peak_memory_bytes'] else None,
+                    'clock': 'process CPU time' if clock == 'cpu_time_s' else 'wall clock',
+                    'step_time_ratio': rec[clock] / peer[clock],
+                    # None when a row's memory is below what the measurement resolves (a tiny patch on a CPU)
+                    'peak_memory_ratio': ours_memory / monai_memory if ours_memory and monai_memory else None,
                     'parameter_difference': rec['parameters'] - peer['parameters'],
                     'topology': topology_versus_monai(trainer_class(row.network.trainer), configuration_manager)})
     return out
@@ -57,19 +76,26 @@ def markdown(meta: dict, records: Sequence[dict], peer_ratios: Sequence[dict]) -
              '',
              f'{meta["source"]}; patch {"x".join(map(str, meta["patch_size"]))}, batch {meta["batch_size"]}, '
              f'{meta["input_channels"]} input channel(s), {meta["output_channels"]} output channels. '
-             f'Step: median of {meta["steps"]} training steps after {meta["warmup"]} warm-up, each the trainer\'s '
-             f'own train_step. Memory: {meta["memory_counter"]}. MACs: {meta["mac_counter"]}.',
+             + (f'Step: median of {meta["steps"]} training steps after {meta["warmup"]} warm-up, each the trainer\'s '
+              f'own train_step.' if meta['mode'] == 'training' else
+              f'Step: median of {meta["steps"]} predictions after {meta["warmup"]} warm-up, each nnU-Net\'s '
+              f'sliding-window prediction of {meta["case"]} (nnUNetPredictor, mirroring '
+              f'{"on" if meta["mirroring"] else "off"}).')
+             + f' Memory: {meta["memory_counter"]}. MACs: {meta["mac_counter"]}. Ratios by {meta["ratio_clock"]}.',
              '',
-             '| network | setting | parameters | GMAC/patch | step (s) | memory (GiB) | voxels/s |',
-             '|---|---|---:|---:|---:|---:|---:|']
+             '| network | setting | parameters | GMAC/patch | step (s) | step, CPU time (s) | memory (GiB) '
+             '| voxels/s |',
+             '|---|---|---:|---:|---:|---:|---:|---:|']
     notes = []
     for rec in records:
         def shown(key: str, fmt: str) -> str:
             return '—' if rec[key] is None else format(rec[key], fmt)
         memory = '—' if rec['peak_memory_bytes'] is None else f'{rec["peak_memory_bytes"] / 2 ** 30:.3g}'
+        if rec['peak_memory_bytes'] is not None and measured_memory(rec) is None:
+            memory = f'< {CPU_MEMORY_RESOLUTION_BYTES / 2 ** 30:.3g} (resolution)'
         lines.append(f'| {rec["label"]} | {setting_text(rec)} | {shown("parameters", ",")} | '
-                     f'{shown("forward_gmacs_per_patch", ".1f")} | {shown("step_time_s", ".3g")} | {memory} | '
-                     f'{shown("voxels_per_second", ",.0f")} |')
+                     f'{shown("forward_gmacs_per_patch", ".1f")} | {shown("step_time_s", ".3g")} | '
+                     f'{shown("cpu_time_s", ".3g")} | {memory} | {shown("voxels_per_second", ",.0f")} |')
         if rec['status'] != 'ok':
             notes.append(f'- {rec["label"]}: {rec["status"]}, {rec["null_reasons"].get("step_time_s")}')
     if notes:
@@ -77,9 +103,9 @@ def markdown(meta: dict, records: Sequence[dict], peer_ratios: Sequence[dict]) -
     if peer_ratios:
         lines += ['', 'Ours / MONAI\'s MedNeXt of the same size and kernel, same layout and precision (MONAI\'s B, M '
                   'and L have fewer parameters than the authors\' networks, see "parameters"):', '',
-                  '| ours | MONAI | setting | step time | peak memory | parameters, ours - MONAI | topology |',
+                  '| ours | MONAI | setting | step time (clock) | peak memory | parameters, ours - MONAI | topology |',
                   '|---|---|---|---:|---:|---:|---|']
-        lines += [f'| {r["ours"]} | {r["monai"]} | {r["setting"]} | {r["step_time_ratio"]:.2f}x | '
+        lines += [f'| {r["ours"]} | {r["monai"]} | {r["setting"]} | {r["step_time_ratio"]:.2f}x ({r["clock"]}) | '
                   f'{"—" if r["peak_memory_ratio"] is None else format(r["peak_memory_ratio"], ".2f") + "x"} | '
                   f'{r["parameter_difference"]:+,} | {r["topology"]} |' for r in peer_ratios]
     return '\n'.join(lines) + '\n'

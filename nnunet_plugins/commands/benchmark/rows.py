@@ -14,11 +14,11 @@ from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.workspace import environment
 
 ROW_FIELDS = (
-    'label', 'name', 'kind', 'trainer', 'plans_name', 'configuration', 'network_class', 'device',
+    'mode', 'case', 'label', 'name', 'kind', 'trainer', 'plans_name', 'configuration', 'network_class', 'device',
     'patch_size', 'batch_size', 'input_channels', 'output_channels',
     'parameters', 'forward_gmacs_per_patch',
     'gradient_checkpointing', 'memory_layout', 'autocast_dtype', 'compiled',
-    'warmup_steps', 'steps', 'step_times_s', 'step_time_s', 'voxels_per_second',
+    'warmup_steps', 'steps', 'step_times_s', 'step_time_s', 'step_cpu_times_s', 'cpu_time_s', 'voxels_per_second',
     'peak_memory_bytes', 'process_peak_rss_bytes', 'baseline_rss_bytes', 'first_loss',
     'status', 'null_reasons')
 
@@ -46,6 +46,8 @@ class Row:
     facts: dict = field(default_factory=dict)  # from probe(): network_class, forward_gmacs_per_patch, ...
     result: dict = field(default_factory=dict)  # from the row's subprocess
     skip_reason: str | None = None
+    # {'mode': 'training'}, or for prediction rows {'mode': 'inference', 'case': ..., 'case_shape': ..., ...}
+    inference: dict = field(default_factory=lambda: {'mode': 'training'})
 
 
 def probe(network: Network, configuration: str, dataset_json: dict) -> dict:
@@ -71,24 +73,30 @@ def probe(network: Network, configuration: str, dataset_json: dict) -> dict:
 
 
 def plan_rows(networks: Sequence[Network], configuration: str, dataset_json: dict, variants: Sequence[str],
-              device: str) -> list[Row]:
-    """Rows for every network: its trainer's settings, plus one row per requested variant that applies."""
+              device: str, inference: dict | None = None) -> list[Row]:
+    """Rows for every network: its trainer's settings, plus one row per requested variant that applies.
+
+    With ``inference`` (the case to predict, see worker.load_case) the rows time a prediction instead of a
+    training step; of the variants only the memory layout applies there.
+    """
+    mode = {'mode': 'training'} if inference is None else {'mode': 'inference', **inference}
+    training = inference is None
     rows = []
     for network in networks:
         try:
             facts = probe(network, configuration, dataset_json)
         except Exception as error:  # a network that cannot be built here is reported, not fatal
-            rows.append(Row(network, skip_reason=f'{type(error).__name__}: {error}'))
+            rows.append(Row(network, skip_reason=f'{type(error).__name__}: {error}', inference=mode))
             continue
-        rows.append(Row(network, facts=facts))
-        if 'checkpointing' in variants and facts['default_checkpointing'] is not None:
-            rows.append(Row(network, checkpointing=not facts['default_checkpointing'], facts=facts))
+        rows.append(Row(network, facts=facts, inference=mode))
+        if training and 'checkpointing' in variants and facts['default_checkpointing'] is not None:
+            rows.append(Row(network, checkpointing=not facts['default_checkpointing'], facts=facts, inference=mode))
         if 'channels-last' in variants:
-            rows.append(Row(network, flip_layout=True, facts=facts))
-        if 'bf16' in variants and device == 'cuda':
-            rows.append(Row(network, bf16=True, facts=facts))
-        if 'compile' in variants and device == 'cuda':
-            rows.append(Row(network, flip_compile=True, facts=facts))
+            rows.append(Row(network, flip_layout=True, facts=facts, inference=mode))
+        if training and 'bf16' in variants and device == 'cuda':
+            rows.append(Row(network, bf16=True, facts=facts, inference=mode))
+        if training and 'compile' in variants and device == 'cuda':
+            rows.append(Row(network, flip_compile=True, facts=facts, inference=mode))
     return rows
 
 
@@ -112,24 +120,39 @@ def record(row: Row, device: str, steps: int, warmup: int, configuration: str) -
     network, facts, result = row.network, row.facts, row.result
     status = 'skipped' if row.skip_reason else result.get('status', 'failed')
     reason = row.skip_reason or result.get('reason')
-    values = {'label': network.label, 'name': network.name, 'kind': network.kind, 'trainer': network.trainer,
+    inference = row.inference['mode'] == 'inference'
+    values = {'mode': row.inference['mode'], 'case': row.inference.get('case_label'),
+              'label': network.label, 'name': network.name, 'kind': network.kind, 'trainer': network.trainer,
               'plans_name': network.plans['plans_name'], 'configuration': configuration, 'device': device,
               'warmup_steps': warmup, 'steps': steps, 'status': status}
     for key in ('network_class', 'patch_size', 'batch_size', 'input_channels', 'output_channels',
                 'forward_gmacs_per_patch'):
         values[key] = facts.get(key)
     for key in ('parameters', 'gradient_checkpointing', 'memory_layout', 'autocast_dtype', 'compiled',
-                'step_times_s', 'peak_memory_bytes', 'process_peak_rss_bytes', 'baseline_rss_bytes', 'first_loss'):
+                'step_times_s', 'step_cpu_times_s', 'peak_memory_bytes', 'process_peak_rss_bytes',
+                'baseline_rss_bytes', 'first_loss'):
         values[key] = result.get(key)
-    times = result.get('step_times_s')
+    times, cpu_times = result.get('step_times_s'), result.get('step_cpu_times_s')
     values['step_time_s'] = statistics.median(times[warmup:]) if times else None
-    values['voxels_per_second'] = (facts['batch_size'] * float(np.prod(facts['patch_size'])) / values['step_time_s']
-                                   if values['step_time_s'] else None)
+    values['cpu_time_s'] = statistics.median(cpu_times[warmup:]) if cpu_times else None
+    voxels = float(np.prod(row.inference['case_shape'])) if inference else \
+        facts.get('batch_size', 0) * float(np.prod(facts.get('patch_size', [0])))
+    values['voxels_per_second'] = voxels / values['step_time_s'] if values['step_time_s'] else None
+    if inference:
+        values['batch_size'] = values['first_loss'] = None
     null_reasons = {}
     for key, value in values.items():
         if value is not None:
             continue
-        if key == 'gradient_checkpointing' and 'memory_layout' in result:
+        if key == 'case' and not inference:
+            null_reasons[key] = 'a training row: a random batch at the plans\' patch and batch size'
+        elif key == 'batch_size' and inference:
+            null_reasons[key] = 'nnU-Net predicts one patch at a time'
+        elif key == 'first_loss' and inference:
+            null_reasons[key] = 'no loss in a prediction'
+        elif key == 'gradient_checkpointing' and inference:
+            null_reasons[key] = 'no gradients in a prediction, so nothing to checkpoint'
+        elif key == 'gradient_checkpointing' and 'memory_layout' in result:
             null_reasons[key] = 'the network has no gradient-checkpointing switch'
         elif key == 'autocast_dtype' and 'memory_layout' in result:
             null_reasons[key] = 'no autocast on a CPU (nnUNetTrainer.train_step autocasts on CUDA only)'

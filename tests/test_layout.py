@@ -1,0 +1,115 @@
+"""The memory layout on a CPU: every network family follows its input's device (channels-last where that is faster
+on a CPU, PyTorch's default elsewhere), in training and in nnU-Net's prediction, and is as exact in it as in the
+default layout."""
+import numpy as np
+import pytest
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+from nnunet_plugins.networks.layout import follow_device_layout
+from nnunet_plugins.networks.mednext import ChannelNorm, mednext_from_plan
+from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
+from nnunet_plugins.networks.uxnet import uxnet_from_plan
+from nnunet_plugins.training import TRAINERS
+
+from helpers import TINY_KERNELS, TINY_STRIDES, read_labels
+
+PATCH = (14, 32, 32)
+FAMILIES = {  # a network per family on the tiny plan, as its trainer lays it out on a CPU
+    'MedNeXt-L': lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'L', 3, deep_supervision=False),
+    'MedNeXt-S': lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'S', 3, deep_supervision=False),
+    '3D UX-Net': lambda: uxnet_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS),
+    'UTNetV2': lambda: utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, deep_supervision=False),
+}
+
+
+def ct_like(shape, seed: int = 0) -> torch.Tensor:
+    """Input with a large mean against its spread, as CT intensities after nnU-Net's normalisation can have."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 3 + 20
+
+
+def test_channel_norm_is_exact_channels_last_where_pytorchs_group_norm_is_not():
+    torch.manual_seed(0)
+    norm = ChannelNorm(64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = ct_like((1, 64, 16, 48, 48))
+    exact = torch.nn.functional.group_norm(x.double(), 64, norm.weight.double(), norm.bias.double(), norm.eps)
+    channels_last = x.contiguous(memory_format=torch.channels_last_3d)
+    ours = norm(channels_last)
+    assert ours.is_contiguous(memory_format=torch.channels_last_3d)
+    error_default = (norm(x).double() - exact).abs().max().item()
+    error_ours = (ours.double() - exact).abs().max().item()
+    error_pytorch = (torch.nn.GroupNorm.forward(norm, channels_last).double() - exact).abs().max().item()
+    print(f'max error vs float64: default layout {error_default:.2e}, channels-last {error_ours:.2e}, PyTorch\'s '
+          f'channels-last GroupNorm {error_pytorch:.2e}')
+    assert error_ours <= 2 * error_default
+    assert error_pytorch > 50 * error_default  # what ChannelNorm avoids (measured: 7e-4 vs 1e-6)
+
+
+@pytest.mark.parametrize('family', list(FAMILIES))
+def test_each_family_is_as_exact_channels_last_as_in_the_default_layout(family):
+    """Forward and gradients in each layout against a float64 run of the same weights: channels-last no more
+    than twice the default layout's error."""
+    torch.manual_seed(0)
+    network = FAMILIES[family]()
+    exact_network = FAMILIES[family]().double()
+    exact_network.load_state_dict(network.state_dict())
+    x = ct_like((1, 1, *PATCH))
+    exact_output = exact_network(x.double())
+    exact_output.square().mean().backward()
+    exact_gradients = [p.grad for p in exact_network.parameters()]
+    errors = {}
+    for layout in ('contiguous', 'channels-last'):
+        network.zero_grad()
+        follow_device_layout(network, layout)
+        output = network(x)
+        output.square().mean().backward()
+        pairs = [(p.grad, g) for p, g in zip(network.parameters(), exact_gradients)]
+        assert all((a is None) == (b is None) for a, b in pairs)  # the deep-supervision heads get none
+        gradient_error = max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+                             for a, b in pairs if b is not None)
+        errors[layout] = ((output.double() - exact_output).abs().max().item(), gradient_error)
+        assert torch.equal(output.argmax(1), exact_output.argmax(1)), layout
+    print(family, {k: f'output {v[0]:.1e}, gradient {v[1]:.1e}' for k, v in errors.items()})
+    assert errors['channels-last'][0] <= 2 * errors['contiguous'][0]
+    assert errors['channels-last'][1] <= 2 * errors['contiguous'][1]
+
+
+def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
+    network = follow_device_layout(mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'S', 3), 'channels-last')
+    depthwise = network.encoder.stages[1][0].depthwise.weight
+    assert depthwise.is_contiguous()  # nothing is converted before the first forward
+    network(torch.randn(1, 1, *PATCH))
+    assert depthwise.is_contiguous(memory_format=torch.channels_last_3d)
+    network.cpu_layout = 'contiguous'
+    network(torch.randn(1, 1, *PATCH))
+    assert depthwise.is_contiguous()
+
+
+def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
+    for trainer_class in TRAINERS:
+        trainer = make_trainer(trainer_class)
+        network = trainer_class.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4,
+                                                           enable_deep_supervision=False)
+        assert network.cpu_layout == trainer_class.cpu_layout == 'channels-last', trainer_class.__name__
+
+
+def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace):
+    """nnUNetPredictor (what nnUNetv2_predict runs) on a trained MedNeXt-S: channels-last without being asked, and
+    the same segmentation of every held-out case as in PyTorch's default layout."""
+    fold = workspace.train('nnUNetTrainerMedNeXtS', 0)
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(fold.parent), use_folds=(0,))
+    images = [[str(path)] for path in sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))]
+    segmentations = {}
+    for layout in ('contiguous', 'channels-last'):
+        predictor.network.cpu_layout = layout
+        segmentations[layout] = predictor.predict_from_files(images, None, num_processes_preprocessing=1,
+                                                             num_processes_segmentation_export=1)
+        depthwise = predictor.network.encoder.stages[1][0].depthwise.weight
+        assert depthwise.is_contiguous(memory_format=torch.channels_last_3d) == (layout == 'channels-last')
+    assert len(segmentations['contiguous']) == len(images)
+    for contiguous, channels_last, image in zip(segmentations['contiguous'], segmentations['channels-last'], images):
+        np.testing.assert_array_equal(channels_last, contiguous)
+        assert channels_last.shape == read_labels(image[0]).shape
