@@ -6,7 +6,8 @@ import pytest
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_plugins.networks.layout import follow_device_layout
+from nnunet_plugins import trainers_folder
+from nnunet_plugins.networks.layout import follow_device_layout, memory_layout
 from nnunet_plugins.networks.mednext import ChannelNorm, mednext_from_plan
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
@@ -78,13 +79,12 @@ def test_each_family_is_as_exact_channels_last_as_in_the_default_layout(family):
 
 def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
     network = follow_device_layout(mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'S', 3), 'channels-last')
-    depthwise = network.encoder.stages[1][0].depthwise.weight
-    assert depthwise.is_contiguous()  # nothing is converted before the first forward
+    assert memory_layout(network) == 'contiguous'  # nothing is converted before the first forward
     network(torch.randn(1, 1, *PATCH))
-    assert depthwise.is_contiguous(memory_format=torch.channels_last_3d)
+    assert memory_layout(network) == 'channels-last'
     network.cpu_layout = 'contiguous'
     network(torch.randn(1, 1, *PATCH))
-    assert depthwise.is_contiguous()
+    assert memory_layout(network) == 'contiguous'
 
 
 def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
@@ -95,10 +95,11 @@ def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
         assert network.cpu_layout == trainer_class.cpu_layout == 'channels-last', trainer_class.__name__
 
 
-def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace):
+def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace, monkeypatch):
     """nnUNetPredictor (what nnUNetv2_predict runs) on a trained MedNeXt-S: channels-last without being asked, and
     the same segmentation of every held-out case as in PyTorch's default layout."""
     fold = workspace.train('nnUNetTrainerMedNeXtS', 0)
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(fold.parent), use_folds=(0,))
     images = [[str(path)] for path in sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))]
@@ -107,8 +108,7 @@ def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout
         predictor.network.cpu_layout = layout
         segmentations[layout] = predictor.predict_from_files(images, None, num_processes_preprocessing=1,
                                                              num_processes_segmentation_export=1)
-        depthwise = predictor.network.encoder.stages[1][0].depthwise.weight
-        assert depthwise.is_contiguous(memory_format=torch.channels_last_3d) == (layout == 'channels-last')
+        assert memory_layout(predictor.network) == layout
     assert len(segmentations['contiguous']) == len(images)
     for contiguous, channels_last, image in zip(segmentations['contiguous'], segmentations['channels-last'], images):
         np.testing.assert_array_equal(channels_last, contiguous)

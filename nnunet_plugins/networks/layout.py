@@ -36,3 +36,19 @@ def _convert_to_device_layout(network: nn.Module, args: tuple) -> tuple | None:
         network.to(memory_format=layout)
         network._converted_to = (x.device, layout)
     return (x.contiguous(memory_format=layout), *args[1:])
+
+
+def memory_layout(network: nn.Module) -> str:
+    """'channels-last' or 'contiguous': the strides of the first conv weight whose two layouts differ.
+
+    (``is_contiguous`` cannot tell: depthwise and 1x1 weights count as contiguous in both layouts, yet
+    their strides, which decide the layout of the activations, differ.)
+    """
+    for parameter in network.parameters():
+        if parameter.dim() in (4, 5):
+            layout = torch.channels_last if parameter.dim() == 4 else torch.channels_last_3d
+            channels_last = torch.empty(parameter.shape, device='meta', memory_format=layout).stride()
+            contiguous = torch.empty(parameter.shape, device='meta').stride()
+            if channels_last != contiguous:
+                return 'channels-last' if parameter.stride() == channels_last else 'contiguous'
+    return 'contiguous'

@@ -30,6 +30,7 @@ from torch._dynamo import OptimizedModule
 from nnunet_plugins import settings
 from nnunet_plugins.commands.benchmark.peers import monai_available, trainer_class
 from nnunet_plugins.commands.benchmark.rows import Row
+from nnunet_plugins.networks.layout import memory_layout
 from nnunet_plugins.workspace import environment
 
 _STEP_MARKER = '@@nnunet-plugins-benchmark-step@@'
@@ -55,22 +56,6 @@ def _reset_peak_rss() -> int:
     except (OSError, AttributeError):  # not Linux, or a C library without malloc_trim
         pass
     return peak_rss_bytes()
-
-
-def _memory_layout(network: nn.Module) -> str:
-    """'channels-last' or 'contiguous': the strides of the first conv weight whose two layouts differ.
-
-    (``is_contiguous`` cannot tell: depthwise and 1x1 weights count as contiguous in both layouts, yet
-    their strides, which decide the layout of the activations, differ.)
-    """
-    for parameter in network.parameters():
-        if parameter.dim() in (4, 5):
-            layout = torch.channels_last if parameter.dim() == 4 else torch.channels_last_3d
-            channels_last = torch.empty(parameter.shape, device='meta', memory_format=layout).stride()
-            contiguous = torch.empty(parameter.shape, device='meta').stride()
-            if channels_last != contiguous:
-                return 'channels-last' if parameter.stride() == channels_last else 'contiguous'
-    return 'contiguous'
 
 
 def random_batch(trainer: nnUNetTrainer, seed: int = 0) -> dict:
@@ -160,7 +145,7 @@ def _measure_training(spec: dict, device: torch.device) -> dict:
     batch = random_batch(trainer)
     timed = _timed_steps(lambda: float(trainer.train_step(batch)['loss']), spec, device)
     losses = timed.pop('outputs', None)
-    return {**facts, **timed, 'memory_layout': _memory_layout(network), 'first_loss': losses[0] if losses else None}
+    return {**facts, **timed, 'memory_layout': memory_layout(network), 'first_loss': losses[0] if losses else None}
 
 
 def _measure_inference(spec: dict, device: torch.device) -> dict:
@@ -183,7 +168,7 @@ def _measure_inference(spec: dict, device: torch.device) -> dict:
     timed = _timed_steps(lambda: predictor.predict_logits_from_preprocessed_data(case).shape, spec, device)
     timed.pop('outputs', None)
     return {**timed, 'parameters': sum(p.numel() for p in network.parameters()),
-            'memory_layout': _memory_layout(network), 'compiled': isinstance(predictor.network, OptimizedModule),
+            'memory_layout': memory_layout(network), 'compiled': isinstance(predictor.network, OptimizedModule),
             'autocast_dtype': 'float16' if device.type == 'cuda' else None}
 
 
