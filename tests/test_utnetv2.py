@@ -1,6 +1,7 @@
-"""UTNetV2: the authors' size and cost on their BCV setting, nnU-Net's topology on other plans, the trainer,
+"""UTNetV2: the authors' size, cost and norms on their BCV setting, nnU-Net's topology on other plans, the trainer,
 and the stock CLIs on the tiny dataset."""
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.utnetv2 import VARIANTS, BidirectionalAttention, utnetv2_from_plan
+from nnunet_plugins.networks.utnetv2 import VARIANTS, BidirectionalAttention, PreActConv, utnetv2_from_plan
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
 from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
@@ -20,20 +21,32 @@ TRAINER = nnUNetTrainerUTNetV2.__name__
 BCV_STRIDES = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
 BCV_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
 BCV_PATCH = (32, 128, 128)
-# the authors' code (CBIM-Medical-Image-Segmentation, model/dim3/medformer.py) with that setting, 1 input
-# channel, 14 classes, auxiliary head; MACs counted by nnunet_plugins.macs.forward_macs as below
-AUTHORS_PARAMETERS = {4: 37_372_476, 3: 36_669_180}  # by semantic map size
-AUTHORS_MACS = 219_153_235_968
+# the authors' code (CBIM-Medical-Image-Segmentation 7c26979, model/dim3/medformer.py) with that setting, 1 input
+# channel, 14 classes, auxiliary head, by semantic map size (3: their config/bcv/medformer_3d.yaml, 4: the paper's
+# text); MACs counted by nnunet_plugins.macs.forward_macs as below
+AUTHORS_PARAMETERS = {3: 36_669_180, 4: 37_372_476}
+AUTHORS_MACS = {3: 210_317_157_632, 4: 219_153_235_968}
+# its instance norms: 1e-4 in its conv-norm-activation layers, PyTorch's default in the B-MHA input norms and
+# patch merging
+AUTHORS_NORM_EPS = {1e-4: 72, 1e-5: 40}
 # ours: no map update and no feature-value projection in the last decoder B-MHA block (-128 x 128), and
 # PyTorch's fusion transformer layers have an attention input bias (+3 x 320 per layer, two layers)
 PARAMETER_DIFFERENCE = -128 * 128 + 2 * 3 * 320
-# the two computations left out: that projection at the 1/4 level (32^3 voxels) and the map update matmul
-MAC_DIFFERENCE = -(128 * 128 + 64 * 128) * 32 ** 3
+
+
+def mac_difference(map_size: int) -> int:
+    """The two computations left out: that projection at the 1/4 level (32^3 voxels) and the map update matmul."""
+    return -(128 * 128 + map_size ** 3 * 128) * 32 ** 3
 
 
 @pytest.fixture(scope='module')
 def bcv_network():
     return utnetv2_from_plan(1, 14, BCV_STRIDES, BCV_KERNELS)
+
+
+def test_the_default_is_the_authors_current_bcv_configuration(bcv_network):
+    assert bcv_network.map_size == (3, 3, 3)
+    assert parameter_count(bcv_network) == AUTHORS_PARAMETERS[3] + PARAMETER_DIFFERENCE
 
 
 @pytest.mark.parametrize('map_size', sorted(AUTHORS_PARAMETERS))
@@ -45,8 +58,21 @@ def test_parameter_count_on_the_authors_bcv_setting(map_size):
 
 def test_forward_macs_on_the_authors_bcv_patch(bcv_network):
     macs = forward_macs(bcv_network, (1, 1, *BCV_PATCH))
-    assert macs == AUTHORS_MACS + MAC_DIFFERENCE
-    assert abs(macs - AUTHORS_MACS) / AUTHORS_MACS < 0.005
+    assert macs == AUTHORS_MACS[3] + mac_difference(3)
+    assert abs(macs - AUTHORS_MACS[3]) / AUTHORS_MACS[3] < 0.005
+
+
+def test_norm_eps_as_the_authors_set_it(bcv_network):
+    """1e-4 in every norm-activation-conv layer (conv blocks and their shortcuts, the B-MHA shortcut, the three
+    MBConv layers), 1e-5 in the B-MHA input norms and patch merging; as many of each as in the authors' code."""
+    modules = dict(bcv_network.named_modules())
+    norms = {name: module for name, module in modules.items() if isinstance(module, torch.nn.InstanceNorm3d)}
+    in_preact = {f'{name}.0' for name, module in modules.items() if isinstance(module, PreActConv)}
+    expected = {name: 1e-4 if name in in_preact else 1e-5 for name in norms}
+    assert {name: module.eps for name, module in norms.items()} == expected
+    assert all(re.search(r'\.(feat_norm|map_norm|merge\.norm|stem\.1\.0\.norm)$', name)
+               for name, eps in expected.items() if eps == 1e-5)
+    assert {eps: list(expected.values()).count(eps) for eps in set(expected.values())} == AUTHORS_NORM_EPS
 
 
 def test_cost_is_linear_in_the_number_of_voxels(bcv_network):
@@ -87,12 +113,26 @@ def test_outputs_and_gradients_on_isotropic_and_2d_plans(strides, kernels, patch
     network = utnetv2_from_plan(1, 3, strides, kernels)
     assert len(network.strides) == min(5, len(strides))
     outputs = network(torch.randn(1, 1, *patch))
-    aux_divisor = np.prod(strides[:3], axis=0)
-    assert [tuple(o.shape) for o in outputs] == [(1, 3, *patch), (1, 3, *(np.array(patch) // aux_divisor))]
+    assert [tuple(o.shape) for o in outputs] == [(1, 3, *patch)] * 2
     sum(o.mean() for o in outputs).backward()
     assert [name for name, p in network.named_parameters() if p.grad is None] == []
     network.decoder.deep_supervision = False
     assert network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+def test_auxiliary_output_is_the_level_2_head_interpolated_to_full_resolution():
+    """As the authors: trilinear with corners aligned, from the head on the last decoder B-MHA block's output."""
+    torch.manual_seed(0)
+    network = utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS).eval()
+    level_2 = []
+    network.decoder.seg_layers[1].register_forward_hook(lambda module, args, output: level_2.append(output))
+    with torch.no_grad():
+        logits, auxiliary = network(torch.randn(1, 1, 14, 32, 32))
+    assert level_2[0].shape == (1, 4, 7, 8, 8)
+    torch.testing.assert_close(auxiliary, F.interpolate(level_2[0], size=(14, 32, 32), mode='trilinear',
+                                                        align_corners=True), rtol=0, atol=0)
+    torch.testing.assert_close(auxiliary[..., 0, 0, 0], level_2[0][..., 0, 0, 0], rtol=0, atol=0)
+    torch.testing.assert_close(auxiliary[..., -1, -1, -1], level_2[0][..., -1, -1, -1], rtol=0, atol=0)
 
 
 def test_anisotropic_plan_with_four_levels_drops_the_deepest_bmha_level():
@@ -123,7 +163,7 @@ def test_deep_supervision_scales_match_outputs_and_losses_weigh_equally(make_tra
     trainer.initialize()
     patch = trainer.configuration_manager.patch_size
     scales = trainer._get_deep_supervision_scales()
-    np.testing.assert_allclose(scales, [[1, 1, 1], [1 / 2, 1 / 4, 1 / 4]])
+    np.testing.assert_allclose(scales, [[1, 1, 1], [1, 1, 1]])
     outputs = trainer.network(torch.randn(1, 1, *patch))
     assert [list(o.shape[2:]) for o in outputs] == [[round(p * s) for p, s in zip(patch, scale)] for scale in scales]
     assert trainer.loss.weight_factors == (0.5, 0.5)

@@ -1,29 +1,33 @@
 """UTNetV2 (Gao et al.; paper 002) with its topology taken from nnU-Net plans.
 
 A hybrid U-shaped network: a convolutional stem at full and half resolution, then resolution levels
-that each generate a small fixed-size *semantic map* (default 4x4x4) and refine feature map and
+that each generate a small fixed-size *semantic map* (default 3x3x3) and refine feature map and
 semantic map together with bidirectional multi-head attention (B-MHA), whose cost is linear in the
 number of voxels. The encoder's semantic maps are fused across levels by a small standard
 transformer; the decoder upsamples, concatenates skips, uses B-MHA blocks (with the fused maps) at
 its coarse levels and residual conv blocks at the two finest, and ends in a 1x1 head. An auxiliary
-1x1 head on the decoder output at level 2 (1/4 in the paper) gives the paper's auxiliary loss.
+1x1 head on the decoder output at level 2 (1/4 in the paper), interpolated to full resolution, gives the
+paper's auxiliary loss.
 
 Levels follow the plans: level 0 is full resolution, level ``l`` is reached with the plan's
 ``strides[l]``. Levels 0 and 1 form the stem, levels 2 and deeper are B-MHA levels, the last one is the
 bottleneck. On the authors' BCV setting (five levels with strides [1,1,1], [1,2,2], [1,2,2], [2,2,2],
 [2,2,2]) this is their network: widths 32, 64, 128, 256, 320, B-MHA blocks 2, 4, 6 at levels 2, 3, 4
 and 4, 2 in the decoder, heads of 32 channels, instance norm without affine parameters, ReLU, MBConv
-feed-forward with expansion 4 and squeeze-excitation, map fusion at width 320 with 10 heads, depth 2.
+feed-forward with expansion 4 and squeeze-excitation, map fusion at width 320 with 10 heads, depth 2,
+a 3x3x3 semantic map (their current ``config/bcv/medformer_3d.yaml``; the paper's text says 4x4x4), instance
+norm eps 1e-4 in the norm-activation-conv layers and 1e-5 elsewhere, as theirs.
 
-What differs from the authors' implementation, and why:
+Given the same weights it computes the authors' function. What differs
+is the layout of the weights, and why:
 
 - the last decoder B-MHA block does not compute the semantic-map update nor the value projection of
   the feature map that only that update uses (the reference computes and discards them), so every
   parameter gets a gradient: 16,384 fewer parameters on the BCV setting;
 - the fusion transformer is PyTorch's ``nn.TransformerEncoder`` (pre-norm), whose attention input
-  projection has a bias (the reference's has none): 960 more parameters per fusion layer;
-- the auxiliary head's logits stay at level-2 resolution (nnU-Net downsamples the target for the
-  deep-supervision loss) instead of being interpolated to full resolution; the head is the same 1x1 conv.
+  projection has a bias (the reference's has none; zero gives theirs): 960 more parameters per fusion layer;
+- B-MHA keeps the channels of one head together (``h * head_dim + d``; the reference interleaves the heads,
+  ``d * heads + h``), as PyTorch's attention does.
 """
 import itertools
 import math
@@ -43,6 +47,8 @@ MIN_LEVELS = 4  # the stem's two levels, one B-MHA level and a B-MHA bottleneck 
 FIRST_BMHA_LEVEL = 2  # levels from here on have semantic maps and B-MHA blocks
 AUX_LEVEL = 2  # the auxiliary head reads the decoder output at this level (the last B-MHA block's)
 KERNEL = 3  # of every conv with a spatial extent, where the plans' kernel is not 1
+PREACT_NORM_EPS = 1e-4  # the authors' conv-norm-activation layers (here every PreActConv)
+NORM_EPS = 1e-5  # their other instance norms (B-MHA inputs, patch merging): PyTorch's default
 
 
 @dataclass(frozen=True)
@@ -61,23 +67,25 @@ class UTNetV2Variant:
 
 
 VARIANTS: dict[str, UTNetV2Variant] = {
-    # the authors' BCV configuration
-    'bcv': UTNetV2Variant(features_per_level=(32, 64, 128, 256, 320), transformer_blocks=(2, 4, 6), map_size=4,
+    # the authors' BCV configuration (config/bcv/medformer_3d.yaml); the paper's text and their earlier
+    # configuration have a 4x4x4 map: dataclasses.replace(VARIANTS['bcv'], map_size=4)
+    'bcv': UTNetV2Variant(features_per_level=(32, 64, 128, 256, 320), transformer_blocks=(2, 4, 6), map_size=3,
                           stem_blocks=2, head_dim=32, expansion=4, fusion_dim=320, fusion_heads=10, fusion_depth=2),
 }
 
 
-def _norm(conv_op: type[nn.Module], channels: int) -> nn.Module:
+def _norm(conv_op: type[nn.Module], channels: int, eps: float = NORM_EPS) -> nn.Module:
     """Instance norm without affine parameters, as the reference ('in')."""
-    return get_matching_instancenorm(conv_op)(channels)
+    return get_matching_instancenorm(conv_op)(channels, eps=eps)
 
 
 class PreActConv(nn.Sequential):
-    """Norm -> ReLU (optional) -> conv without bias: ``(B, C_in, *S) -> (B, C_out, *S)``."""
+    """Norm (eps :data:`PREACT_NORM_EPS`) -> ReLU (optional) -> conv without bias:
+    ``(B, C_in, *S) -> (B, C_out, *S)``."""
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
                  activation: bool = True, groups: int = 1):
-        super().__init__(_norm(conv_op, in_channels), nn.ReLU() if activation else nn.Identity(),
+        super().__init__(_norm(conv_op, in_channels, PREACT_NORM_EPS), nn.ReLU() if activation else nn.Identity(),
                          conv_op(in_channels, out_channels, kernel_size, padding=same_padding(kernel_size),
                                  groups=groups, bias=False))
 
@@ -326,10 +334,14 @@ class UTNetV2Encoder(nn.Module):
         return skips, maps
 
 
+def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Interpolate ``x`` linearly with corners aligned, as the reference: ``(B, C, *S) -> (B, C, *size)``."""
+    return F.interpolate(x, size=tuple(size), mode='bilinear' if x.ndim == 4 else 'trilinear', align_corners=True)
+
+
 def _upsample_and_concatenate(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Interpolate ``x`` (linearly, corners aligned, as the reference) to the skip's size and put the two together."""
-    mode = 'bilinear' if skip.ndim == 4 else 'trilinear'
-    return torch.cat([F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=True), skip], dim=1)
+    """Upsample ``x`` to the skip's size and put the two together."""
+    return torch.cat([_upsample(x, skip.shape[2:]), skip], dim=1)
 
 
 class DecoderBMHAStage(nn.Module):
@@ -375,9 +387,9 @@ class UTNetV2Decoder(nn.Module):
     """B-MHA stages into the levels above the bottleneck down to level 2, conv stages into levels 1 and 0,
     and two 1x1 heads: ``seg_layers[0]`` on level 0 and the auxiliary ``seg_layers[1]`` on level 2.
 
-    With ``deep_supervision`` the output is ``[level-0 logits, level-2 logits]`` (highest resolution first,
-    as nnU-Net expects); without it, the level-0 logits alone. Both heads exist either way, so checkpoints
-    load strictly.
+    With ``deep_supervision`` the output is ``[logits, auxiliary logits]``, both at full resolution: the
+    auxiliary head's level-2 logits are interpolated up (linearly, corners aligned), as the reference does before
+    its auxiliary loss. Without it, the logits alone. Both heads exist either way, so checkpoints load strictly.
     """
 
     def __init__(self, num_classes: int, conv_op: type[nn.Module], features: Sequence[int],
@@ -408,7 +420,7 @@ class UTNetV2Decoder(nn.Module):
         for i, stage in enumerate(self.conv_stages):
             x = stage(x, skips[FIRST_BMHA_LEVEL - 1 - i])
         logits = self.seg_layers[0](x)
-        return [logits, auxiliary] if self.deep_supervision else logits
+        return [logits, _upsample(auxiliary, logits.shape[2:])] if self.deep_supervision else logits
 
 
 class UTNetV2(nn.Module):
@@ -434,7 +446,7 @@ class UTNetV2(nn.Module):
         deep_supervision: return ``[logits, auxiliary logits]`` instead of the logits alone.
 
     Input ``(B, input_channels, *S)``; every axis of ``S`` must be divisible by the product of its strides.
-    Output ``(B, num_classes, *S)``; the auxiliary output has ``S`` divided by the strides of levels 0-2.
+    Output ``(B, num_classes, *S)``, and so is the auxiliary output.
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: type[nn.Module],
@@ -507,3 +519,4 @@ def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Seque
     kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], KERNEL)
     return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
                    deep_supervision=deep_supervision, **asdict(variant))
+
