@@ -1,33 +1,39 @@
 """UTNetV2 (Gao et al.; paper 002) with its topology taken from nnU-Net plans.
 
 A hybrid U-shaped network: a convolutional stem at full and half resolution, then resolution levels
-that each generate a small fixed-size *semantic map* (default 4x4x4) and refine feature map and
+that each generate a small fixed-size *semantic map* (default 3x3x3) and refine feature map and
 semantic map together with bidirectional multi-head attention (B-MHA), whose cost is linear in the
 number of voxels. The encoder's semantic maps are fused across levels by a small standard
 transformer; the decoder upsamples, concatenates skips, uses B-MHA blocks (with the fused maps) at
 its coarse levels and residual conv blocks at the two finest, and ends in a 1x1 head. An auxiliary
-1x1 head on the decoder output at level 2 (1/4 in the paper) gives the paper's auxiliary loss.
+1x1 head on the decoder output at level 2 (1/4 in the paper), interpolated to full resolution, gives the
+paper's auxiliary loss.
 
 Levels follow the plans: level 0 is full resolution, level ``l`` is reached with the plan's
 ``strides[l]``. Levels 0 and 1 form the stem, levels 2 and deeper are B-MHA levels, the last one is the
 bottleneck. On the authors' BCV setting (five levels with strides [1,1,1], [1,2,2], [1,2,2], [2,2,2],
 [2,2,2]) this is their network: widths 32, 64, 128, 256, 320, B-MHA blocks 2, 4, 6 at levels 2, 3, 4
 and 4, 2 in the decoder, heads of 32 channels, instance norm without affine parameters, ReLU, MBConv
-feed-forward with expansion 4 and squeeze-excitation, map fusion at width 320 with 10 heads, depth 2.
+feed-forward with expansion 4 and squeeze-excitation, map fusion at width 320 with 10 heads, depth 2,
+a 3x3x3 semantic map (their current ``config/bcv/medformer_3d.yaml``; the paper's text says 4x4x4), instance
+norm eps 1e-4 in the norm-activation-conv layers and 1e-5 elsewhere, as theirs.
 
-What differs from the authors' implementation, and why:
+Given the same weights (:func:`convert_authors_state_dict`) it computes the authors' function. What differs
+is the layout of the weights, and why:
 
 - the last decoder B-MHA block does not compute the semantic-map update nor the value projection of
   the feature map that only that update uses (the reference computes and discards them), so every
   parameter gets a gradient: 16,384 fewer parameters on the BCV setting;
 - the fusion transformer is PyTorch's ``nn.TransformerEncoder`` (pre-norm), whose attention input
-  projection has a bias (the reference's has none): 960 more parameters per fusion layer;
-- the auxiliary head's logits stay at level-2 resolution (nnU-Net downsamples the target for the
-  deep-supervision loss) instead of being interpolated to full resolution; the head is the same 1x1 conv.
+  projection has a bias (the reference's has none; zero gives theirs): 960 more parameters per fusion layer;
+- B-MHA keeps the channels of one head together (``h * head_dim + d``; the reference interleaves the heads,
+  ``d * heads + h``), as PyTorch's attention does.
 """
 import itertools
 import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -43,6 +49,8 @@ MIN_LEVELS = 4  # the stem's two levels, one B-MHA level and a B-MHA bottleneck 
 FIRST_BMHA_LEVEL = 2  # levels from here on have semantic maps and B-MHA blocks
 AUX_LEVEL = 2  # the auxiliary head reads the decoder output at this level (the last B-MHA block's)
 KERNEL = 3  # of every conv with a spatial extent, where the plans' kernel is not 1
+PREACT_NORM_EPS = 1e-4  # the authors' conv-norm-activation layers (here every PreActConv)
+NORM_EPS = 1e-5  # their other instance norms (B-MHA inputs, patch merging): PyTorch's default
 
 
 @dataclass(frozen=True)
@@ -61,23 +69,25 @@ class UTNetV2Variant:
 
 
 VARIANTS: dict[str, UTNetV2Variant] = {
-    # the authors' BCV configuration
-    'bcv': UTNetV2Variant(features_per_level=(32, 64, 128, 256, 320), transformer_blocks=(2, 4, 6), map_size=4,
+    # the authors' BCV configuration (config/bcv/medformer_3d.yaml); the paper's text and their earlier
+    # configuration have a 4x4x4 map: dataclasses.replace(VARIANTS['bcv'], map_size=4)
+    'bcv': UTNetV2Variant(features_per_level=(32, 64, 128, 256, 320), transformer_blocks=(2, 4, 6), map_size=3,
                           stem_blocks=2, head_dim=32, expansion=4, fusion_dim=320, fusion_heads=10, fusion_depth=2),
 }
 
 
-def _norm(conv_op: type[nn.Module], channels: int) -> nn.Module:
+def _norm(conv_op: type[nn.Module], channels: int, eps: float = NORM_EPS) -> nn.Module:
     """Instance norm without affine parameters, as the reference ('in')."""
-    return get_matching_instancenorm(conv_op)(channels)
+    return get_matching_instancenorm(conv_op)(channels, eps=eps)
 
 
 class PreActConv(nn.Sequential):
-    """Norm -> ReLU (optional) -> conv without bias: ``(B, C_in, *S) -> (B, C_out, *S)``."""
+    """Norm (eps :data:`PREACT_NORM_EPS`) -> ReLU (optional) -> conv without bias:
+    ``(B, C_in, *S) -> (B, C_out, *S)``."""
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
                  activation: bool = True, groups: int = 1):
-        super().__init__(_norm(conv_op, in_channels), nn.ReLU() if activation else nn.Identity(),
+        super().__init__(_norm(conv_op, in_channels, PREACT_NORM_EPS), nn.ReLU() if activation else nn.Identity(),
                          conv_op(in_channels, out_channels, kernel_size, padding=same_padding(kernel_size),
                                  groups=groups, bias=False))
 
@@ -326,10 +336,14 @@ class UTNetV2Encoder(nn.Module):
         return skips, maps
 
 
+def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Interpolate ``x`` linearly with corners aligned, as the reference: ``(B, C, *S) -> (B, C, *size)``."""
+    return F.interpolate(x, size=tuple(size), mode='bilinear' if x.ndim == 4 else 'trilinear', align_corners=True)
+
+
 def _upsample_and_concatenate(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """Interpolate ``x`` (linearly, corners aligned, as the reference) to the skip's size and put the two together."""
-    mode = 'bilinear' if skip.ndim == 4 else 'trilinear'
-    return torch.cat([F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=True), skip], dim=1)
+    """Upsample ``x`` to the skip's size and put the two together."""
+    return torch.cat([_upsample(x, skip.shape[2:]), skip], dim=1)
 
 
 class DecoderBMHAStage(nn.Module):
@@ -375,9 +389,9 @@ class UTNetV2Decoder(nn.Module):
     """B-MHA stages into the levels above the bottleneck down to level 2, conv stages into levels 1 and 0,
     and two 1x1 heads: ``seg_layers[0]`` on level 0 and the auxiliary ``seg_layers[1]`` on level 2.
 
-    With ``deep_supervision`` the output is ``[level-0 logits, level-2 logits]`` (highest resolution first,
-    as nnU-Net expects); without it, the level-0 logits alone. Both heads exist either way, so checkpoints
-    load strictly.
+    With ``deep_supervision`` the output is ``[logits, auxiliary logits]``, both at full resolution: the
+    auxiliary head's level-2 logits are interpolated up (linearly, corners aligned), as the reference does before
+    its auxiliary loss. Without it, the logits alone. Both heads exist either way, so checkpoints load strictly.
     """
 
     def __init__(self, num_classes: int, conv_op: type[nn.Module], features: Sequence[int],
@@ -408,7 +422,7 @@ class UTNetV2Decoder(nn.Module):
         for i, stage in enumerate(self.conv_stages):
             x = stage(x, skips[FIRST_BMHA_LEVEL - 1 - i])
         logits = self.seg_layers[0](x)
-        return [logits, auxiliary] if self.deep_supervision else logits
+        return [logits, _upsample(auxiliary, logits.shape[2:])] if self.deep_supervision else logits
 
 
 class UTNetV2(nn.Module):
@@ -434,7 +448,7 @@ class UTNetV2(nn.Module):
         deep_supervision: return ``[logits, auxiliary logits]`` instead of the logits alone.
 
     Input ``(B, input_channels, *S)``; every axis of ``S`` must be divisible by the product of its strides.
-    Output ``(B, num_classes, *S)``; the auxiliary output has ``S`` divided by the strides of levels 0-2.
+    Output ``(B, num_classes, *S)``, and so is the auxiliary output.
     """
 
     def __init__(self, input_channels: int, num_classes: int, conv_op: type[nn.Module],
@@ -507,3 +521,156 @@ def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Seque
     kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], KERNEL)
     return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
                    deep_supervision=deep_supervision, **asdict(variant))
+
+
+# ---- the authors' checkpoints ----
+
+def _heads_first(tensor: torch.Tensor, heads: int, dim: int = 0) -> torch.Tensor:
+    """Reorder the channels along ``dim`` from the authors' head layout (channel ``d * heads + h`` is channel ``d``
+    of head ``h``) to ours (``h * head_dim + d``); other axes and the shape are unchanged."""
+    return tensor.unflatten(dim, (-1, heads)).transpose(dim, dim + 1).flatten(dim, dim + 1)
+
+
+def _query_value_heads_first(tensor: torch.Tensor, heads: int, halves: int) -> torch.Tensor:
+    """The authors' ``(2 * inner, ...)`` query-value projection weight in our head layout, its first ``halves``
+    halves only (1: the queries alone, for a block that skips the map update)."""
+    return torch.cat([_heads_first(half, heads) for half in tensor.chunk(2)[:halves]])
+
+
+def _unchanged(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+_Rule = tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]  # authors' key, our key, how to convert the tensor
+
+
+def _residual_rules(block: ResidualConvBlock, authors: str, ours: str) -> Iterator[_Rule]:
+    yield f'{authors}.conv1.conv.weight', f'{ours}.residual.0.2.weight', _unchanged
+    yield f'{authors}.conv2.conv.weight', f'{ours}.residual.1.2.weight', _unchanged
+    if not isinstance(block.shortcut, nn.Identity):
+        yield f'{authors}.shortcut.conv.weight', f'{ours}.shortcut.2.weight', _unchanged
+
+
+def _merging_rules(authors: str, ours: str) -> Iterator[_Rule]:
+    yield f'{authors}.reduction.depthwise.weight', f'{ours}.reduction.0.weight', _unchanged
+    yield f'{authors}.reduction.pointwise.weight', f'{ours}.reduction.1.weight', _unchanged
+
+
+def _bmha_rules(block: BMHABlock, authors: str, ours: str) -> Iterator[_Rule]:
+    attention, heads = block.attention, block.attention.heads
+    a, o = f'{authors}.attn', f'{ours}.attention'
+    yield f'{a}.feat_qv.depthwise.weight', f'{o}.feat_proj.0.weight', _unchanged
+    # without the map update our projection has the queries only; the authors' value half is dropped
+    yield (f'{a}.feat_qv.pointwise.weight', f'{o}.feat_proj.1.weight',
+           partial(_query_value_heads_first, heads=heads, halves=2 if attention.update_map else 1))
+    yield f'{a}.map_qv.weight', f'{o}.map_proj.weight', partial(_query_value_heads_first, heads=heads, halves=2)
+    yield f'{a}.feat_out.depthwise.weight', f'{o}.feat_out.0.weight', partial(_heads_first, heads=heads)
+    yield f'{a}.feat_out.pointwise.weight', f'{o}.feat_out.1.weight', partial(_heads_first, heads=heads, dim=1)
+    if attention.update_map:
+        yield f'{a}.map_out.weight', f'{o}.map_out.weight', partial(_heads_first, heads=heads, dim=1)
+    if not isinstance(block.shortcut, nn.Identity):
+        yield f'{authors}.shortcut.conv.weight', f'{ours}.shortcut.2.weight', _unchanged
+    for name, index in (('expand_proj', 0), ('depthwise', 1), ('pointwise', 3)):
+        yield f'{authors}.feedforward.{name}.conv.weight', f'{ours}.feedforward.residual.{index}.2.weight', _unchanged
+    for parameter in ('0.weight', '0.bias', '2.weight', '2.bias'):
+        yield (f'{authors}.feedforward.se.excitation.{parameter}', f'{ours}.feedforward.residual.2.gate.{parameter}',
+               _unchanged)
+
+
+def _fusion_rules(fusion: SemanticMapFusion) -> Iterator[_Rule]:
+    for i in range(len(fusion.in_proj)):
+        for direction in ('in_proj', 'out_proj'):
+            yield f'map_fusion.{direction}.{i}.weight', f'map_fusion.{direction}.{i}.weight', _unchanged
+    for k in range(len(fusion.transformer.layers)):
+        a, o = f'map_fusion.fusion.layers.{k}', f'map_fusion.transformer.layers.{k}'
+        for authors, ours in (('0.norm', 'norm1'), ('0.fn.to_out', 'self_attn.out_proj'), ('1.norm', 'norm2'),
+                              ('1.fn.fc1', 'linear1'), ('1.fn.fc2', 'linear2')):
+            for parameter in ('weight', 'bias'):
+                yield f'{a}.{authors}.{parameter}', f'{o}.{ours}.{parameter}', _unchanged
+        # q, k, v stacked and heads in the same order in both
+        yield f'{a}.0.fn.to_qkv.weight', f'{o}.self_attn.in_proj_weight', _unchanged
+
+
+def _authors_rules(network: UTNetV2) -> Iterator[_Rule]:
+    """Every tensor of the authors' ``MedFormer`` and where it goes in ``network`` (five levels, see
+    :func:`convert_authors_state_dict`)."""
+    encoder, decoder = network.encoder, network.decoder
+    yield 'inc.conv1.weight', 'encoder.stem.0.0.weight', _unchanged
+    yield from _residual_rules(encoder.stem[0][1], 'inc.conv2', 'encoder.stem.0.1')
+    yield from _merging_rules('down1.patch_merging', 'encoder.stem.1.0')
+    for i, block in enumerate(encoder.stem[1][1:]):
+        yield from _residual_rules(block, f'down1.conv_blocks.{i}', f'encoder.stem.1.{i + 1}')
+    for i, stage in enumerate(encoder.bmha_stages):
+        authors, ours = f'down{i + 2}', f'encoder.bmha_stages.{i}'
+        yield from _merging_rules(f'{authors}.patch_merging', f'{ours}.merge')
+        yield f'{authors}.map_gen.base_proj.weight', f'{ours}.map_generation.base.weight', _unchanged
+        yield f'{authors}.map_gen.semantic_proj.weight', f'{ours}.map_generation.weights.weight', _unchanged
+        for j, block in enumerate(stage.blocks):
+            yield from _bmha_rules(block, f'{authors}.trans_blocks.blocks.{j}', f'{ours}.blocks.{j}')
+    yield from _fusion_rules(network.map_fusion)
+    for i, stage in enumerate(decoder.bmha_stages):
+        authors, ours = f'up{i + 1}', f'decoder.bmha_stages.{i}'
+        yield f'{authors}.map_reduction.weight', f'{ours}.map_reduction.weight', _unchanged
+        for j, block in enumerate(stage.blocks):
+            yield from _bmha_rules(block, f'{authors}.trans_blocks.blocks.{j}', f'{ours}.blocks.{j}')
+    for i, stage in enumerate(decoder.conv_stages):
+        for j, block in enumerate(stage.blocks):
+            yield from _residual_rules(block, f'up{len(decoder.bmha_stages) + i + 1}.conv_blocks.{j}',
+                                       f'decoder.conv_stages.{i}.blocks.{j}')
+    for authors, head in (('outc', 0), ('aux_out', 1)):
+        for parameter in ('weight', 'bias'):
+            yield f'{authors}.{parameter}', f'decoder.seg_layers.{head}.{parameter}', _unchanged
+
+
+def convert_authors_state_dict(authors_state: Mapping[str, torch.Tensor], network: UTNetV2) -> dict[str, torch.Tensor]:
+    """A state dict of the authors' UTNetV2 (``MedFormer`` in CBIM-Medical-Image-Segmentation,
+    ``model/dim3/medformer.py``) rewritten for ``network``, which must have the same setting: five 3d levels
+    and the same widths, blocks, heads and map size (``utnetv2_from_plan`` on the authors' plan, e.g. their BCV
+    configuration with ``VARIANTS['bcv']``). ``network`` itself is not changed; load the result with
+    ``network.load_state_dict(converted)``, strictly.
+
+    Given the same weights both compute the same function. The layouts differ in:
+
+    - the B-MHA channel order: the authors put channel ``d`` of head ``h`` at ``d * heads + h``, ours at
+      ``h * head_dim + d``; the query-value and output projections are permuted accordingly;
+    - the last decoder B-MHA block: ours has no value projection of the feature map (the authors' is used only
+      for the discarded map update), so the value half of their projection is dropped;
+    - the fusion transformer: the authors' query-key-value projection has no bias, PyTorch's gets zeros;
+    - a network trained without ``aux_loss`` has no auxiliary head: ours keeps ``network``'s.
+
+    Args:
+        authors_state: the authors' ``model.state_dict()`` (without a ``module.`` prefix).
+        network: the network to load it into.
+
+    Raises:
+        ValueError: ``network`` does not have five 3d levels, a tensor is missing or left over, or a tensor's
+            shape does not fit ``network`` (another setting); the message names the tensors.
+    """
+    if len(network.strides) != MAX_LEVELS or len(network.map_size) != 3:
+        raise ValueError(f'the authors\' MedFormer has {MAX_LEVELS} levels in 3d; this network has '
+                         f'{len(network.strides)} levels in {len(network.map_size)}d')
+    has_aux = any(key.startswith('aux_out.') for key in authors_state)
+    rules = [rule for rule in _authors_rules(network) if has_aux or not rule[0].startswith('aux_out.')]
+    ours = network.state_dict()
+    missing = [authors for authors, _, _ in rules if authors not in authors_state]
+    left_over = sorted(set(authors_state) - {authors for authors, _, _ in rules})
+    if missing or left_over:
+        raise ValueError(f'the state dict does not fit this network: {len(missing)} tensors missing '
+                         f'{missing[:4]}, {len(left_over)} not used {left_over[:4]}')
+    converted = {}
+    for authors, key, convert in rules:
+        try:
+            tensor = convert(authors_state[authors])
+        except RuntimeError:  # channels that do not split into this network's heads
+            tensor = None
+        if tensor is None or tensor.shape != ours[key].shape:
+            raise ValueError(f'{authors} of shape {tuple(authors_state[authors].shape)} does not fit {key} of shape '
+                             f'{tuple(ours[key].shape)}')
+        converted[key] = tensor
+    for k in range(len(network.map_fusion.transformer.layers)):
+        prefix = f'map_fusion.transformer.layers.{k}.self_attn'
+        converted[f'{prefix}.in_proj_bias'] = torch.zeros_like(converted[f'{prefix}.in_proj_weight'][:, 0])
+    if not has_aux:
+        converted.update({key: tensor.clone() for key, tensor in ours.items()
+                          if key.startswith('decoder.seg_layers.1.')})
+    return converted

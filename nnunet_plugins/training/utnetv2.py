@@ -4,19 +4,20 @@ Optimiser as the authors' recipe, on nnU-Net's schedule: AdamW with learning rat
 and eps 1e-5 (the authors' value, chosen there for fp16 stability), poly decay per epoch (the authors warm
 up for 5 of 150 epochs first; nnU-Net's schedule has no warm-up), gradient-norm clipping at 12 (nnU-Net's;
 the authors clip nothing). Loss: nnU-Net's Dice + cross-entropy on the main output and on the auxiliary
-output, weighted 1:1 as in the authors' configuration.
+output (interpolated to full resolution by the network, as the authors'), weighted 1:1 as in the authors'
+configuration; both against the full-resolution labels.
 """
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.networks.utnetv2 import AUX_LEVEL, utnetv2_from_plan
+from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 
 AUX_LOSS_WEIGHTS = (0.5, 0.5)  # main and auxiliary output, the authors' aux_weight
 
 
 class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
-    """UTNetV2 (37.4M parameters on the paper's five-level BCV plan), with its auxiliary loss."""
+    """UTNetV2 (36.7M parameters on the paper's five-level BCV plan), with its auxiliary loss."""
 
     initial_lr = 6e-4
     weight_decay = 0.05
@@ -31,9 +32,9 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:
-        """The main output at full resolution, the auxiliary one at level :data:`AUX_LEVEL`."""
-        per_level = super().deep_supervision_scales(configuration_manager)
-        return [per_level[0], per_level[AUX_LEVEL]]
+        """Both outputs at full resolution."""
+        full_resolution = super().deep_supervision_scales(configuration_manager)[0]
+        return [full_resolution, full_resolution]
 
     def deep_supervision_weights(self) -> list[float]:
         return list(AUX_LOSS_WEIGHTS)
