@@ -63,15 +63,7 @@ def cross_validation_inputs(dataset: str, trainers: list[str] | None, plans: lis
     name = dataset_name(dataset)
     dataset_id = convert_dataset_name_to_id(name)
     results = Path(nnUNet_results.get()) / name
-    folders = sorted(p for p in results.glob('*__*__*') if p.is_dir()) if results.is_dir() else []
-    if not folders:
-        raise EvaluationError(f'{results} holds no TRAINER__PLANS__CONFIG folder: train first, e.g. '
-                              f'`nnUNetv2_train {dataset_id} 3d_fullres 0 -tr nnUNetTrainerMedNeXtL`.')
-    chosen = [folder for folder in folders if _admitted(folder.name, trainers, plans, configurations)]
-    unknown = [t for t in trainers or [] if not any(f.name.split('__')[0] == t for f in chosen)]
-    if unknown or not chosen:
-        raise EvaluationError(f'no results folder in {results} for {", ".join(unknown) or "these -tr/-p/-c"}; '
-                              f'it holds {", ".join(f.name for f in folders)}')
+    chosen = _model_folders(results, dataset_id, trainers, plans, configurations)
     preprocessed = Path(nnUNet_preprocessed.get()) / name
     dataset_json = read_json(preprocessed / 'dataset.json', 'the dataset.json that nnUNetv2_plan_and_preprocess copied')
     ending = _file_ending(dataset_json)
@@ -95,19 +87,11 @@ def cross_validation_inputs(dataset: str, trainers: list[str] | None, plans: lis
         trainer, plans_name, configuration = folder.name.split('__')
         predictions = {case: (fold, path) for fold in folds for case, path in outputs[folder].get(fold, {}).items()}
         models.append(Model(folder.name, folder, predictions, trainer, plans_name, configuration))
-    splits = _read_splits(preprocessed / 'splits_final.json')
-    expected = {}
-    for fold in folds:
-        if fold < len(splits):
-            expected.update(dict.fromkeys(splits[fold], fold))
-        else:  # no splits file, or a fold beyond it: the cases predicted in that fold
-            expected.update({case: fold for model in models for case, (f, _) in model.predictions.items()
-                             if f == fold})
+    references = _files(preprocessed / 'gt_segmentations', ending,
+                        f'the references, written by `nnUNetv2_plan_and_preprocess -d {dataset_id}`')
     return Inputs(f'{name}, cross-validation fold{"s" if len(folds) > 1 else ""} {", ".join(map(str, folds))}',
-                  dataset_json, preprocessed / 'gt_segmentations',
-                  _files(preprocessed / 'gt_segmentations', ending, 'the references, written by '
-                         f'`nnUNetv2_plan_and_preprocess -d {dataset_id}`'),
-                  models, expected, results / 'evaluation', notes)
+                  dataset_json, preprocessed / 'gt_segmentations', references, models,
+                  _expected_cases(preprocessed / 'splits_final.json', folds, models), results / 'evaluation', notes)
 
 
 def folder_inputs(prediction_folders: list[Path], reference_folder: Path, dataset_json_file: Path | None) -> Inputs:
@@ -170,6 +154,22 @@ def case_tasks(inputs: Inputs, allow_missing: bool) -> list[CaseTask]:
                      inputs.references[case]) for model in inputs.models for case in cases]
 
 
+def _model_folders(results: Path, dataset_id: int, trainers: list[str] | None, plans: list[str] | None,
+                   configurations: list[str] | None) -> list[Path]:
+    """The ``TRAINER__PLANS__CONFIG`` folders of ``results`` that the filters admit; an error where there are none
+    or a named trainer has none."""
+    folders = sorted(p for p in results.glob('*__*__*') if p.is_dir()) if results.is_dir() else []
+    if not folders:
+        raise EvaluationError(f'{results} holds no TRAINER__PLANS__CONFIG folder: train first, e.g. '
+                              f'`nnUNetv2_train {dataset_id} 3d_fullres 0 -tr nnUNetTrainerMedNeXtL`.')
+    chosen = [folder for folder in folders if _admitted(folder.name, trainers, plans, configurations)]
+    unknown = [t for t in trainers or [] if not any(f.name.split('__')[0] == t for f in chosen)]
+    if unknown or not chosen:
+        raise EvaluationError(f'no results folder in {results} for {", ".join(unknown) or "these -tr/-p/-c"}; '
+                              f'it holds {", ".join(f.name for f in folders)}')
+    return chosen
+
+
 def _admitted(folder_name: str, trainers: list[str] | None, plans: list[str] | None,
               configurations: list[str] | None) -> bool:
     parts = folder_name.split('__')
@@ -192,6 +192,20 @@ def _validation_files(folder: Path, ending: str) -> dict[int, dict[str, Path]]:
 def _train_command(dataset_id: int, folder_name: str, fold: int) -> str:
     trainer, plans, configuration = folder_name.split('__')
     return f'nnUNetv2_train {dataset_id} {configuration} {fold} -tr {trainer} -p {plans}'
+
+
+def _expected_cases(splits_file: Path, folds: list[int], models: list[Model]) -> dict[str, int]:
+    """Case -> fold for the validation cases of ``folds``: from nnU-Net's splits file, or for a fold it does not
+    have (or without the file) the cases any model predicted in that fold."""
+    splits = _read_splits(splits_file)
+    expected = {}
+    for fold in folds:
+        if fold < len(splits):
+            expected.update(dict.fromkeys(splits[fold], fold))
+        else:
+            expected.update({case: fold for model in models for case, (f, _) in model.predictions.items()
+                             if f == fold})
+    return expected
 
 
 def _read_splits(splits_file: Path) -> list[list[str]]:

@@ -171,7 +171,7 @@ def case_metrics(reference: np.ndarray, prediction: np.ndarray, spacing: tuple[f
                  crop: bool = True) -> dict[str, dict[str, float]]:
     """Dice, NSD and HD95 (mm) of every label of ``labels`` between two label maps of the same shape, (z, y, x)
     or (y, x), with ``spacing`` in mm per array axis. Voxels the reference marks with the ignore label count
-    for neither mask. ``crop=False`` hands MONAI the whole volumes (the same numbers, slower: for comparison)."""
+    for neither mask. ``crop=False`` hands MONAI the whole volumes (the same numbers; for comparison)."""
     ignored = reference == labels.ignore_label if labels.ignore_label is not None else None
     out = {}
     for name, region, tolerance in zip(labels.names, labels.regions, labels.tolerances_mm):
