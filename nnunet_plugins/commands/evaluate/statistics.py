@@ -42,16 +42,22 @@ def model_summaries(records: Sequence[dict], label_names: Sequence[str]) -> dict
 
 
 def paired_test(values: Sequence[float], baseline: Sequence[float]) -> dict:
-    """Two-sided Wilcoxon signed-rank test (scipy's defaults: exact for small samples without ties or zero
-    differences) of ``values`` against ``baseline`` on the same cases, in the same order, over the cases where
-    both are defined. ``{'n', 'statistic', 'p_value'}``; statistic and p-value are None with no such case."""
+    """Two-sided Wilcoxon signed-rank test of ``values`` against ``baseline`` on the same cases, in the same order,
+    over the cases where both are defined, with scipy's defaults (exact up to 50 pairs; with ties or zero
+    differences, all sign permutations up to 13 pairs and the normal approximation beyond).
+
+    Returns ``{'n', 'statistic', 'p_value'}``; statistic and p-value are None where there is no pair, or where scipy
+    gives none (every difference zero among more than 13 pairs).
+    """
     pairs = [(v, b) for v, b in zip(values, baseline, strict=True) if not (math.isnan(v) or math.isnan(b))]
     if not pairs:
         return {'n': 0, 'statistic': None, 'p_value': None}
-    with warnings.catch_warnings():  # scipy warns, and answers p = 1, when every difference is zero
+    with warnings.catch_warnings():  # scipy warns when every difference is zero
         warnings.simplefilter('ignore', RuntimeWarning)
         result = wilcoxon([v for v, _ in pairs], [b for _, b in pairs])
-    return {'n': len(pairs), 'statistic': float(result.statistic), 'p_value': float(result.pvalue)}
+    statistic, p_value = float(result.statistic), float(result.pvalue)
+    return {'n': len(pairs), 'statistic': None if math.isnan(statistic) else statistic,
+            'p_value': None if math.isnan(p_value) else p_value}
 
 
 def comparisons(records: Sequence[dict], baseline: str, label_names: Sequence[str]) -> list[dict]:
