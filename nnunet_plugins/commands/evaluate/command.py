@@ -10,6 +10,7 @@ from typing import Sequence
 
 import monai
 import torch
+from nnunetv2.configuration import default_num_processes
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from tqdm import tqdm
 
@@ -58,7 +59,6 @@ def find_baseline(name: str, models: Sequence[Model]) -> str:
 def measure(tasks: Sequence[CaseTask], labels: LabelSet, dataset_json: dict, processes: int | None) -> list[dict]:
     """:func:`~nnunet_plugins.commands.evaluate.metrics.evaluate_case` for every task, in order, with a progress
     bar; ``processes`` worker processes (None: nnU-Net's default), or this process alone for 1."""
-    from nnunetv2.configuration import default_num_processes
     reader = determine_reader_writer_from_dataset_json(dataset_json, verbose=False)  # by file ending, as nnU-Net
     work = partial(evaluate_case, labels=labels, reader_class=reader)
     processes = min(processes or default_num_processes, len(tasks))
