@@ -8,7 +8,8 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.commands',
-              'nnunet_plugins.commands.benchmark', 'nnunet_plugins.trainers', 'nnunet_plugins.plans'],
+              'nnunet_plugins.commands.benchmark', 'nnunet_plugins.commands.evaluate', 'nnunet_plugins.trainers',
+              'nnunet_plugins.plans'],
     # the shim folder for nnUNet_extTrainer and the plans presets live at the top of the repository and are
     # installed inside the package
     package_dir={'nnunet_plugins.trainers': 'trainers', 'nnunet_plugins.plans': 'plans'},
@@ -26,6 +27,8 @@ setup(
         'numpy',
         'scipy',
         'packaging',
+        # `nnunet-plugins evaluate` measures NSD and HD95 with MONAI's metric functions; tested with 1.6.1
+        'monai>=1.4,<1.7',
     ],
     extras_require={
         'test': ['pytest', 'monai>=1.4'],

@@ -6,6 +6,7 @@ so ``--help`` is quick.
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from nnunet_plugins import __version__, trainers_folder
 
@@ -128,6 +129,29 @@ def _benchmark(args: argparse.Namespace) -> int:
         raise _fail('benchmark', str(error)) from None
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    if (args.dataset is None) == (args.pred is None):
+        raise _fail('evaluate', 'give either a DATASET (its cross-validation) or --pred FOLDER ... --ref FOLDER')
+    if args.pred is not None and args.ref is None:
+        raise _fail('evaluate', '--pred needs --ref, the folder of reference segmentations')
+    if args.dataset is not None:
+        stray = [flag for flag, value in (('--ref', args.ref), ('--dataset-json', args.dataset_json)) if value]
+        if stray:
+            raise _fail('evaluate', f'{" and ".join(stray)} go with --pred; a DATASET\'s references are its '
+                                    f'gt_segmentations in nnUNet_preprocessed')
+    else:
+        stray = [flag for flag, value in (('-tr', args.trainers), ('-p', args.plans), ('-c', args.configurations),
+                                          ('-f', args.folds)) if value]
+        if stray:
+            raise _fail('evaluate', f'{", ".join(stray)} choose among a DATASET\'s results; with --pred, name the '
+                                    f'folders instead')
+    from nnunet_plugins.commands.evaluate.command import run
+    try:
+        return run(args)
+    except ValueError as error:
+        raise _fail('evaluate', str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='nnunet-plugins',
@@ -245,6 +269,44 @@ def build_parser() -> argparse.ArgumentParser:
                        help='with --inference: no mirroring (nnUNetv2_predict --disable_tta)')
     bench.add_argument('--out', default='nnunet_plugins_benchmark', help='output folder (default: %(default)s)')
     bench.set_defaults(run=_benchmark)
+
+    evaluate = commands.add_parser(
+        'evaluate', help='Dice, NSD and HD95 per label across trainers, from the cross-validation or any folders',
+        description='Measure Dice (as nnU-Net does), normalised surface Dice (NSD) and HD95 (both by MONAI, in mm) '
+                    'per case and label, for every TRAINER__PLANS__CONFIG of a dataset with validation output (its '
+                    'cross-validation), or for prediction folders against a reference folder (a test set, an '
+                    'nnUNetv2_ensemble output). With --baseline, paired Wilcoxon signed-rank tests of each model '
+                    'against it. Writes evaluation.json, .csv, .md and .png to --out.')
+    evaluate.add_argument('dataset', nargs='?', metavar='DATASET', help='dataset id or name, e.g. 4')
+    evaluate.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
+                          help='trainers to evaluate (default: every one with validation output)')
+    evaluate.add_argument('-p', dest='plans', nargs='+', metavar='PLANS', help='plans identifiers (default: any)')
+    evaluate.add_argument('-c', dest='configurations', nargs='+', metavar='CONFIGURATION',
+                          help='configurations (default: any)')
+    evaluate.add_argument('-f', dest='folds', nargs='+', type=non_negative_int, metavar='FOLD',
+                          help='folds (default: every fold with validation output)')
+    evaluate.add_argument('--pred', nargs='+', type=Path, metavar='FOLDER',
+                          help='prediction folders to evaluate instead of a DATASET (each one model, named after '
+                               'its folder)')
+    evaluate.add_argument('--ref', type=Path, metavar='FOLDER', help='with --pred: the reference segmentations')
+    evaluate.add_argument('--dataset-json', type=Path, metavar='FILE',
+                          help='with --pred: the dataset.json with labels and file ending (default: the one '
+                               'nnUNetv2_predict wrote into the first --pred folder)')
+    evaluate.add_argument('--baseline', metavar='NAME',
+                          help='a trainer (or TRAINER__PLANS__CONFIG, or --pred folder name) to test the others '
+                               'against')
+    evaluate.add_argument('--tolerance', nargs='+', type=positive_float, metavar='MM',
+                          help='NSD tolerance in mm: one value, or one per label in dataset.json\'s order '
+                               '(default: 1.0, as the MedNeXt paper)')
+    evaluate.add_argument('--allow-missing', action='store_true',
+                          help='evaluate the cases that have a reference and every prediction, and say which were '
+                               'left out, instead of stopping')
+    evaluate.add_argument('-np', dest='processes', type=positive_int, metavar='N',
+                          help="worker processes (default: nnU-Net's, nnUNet_def_n_proc or 8)")
+    evaluate.add_argument('--out', metavar='FOLDER',
+                          help='output folder (default: $nnUNet_results/DATASET/evaluation, or an evaluation '
+                               'folder in the first --pred folder)')
+    evaluate.set_defaults(run=_evaluate)
     return parser
 
 

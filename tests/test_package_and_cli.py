@@ -34,7 +34,8 @@ def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
             'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py',
-            'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py'} <= names
+            'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py',
+            'nnunet_plugins/commands/evaluate/metrics.py'} <= names
     presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv')
     assert {f'nnunet_plugins/plans/{preset}.json' for preset in presets} <= names
     assert not any(name.startswith(('tests/', 'trainers/', 'plans/')) for name in names)
@@ -66,7 +67,7 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
 def test_every_subcommand_has_help():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark'}
+    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate'}
     for name in subcommands:
         result = run(COMMAND, name, '--help')
         assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')
