@@ -27,13 +27,10 @@ setup(
         'numpy',
         'scipy',
         'packaging',
-        # `nnunet-plugins evaluate` measures NSD and HD95 with MONAI's metric functions; tested with 1.6.1
+        # `nnunet-plugins evaluate` measures NSD and HD95 with MONAI's metric functions, and the benchmark has
+        # MONAI's MedNeXt and SwinUNETR as peers; tested with 1.6.1
         'monai>=1.4,<1.7',
     ],
-    extras_require={
-        'test': ['pytest', 'monai>=1.4'],
-        # MONAI's MedNeXt and SwinUNETR as peers in `nnunet-plugins benchmark`
-        'bench': ['monai>=1.4'],
-    },
+    extras_require={'test': ['pytest']},
     entry_points={'console_scripts': ['nnunet-plugins=nnunet_plugins.cli:main']},
 )

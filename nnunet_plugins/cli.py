@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
         'benchmark', help='parameters, multiply-adds, training-step time and peak memory per trainer, side by side',
         description='Build every trainer\'s network, loss and optimiser as nnUNetv2_train does and time its training '
                     'step on random batches, each row in its own process. Rows: the plugin trainers, nnUNetTrainer '
-                    'on the same plans and on ResEnc L plans, and (with MONAI installed: pip install '
-                    'nnunet-plugins[bench]) MONAI\'s MedNeXt S/B/M/L k3/k5 and SwinUNETR. Prints a Markdown table '
+                    'on the same plans and on ResEnc L plans, and MONAI\'s MedNeXt S/B/M/L k3/k5 and SwinUNETR. With '
+                    '--inference, nnU-Net\'s sliding-window prediction of one case instead. Prints a Markdown table '
                     'and writes benchmark.md, benchmark.json and benchmark.png to --out.')
     bench.add_argument('dataset', nargs='?', metavar='DATASET', help='dataset id or name, e.g. 4 (or use --patch)')
     bench.add_argument('configuration', nargs='?', metavar='CONFIGURATION', help='e.g. 3d_fullres')

@@ -15,9 +15,9 @@ How each row is measured
   counted by :func:`nnunet_plugins.macs.forward_macs` on the meta device.
 - Parameters: the network as trained (deep-supervision heads included).
 
-Rows: the plugin trainers; two baselines, ``nnUNetTrainer`` on the same plans and on ResEnc L plans; and,
-with MONAI installed (``pip install nnunet-plugins[bench]``), MONAI's MedNeXt S/B/M/L (kernel 3 and 5) and
-SwinUNETR as peers, trained with the MedNeXt trainers' recipe so that only the network differs.
+Rows: the plugin trainers; two baselines, ``nnUNetTrainer`` on the same plans and on ResEnc L plans; and MONAI's
+MedNeXt S/B/M/L (kernel 3 and 5) and SwinUNETR as peers, trained with the MedNeXt trainers' recipe so that only
+the network differs. With ``--inference`` a row times nnU-Net's prediction of one case instead.
 
 Modules: :mod:`.peers` (which trainer a row name means; MONAI's networks as trainers), :mod:`.plans` (the
 user's plans, or what nnU-Net's planners make of a patch), :mod:`.rows` (what is measured, and the JSON

@@ -12,7 +12,7 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_plugins.commands.benchmark.peers import PEERS, default_trainers, monai_available, trainer_class
+from nnunet_plugins.commands.benchmark.peers import PEERS, default_trainers, trainer_class
 from nnunet_plugins.commands.benchmark.plans import dataset_plans, resenc_l_plans, synthetic_dataset_json, \
     synthetic_plans
 from nnunet_plugins.commands.benchmark.report import chart, markdown, ratios
@@ -29,13 +29,7 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
     trainers = args.trainers or default_trainers()
     # a prediction compares the plugin networks with nnU-Net's own on the same plans, unless asked for more
     baselines = (('nnUNetTrainer',) if args.inference else BASELINES) if args.baselines is None else args.baselines
-    peers = [] if args.inference and args.peers is None else args.peers
-    if peers is None:
-        peers = list(PEERS) if monai_available() else []
-        if not peers:
-            print('MONAI is not installed, so the table has no peers (pip install nnunet-plugins[bench]).')
-    elif peers and not monai_available():
-        raise ValueError('--peers needs MONAI: pip install nnunet-plugins[bench]')
+    peers = ([] if args.inference else list(PEERS)) if args.peers is None else args.peers
     unknown = [name for name in peers if name not in PEERS] + [name for name in baselines if name not in BASELINES]
     if unknown:
         raise ValueError(f'unknown baseline or peer {", ".join(unknown)}; baselines are {", ".join(BASELINES)}, '

@@ -1,6 +1,4 @@
 """Which trainer a benchmark row name means, and MONAI's networks as peers trained with the MedNeXt recipe."""
-import importlib.util
-
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
@@ -90,9 +88,3 @@ def trainer_class(name: str) -> type[nnUNetTrainer]:
         raise ValueError(f'no trainer named {name!r}: it is neither a plugin trainer (`nnunet-plugins trainers` lists '
                          f'them), nor a peer ({", ".join(PEERS)}), nor a trainer nnU-Net finds in nnunetv2 or in '
                          f'nnUNet_extTrainer') from None
-
-
-def monai_available() -> bool:
-    return importlib.util.find_spec('monai') is not None
-
-

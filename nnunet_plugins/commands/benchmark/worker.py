@@ -15,6 +15,7 @@ from collections import deque
 from pathlib import Path
 from unittest import mock
 
+import monai.networks.nets  # noqa: F401  (the peers' networks, imported before the memory baseline like the rest)
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_plugins import settings
-from nnunet_plugins.commands.benchmark.peers import monai_available, trainer_class
+from nnunet_plugins.commands.benchmark.peers import trainer_class
 from nnunet_plugins.commands.benchmark.rows import Row
 from nnunet_plugins.networks.layout import memory_layout
 from nnunet_plugins.workspace import environment
@@ -83,10 +84,8 @@ def random_batch(trainer: nnUNetTrainer, seed: int = 0) -> dict:
 def measure(spec: dict) -> dict:
     """Build the row's trainer and time its training step, or nnU-Net's prediction of one case with its network
     (``spec['mode']``); runs inside the row's own process."""
-    # everything a row may import is imported before the baseline (the rest at the top of this module), so
-    # baselines are equal across rows
-    if monai_available():
-        import monai.networks.nets  # noqa: F401
+    # everything a row may import is imported at the top of this module, before the baseline, so baselines are
+    # equal across rows
     baseline_rss = _reset_peak_rss()
     device = torch.device(spec['device'])
     if device.type == 'cuda':  # as nnUNetv2_train
