@@ -11,26 +11,21 @@ from pathlib import Path
 from nnunet_plugins import __version__, trainers_folder
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1 (sizes, counts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a positive whole number')
-    return value
+def _whole_number_of_at_least(minimum: int, words: str):
+    """An argparse type: a whole number of at least ``minimum``; the error says ``'TEXT' is not WORDS``."""
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f'{text!r} is not {words}')
+        return value
+    return check
 
 
-def non_negative_int(text: str) -> int:
-    """An argparse type: a whole number of at least 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number of at least 0')
-    return value
+positive_int = _whole_number_of_at_least(1, 'a positive whole number')  # sizes, counts
+non_negative_int = _whole_number_of_at_least(0, 'a whole number of at least 0')
 
 
 def positive_float(text: str) -> float:
