@@ -132,7 +132,10 @@ def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
     results.mkdir()
     workspace.run('nnunet-plugins', 'doctor', env=env)
     for line in recipe[4:]:
-        command = (f' {line} '.replace(' 4 ', f' {DATASET_ID} ').replace('MedNeXtL', 'MedNeXtS')
+        command = f' {line} '
+        for dataset in (' -d 4 ', 'nnUNetv2_train 4 ', 'nnUNetv2_find_best_configuration 4 '):  # not "-f ... 3 4"
+            command = command.replace(dataset, dataset.replace(' 4 ', f' {DATASET_ID} '))
+        command = (command.replace('MedNeXtL', 'MedNeXtS')
                    .replace(' imagesTs ', f' {workspace.raw / "imagesTs"} ')
                    .replace(' pred ', f' {tmp_path / "pred"} '))
         for tool in ('nnUNetv2_train ', 'nnUNetv2_predict '):  # the README's are for a GPU
