@@ -7,8 +7,10 @@ UTNetV2's trainings in their own files (memoised, so the ensemble here reuses th
 """
 import hashlib
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,8 +129,10 @@ def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
                           '--path)', 'nnunet-plugins doctor']  # installation: test_package_and_cli.py
     assert recipe[3] == 'nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres'  # what the workspace fixture ran
     results = tmp_path / 'nnUNet_results'
+    # the user's shell finds nnU-Net's commands on PATH, as in an activated environment
     env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '1',
-           'nnUNet_plugins_iterations': '2'}
+           'nnUNet_plugins_iterations': '2',
+           'PATH': os.pathsep.join([str(Path(sys.executable).parent), workspace.env.get('PATH', '')])}
     results.mkdir()
     workspace.run('nnunet-plugins', 'doctor', env=env)
     for line in recipe[4:]:
