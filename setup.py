@@ -17,6 +17,8 @@ setup(
         # 2.8 brought nnUNet_extTrainer and the 2.7 trainer signature; 2.9 may change the trainer
         # internals the plugin overrides, so it is admitted only once tested (see README)
         'nnunetv2>=2.8.1,<2.9',
+        # Swin UNETR reuses MONAI's Swin transformer blocks; tested with 1.6.1, see README
+        'monai>=1.4,<1.7',
         'torch',
         'torchvision',
         'SimpleITK',
