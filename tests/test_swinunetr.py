@@ -33,9 +33,9 @@ MONAI_MACS_96 = 318_524_732_736  # one forward pass of a 96^3 patch, counted on 
 # where MONAI's SwinUNETR keeps each of our modules (ours: MONAI's)
 MONAI_NAMES = {'encoder.': 'swinViT.', 'decoder.skip_blocks.0.': 'encoder1.', 'decoder.skip_blocks.1.': 'encoder2.',
                'decoder.skip_blocks.2.': 'encoder3.', 'decoder.skip_blocks.3.': 'encoder4.',
-               'decoder.bottleneck.': 'encoder10.', 'decoder.up_blocks.4.': 'decoder5.',
-               'decoder.up_blocks.3.': 'decoder4.', 'decoder.up_blocks.2.': 'decoder3.',
-               'decoder.up_blocks.1.': 'decoder2.', 'decoder.up_blocks.0.': 'decoder1.', 'decoder.seg_layers.': 'out.'}
+               'decoder.bottleneck.': 'encoder10.', 'decoder.stages.4.': 'decoder5.',
+               'decoder.stages.3.': 'decoder4.', 'decoder.stages.2.': 'decoder3.',
+               'decoder.stages.1.': 'decoder2.', 'decoder.stages.0.': 'decoder1.', 'decoder.seg_layers.': 'out.'}
 
 THICK_SLICE_STRIDES = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]]
 THICK_SLICE_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
@@ -89,7 +89,7 @@ def test_patch_embedding_and_kernels_follow_the_plan(plan_strides, plan_kernels,
     assert isinstance(projection, nn.Conv2d if dims == 2 else nn.Conv3d)
     assert projection.kernel_size == projection.stride == embedding
     assert network.decoder.skip_blocks[0].layer.conv1.conv.kernel_size == kernel_0
-    assert network.decoder.up_blocks[0].transp_conv.conv.stride == embedding  # mirrors the embedding
+    assert network.decoder.stages[0].transp_conv.conv.stride == embedding  # mirrors the embedding
     for level in range(1, 6):
         assert network.kernel_sizes[level] == kernel_1
     assert network.decoder.bottleneck.layer.conv2.conv.kernel_size == kernel_1

@@ -82,7 +82,7 @@ class SwinUNETRDecoder(nn.Module):
 
     Level ``l`` of the decoder has ``channels[l]`` channels (C, C, 2C, 4C, 8C, 16C). ``skip_blocks[l]`` maps
     the raw input (level 0) or the encoder's level-``l`` output to them, for levels 0-3; the level-4 output
-    is concatenated as it is; ``bottleneck`` is the block on level 5. ``up_blocks[l]`` (transposed conv with
+    is concatenated as it is; ``bottleneck`` is the block on level 5. ``stages[l]`` (transposed conv with
     kernel = stride = the level-``l + 1`` stride, concatenated skip, residual block) brings level ``l + 1``
     to level ``l``.
     """
@@ -98,7 +98,7 @@ class SwinUNETRDecoder(nn.Module):
             for level in range(SWIN_STAGES)])
         self.bottleneck = UnetrBasicBlock(in_channels=channels[-1], out_channels=channels[-1],
                                           kernel_size=kernel_sizes[-1], stride=1, **common)
-        self.up_blocks = nn.ModuleList([
+        self.stages = nn.ModuleList([
             UnetrUpBlock(in_channels=channels[level + 1], out_channels=channels[level],
                          kernel_size=kernel_sizes[level], upsample_kernel_size=strides[level + 1], **common)
             for level in range(LEVELS - 1)])
@@ -111,7 +111,7 @@ class SwinUNETRDecoder(nn.Module):
         skips.append(encoder_outputs[SWIN_STAGES - 1])
         x = self.bottleneck(encoder_outputs[-1])
         for level in reversed(range(LEVELS - 1)):
-            x = self.up_blocks[level](x, skips[level])
+            x = self.stages[level](x, skips[level])
         return self.seg_layers(x)
 
 
