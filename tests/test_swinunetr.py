@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 import torch
 from monai.networks.nets import SwinUNETR as MONAISwinUNETR
+from monai.networks.nets.swin_unetr import SwinTransformerBlock
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
+from nnunet_plugins import settings
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.swinunetr import (
@@ -145,7 +147,7 @@ def released_format(monai: MONAISwinUNETR) -> dict:
     state = {}
     for key, value in monai.swinViT.state_dict().items():
         state['module.' + key.replace('.mlp.linear1.', '.mlp.fc1.').replace('.mlp.linear2.', '.mlp.fc2.')] = value
-    state['module.rotation_head.weight'] = torch.zeros(4, 16 * monai.swinViT.embed_dim)  # a pre-training head, not part of the encoder
+    state['module.rotation_head.weight'] = torch.zeros(4, 16 * monai.swinViT.embed_dim)  # a pre-training head
     return {'state_dict': state}
 
 
@@ -198,7 +200,7 @@ def test_pretrained_encoder_that_matches_nothing_or_does_not_fit_is_refused(tmp_
 
 # ---- trainer, in-process ----
 
-def test_trainer_has_one_output_logs_its_windows_and_every_parameter_learns(make_trainer):
+def test_trainer_has_one_output_logs_its_windows_every_parameter_learns_and_reloads_strictly(make_trainer):
     trainer = make_trainer(nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH})
     trainer.initialize()
     assert trainer._get_deep_supervision_scales() is None
@@ -216,19 +218,37 @@ def test_trainer_has_one_output_logs_its_windows_and_every_parameter_learns(make
     assert [name for name, p in trainer.network.named_parameters() if p.grad is None] == []
     assert all(torch.isfinite(p.grad).all() for p in trainer.network.parameters())
 
-
-def test_checkpoint_loads_strictly_into_the_inference_network(make_trainer):
-    trainer = make_trainer(nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH})
-    trainer.initialize()
+    # nnUNetv2_predict builds the network without deep supervision and loads the checkpoint strictly
     arguments = (trainer.plans_manager, trainer.configuration_manager, 1, 4)
     rebuilt = nnUNetTrainerSwinUNETR.build_network_architecture(*arguments, enable_deep_supervision=False)
     rebuilt.load_state_dict(trainer.network.state_dict(), strict=True)
-    rebuilt.to(memory_format=torch.channels_last_3d)  # as the CPU trainer keeps it
-    x = torch.randn(1, 1, *SWIN_PATCH)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(x), trainer.network(x))
     with pytest.raises(ValueError, match='no deep supervision'):
         nnUNetTrainerSwinUNETR.build_network_architecture(*arguments, enable_deep_supervision=True)
+
+
+def test_optimiser_and_schedule(make_trainer):
+    trainer = make_trainer(nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH})
+    trainer.initialize()
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    group = trainer.optimizer.param_groups[0]
+    # the MedNeXt authors' Swin UNETR setting in nnU-Net; eps 1e-4 for fp16 autocast
+    assert (group['lr'], group['weight_decay'], group['eps']) == (2.5e-3, 3e-5, 1e-4)
+    trainer.lr_scheduler.step(500)
+    assert group['lr'] == pytest.approx(2.5e-3 * 0.5 ** 0.9)
+
+
+@pytest.mark.parametrize('value,expected', [(None, False), ('1', True)])
+def test_gradient_checkpointing_follows_the_variable(workspace, monkeypatch, value, expected):
+    if value is None:
+        monkeypatch.delenv(settings.CHECKPOINTING, raising=False)
+    else:
+        monkeypatch.setenv(settings.CHECKPOINTING, value)
+    configuration = PlansManager(json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())) \
+        .get_configuration(CONFIGURATION)
+    network = on_meta(nnUNetTrainerSwinUNETR.network_from_plan, configuration, 1, 4, False)
+    assert network.gradient_checkpointing is expected
+    assert {block.use_checkpoint for block in network.encoder.modules() if isinstance(block, SwinTransformerBlock)} \
+        == {expected}
 
 
 def test_two_d_configuration_builds_the_two_d_network(workspace):
@@ -287,4 +307,5 @@ def test_nnunetv2_train_and_continue(workspace):
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['current_epoch'] == epochs
     assert len(checkpoint['logging']['train_losses']) == epochs
-    assert f'Epoch {epochs - 1}\n' in training_log(fold)
+    # poly decay goes on from the checkpoint's epoch: 2.5e-3 * (1 - (epochs - 1) / epochs) ** 0.9
+    assert f'Current learning rate: {np.round(2.5e-3 * (1 / epochs) ** 0.9, 5)}' in training_log(fold)
