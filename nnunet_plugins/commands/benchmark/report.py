@@ -90,8 +90,8 @@ def markdown(meta: dict, records: Sequence[dict], peer_ratios: Sequence[dict]) -
         lines += ['', *notes]
     if peer_ratios:
         lines += ['', 'Ours / MONAI\'s network of the same kind (MedNeXt of the same size and kernel, SwinUNETR), same '
-                  'layout and precision (MONAI\'s MedNeXt B, M and L have fewer parameters than the authors\' networks, '
-                  'see "parameters"):', '',
+                  'layout and precision (MONAI\'s MedNeXt B, M and L have fewer parameters than the authors\' '
+                  'networks, see "parameters"):', '',
                   '| ours | MONAI | setting | step time | peak memory | parameters, ours - MONAI | topology |',
                   '|---|---|---|---:|---:|---:|---|']
         lines += [f'| {r["ours"]} | {r["monai"]} | {r["setting"]} | {r["step_time_ratio"]:.2f}x | '
