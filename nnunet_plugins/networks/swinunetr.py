@@ -1,4 +1,4 @@
-"""Swin UNETR (Hatamizadeh et al., 2022; paper 003) with its patch embedding taken from nnU-Net plans.
+"""Swin UNETR (Tang et al., CVPR 2022; paper 003) with its patch embedding taken from nnU-Net plans.
 
 Encoder (paper Sec. 3): the input is cut into patches (2x2x2 in the paper) and linearly embedded to C = 48
 channels; four stages of Swin transformer blocks (window attention then shifted-window attention, window 7,
@@ -19,12 +19,12 @@ parameters (62,187,296 for 1 input channel and 14 classes). What the plans chang
 
 - the patch embedding's stride is the plan's first downsampling (e.g. 1x2x2 on thick-slice CT, as paper 004
   did); patch merging stays 2x2x2 (MONAI's), so every later level halves every axis;
-- an axis whose nnU-Net kernel is 1 gets kernel 1 in the decoder's residual blocks (level 0 after the plan's
-  first stage, the deeper levels after its second, whose spacing ratios patch merging keeps);
+- an axis whose nnU-Net kernel is 1 gets kernel 1 in the decoder's residual blocks (level 0 where plan stage 0
+  has it, levels 1-5 where stage 1 has it, as patch merging keeps level 1's spacing ratios);
 - three strides per level build the 3d network, two the 2d one (MONAI's blocks in 2d).
 
-MONAI shrinks a window at run time wherever the token grid is shorter than the window along an axis, and does
-not shift it along that axis (:meth:`SwinUNETR.windows` says which windows a patch gets). Like the
+MONAI shrinks a window at run time to the token grid along every axis where the grid is not longer than the
+window, and does not shift it along that axis (:meth:`SwinUNETR.windows` says which windows a patch gets). Like the
 reference, it then looks the relative position bias up as if the window had not shrunk along the later axes
 (``relative_position_index[:n, :n]``); this is the reference's function (at 96^3 its last stage runs 6x6x6
 windows that way), kept so that weights and outputs stay exchangeable with MONAI's.
