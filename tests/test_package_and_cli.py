@@ -35,7 +35,7 @@ def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
     assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
             'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py',
             'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py'} <= names
-    presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv')
+    presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv', 'swinunetr')
     assert {f'nnunet_plugins/plans/{preset}.json' for preset in presets} <= names
     assert not any(name.startswith(('tests/', 'trainers/', 'plans/')) for name in names)
 
