@@ -27,8 +27,8 @@ setup(
         'numpy',
         'scipy',
         'packaging',
-        # `nnunet-plugins evaluate` measures NSD and HD95 with MONAI's metric functions, and the benchmark has
-        # MONAI's MedNeXt and SwinUNETR as peers; tested with 1.6.1
+        # Swin UNETR is built from MONAI's Swin transformer blocks, `nnunet-plugins evaluate` measures NSD and HD95
+        # with MONAI's metric functions, and the benchmark has MONAI's networks as peers; tested with 1.6.1, see README
         'monai>=1.4,<1.7',
     ],
     extras_require={'test': ['pytest']},

@@ -113,6 +113,13 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     assert parameters('nnUNetTrainerMedNeXtB') - parameters('MedNeXtB') == 15_456
     assert topology_versus_monai(trainer_class('nnUNetTrainerMedNeXtS'),
                                             configuration_manager) == 'same'
+    # on these plans our Swin UNETR is MONAI's SwinUNETR peer: same size, multiply-adds and topology
+    swin_unetr = [parameter_count(trainer_class(trainer).build_network_architecture(
+        PlansManager(plans), configuration_manager, 1, 14, enable_deep_supervision=False))
+        for trainer in ('nnUNetTrainerSwinUNETR', 'SwinUNETR')]
+    assert swin_unetr == [62_187_296] * 2
+    assert facts('SwinUNETR')['forward_gmacs_per_patch'] == facts('nnUNetTrainerSwinUNETR')['forward_gmacs_per_patch']
+    assert topology_versus_monai(trainer_class('nnUNetTrainerSwinUNETR'), configuration_manager) == 'same'
 
 
 def test_default_trainers_leave_out_upkern_and_reach_every_other_plugin_trainer():

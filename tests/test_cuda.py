@@ -6,16 +6,20 @@ import torch
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL_k5, nnUNetTrainerMedNeXtS
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
+from test_swinunetr import SWIN_PATCH
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 
-@pytest.mark.parametrize('trainer_class', [nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtL_k5],
-                         ids=lambda c: c.__name__)
-def test_fp16_autocast_training_keeps_the_loss_finite(make_trainer, monkeypatch, trainer_class):
+@pytest.mark.parametrize('trainer_class,configuration', [
+    (nnUNetTrainerMedNeXtS, None), (nnUNetTrainerMedNeXtL_k5, None),
+    (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),  # the smallest patch it takes on the tiny plan
+], ids=lambda c: getattr(c, '__name__', ''))
+def test_fp16_autocast_training_keeps_the_loss_finite(make_trainer, monkeypatch, trainer_class, configuration):
     monkeypatch.setenv('nnUNet_compile', 'f')
-    trainer = make_trainer(trainer_class, device='cuda')
+    trainer = make_trainer(trainer_class, configuration, device='cuda')
     trainer.initialize()
     assert trainer.grad_scaler is not None  # nnU-Net trains with fp16 autocast and a GradScaler on CUDA
     batch = random_batch(trainer)

@@ -36,7 +36,7 @@ def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
             'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py',
             'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py',
             'nnunet_plugins/commands/evaluate/metrics.py'} <= names
-    presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv')
+    presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv', 'swinunetr')
     assert {f'nnunet_plugins/plans/{preset}.json' for preset in presets} <= names
     assert not any(name.startswith(('tests/', 'trainers/', 'plans/')) for name in names)
 
@@ -61,7 +61,7 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
     assert result.returncode == 0, result.stderr
     folder, *names = result.stdout.split()
     assert Path(folder) == target / 'nnunet_plugins' / 'plans'
-    assert names == ['mednext', 'mednext-2d', 'utnetv2-bcv', 'uxnet']
+    assert names == ['mednext', 'mednext-2d', 'swinunetr', 'utnetv2-bcv', 'uxnet']
 
 
 def test_every_subcommand_has_help():

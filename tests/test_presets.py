@@ -41,10 +41,14 @@ def test_presets_hold_the_papers_settings_and_name_existing_trainers():
         'uxnet': ('3d_fullres_uxnet', '3d_fullres', None, (96, 96, 96), 2, {'nnUNetTrainerUXNet'}),
         'utnetv2-bcv': ('3d_fullres_utnetv2_bcv', '3d_fullres', (3.0, 0.75, 0.75), (32, 128, 128), 3,
                         {'nnUNetTrainerUTNetV2'}),
+        # the authors' 1.5 x 1.5 x 2.0 mm in (x, y, z), z first here; their batch 1 x 4 crops per image
+        'swinunetr': ('3d_fullres_swinunetr', '3d_fullres', (2.0, 1.5, 1.5), (96, 96, 96), 4,
+                      {'nnUNetTrainerSwinUNETR'}),
     }
     assert found['mednext'].trainers[0] == 'nnUNetTrainerMedNeXtL'  # the one the printed command suggests
     assert 'Sec. 3.1' in found['mednext'].source and 'Table 4' in found['uxnet'].source
     assert 'BCV' in found['utnetv2-bcv'].source
+    assert 'SwinUNETR/BTCV' in found['swinunetr'].source and 'num_samples=4' in found['swinunetr'].source
     registered = {trainer.__name__ for trainer in TRAINERS}
     for preset in found.values():
         assert set(preset.trainers) <= registered, f'{preset.name} names trainers that are not registered'
@@ -58,6 +62,7 @@ def test_list_shows_every_preset_with_its_source():
         assert f'source: {preset.source}' in result.stdout
     assert 'spacing 1 x 1 x 1 mm, patch 128 x 128 x 128, batch 2' in result.stdout
     assert 'spacing of 3d_fullres, patch 96 x 96 x 96, batch 2' in result.stdout
+    assert 'spacing 2 x 1.5 x 1.5 mm, patch 96 x 96 x 96, batch 4' in result.stdout
 
 
 def test_a_broken_preset_file_is_reported(tmp_path):
@@ -127,6 +132,12 @@ EXPECTED = {  # nnU-Net's get_pool_and_conv_props worked by hand for each preset
     'utnetv2-bcv': dict(spacing=[3.0, 0.75, 0.75], patch_size=[32, 128, 128], batch_size=3,
                         strides=[[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
                         kernel_sizes=[[1, 3, 3], [1, 3, 3]] + [[3, 3, 3]] * 4, **_3D_LISTS),
+    # 2.0 mm is less than twice 1.5 mm: every axis is downsampled from the first stage (Swin UNETR's 2x2x2 patch
+    # embedding), four times, down to 6 voxels per axis
+    'swinunetr': dict(spacing=[2.0, 1.5, 1.5], patch_size=[96, 96, 96], batch_size=4,
+                      strides=[[1, 1, 1]] + [[2, 2, 2]] * 4, kernel_sizes=[[3, 3, 3]] * 5,
+                      features_per_stage=[32, 64, 128, 256, 320], n_conv_per_stage=[2] * 5,
+                      n_conv_per_stage_decoder=[2] * 4),
 }
 
 
@@ -186,7 +197,7 @@ def test_overrides_and_overwrite_replace_only_the_presets_own_configuration(nnun
 
 ERROR_CASES = {  # request (on top of preset mednext and the copied plans) -> part of the message
     'unknown preset': (dict(preset_name='nope'),
-                       "unknown preset 'nope'; the presets are mednext, mednext-2d, utnetv2-bcv, uxnet"),
+                       "unknown preset 'nope'; the presets are mednext, mednext-2d, swinunetr, utnetv2-bcv, uxnet"),
     'missing plans file': (dict(plans_identifier='nnUNetPlansMissing'), 'nnUNetPlansMissing.json. Plan the dataset'),
     'patch nnU-Net would pad': (dict(patch_size=[30, 32, 32]),
                                 'axis 0 (30) must be a multiple of 8. Use e.g. --patch 32 32 32'),

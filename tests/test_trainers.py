@@ -143,7 +143,8 @@ def test_training_stops_when_the_loss_stays_non_finite(make_trainer):
 def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_trainer):
     trainer = make_trainer(nnUNetTrainerMedNeXtS, {'patch_size': [14, 32, 30]})
     with pytest.raises(ValueError, match=r'axis 2 \(30\) must be divisible by 8.*such as \[14, 32, 32\]: '
-                       r'`nnunet-plugins plans DATASET --preset mednext --patch 14 32 32`'):
+                       r'`nnunet-plugins plans DATASET --preset mednext --patch 14 32 32 '
+                       r'--spacing 3\.033 1\.18 1\.189`'):
         trainer.initialize()
 
 

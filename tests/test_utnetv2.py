@@ -416,7 +416,8 @@ def _three_level_plan(workspace) -> dict:
 
 @pytest.mark.parametrize('override,message', [
     (lambda _: {'patch_size': [14, 32, 30]}, r'axis 2 \(30\) must be divisible by 8.*such as \[14, 32, 32\]: '
-                                              r'`nnunet-plugins plans DATASET --preset utnetv2-bcv --patch 14 32 32`'),
+                                              r'`nnunet-plugins plans DATASET --preset utnetv2-bcv --patch 14 32 32 '
+                                              r'--spacing 3\.033 1\.18 1\.189`'),
     (lambda _: {'patch_size': [2, 8, 8]}, r'its bottleneck would be \[1, 1, 1\], a single voxel.*such as \[2, 16, 8\]'),
     (_three_level_plan, r'needs at least 4 resolution levels.*has 3.*--patch 28 64 64'),
 ], ids=['not-divisible', 'one-voxel-bottleneck', 'three-levels'])

@@ -215,7 +215,7 @@ def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_train
     trainer = make_trainer(nnUNetTrainerUXNet, {'patch_size': [13, 32, 30]})
     with pytest.raises(ValueError, match=r'axis 0 \(13\) must be divisible by 2, axis 2 \(30\) must be divisible '
                                          r'by 8 .*such as \[12, 32, 32\]: `nnunet-plugins plans DATASET --preset uxnet '
-                                         r'--patch 12 32 32`'):
+                                         r'--patch 12 32 32 --spacing 3\.033 1\.18 1\.189`'):
         trainer.initialize()
     # on an isotropic plan every axis needs the reference's 16
     architecture = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())[

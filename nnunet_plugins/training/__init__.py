@@ -8,6 +8,7 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
@@ -18,5 +19,6 @@ TRAINERS = (
     nnUNetTrainerMedNeXtL_k5_UpKern,
     nnUNetTrainerUXNet,
     nnUNetTrainerUTNetV2,
+    nnUNetTrainerSwinUNETR,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS]

@@ -148,12 +148,13 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     @classmethod
     def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
         """Raise ValueError, saying what each axis needs, when the network cannot take the plans' patch size."""
-        patch_size = list(configuration_manager.patch_size)
+        patch_size, spacing = list(configuration_manager.patch_size), list(configuration_manager.spacing)
         try:
             strides = cls.network_strides(configuration_manager)
         except ShallowPlanError as error:
             raise ValueError(f'{cls.__name__} cannot take patch size {patch_size}: {error}; nnU-Net plans more '
-                             f'levels for a larger patch. ' + cls.patch_advice([2 * p for p in patch_size])) from None
+                             f'levels for a larger patch. ' + cls.patch_advice([2 * p for p in patch_size], spacing)
+                             ) from None
         divisors = np.prod(np.array(strides), axis=0).tolist()
         bad = [axis for axis, (p, d) in enumerate(zip(patch_size, divisors)) if p % d]
         if bad:
@@ -162,26 +163,33 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                 f'{cls.__name__} cannot take patch size {patch_size}: '
                 + ', '.join(f'axis {a} ({patch_size[a]}) must be divisible by {divisors[a]}' for a in bad)
                 + ' (the product of its strides over the levels the network uses). '
-                + cls.patch_advice(suggestion))
+                + cls.patch_advice(cls._more_than_one_voxel(suggestion, divisors), spacing))
         bottleneck = [p // d for p, d in zip(patch_size, divisors)]
         if cls.undefined_on_one_voxel and np.prod(bottleneck) == 1:
-            # the patch equals the divisors here: doubling the most downsampled axis gives two voxels
-            axis = int(np.argmax(divisors))
-            suggestion = list(patch_size)
-            suggestion[axis] = 2 * divisors[axis]
             raise ValueError(
                 f'{cls.__name__} cannot take patch size {patch_size}: with strides {strides} its bottleneck would '
                 f'be {bottleneck}, a single voxel, on which {cls.undefined_on_one_voxel}. '
-                + cls.patch_advice(suggestion))
+                + cls.patch_advice(cls._more_than_one_voxel(patch_size, divisors), spacing))
 
     @classmethod
-    def patch_advice(cls, patch_size: list[int]) -> str:
-        """The end of every patch-size error: how to get a configuration that has ``patch_size``."""
+    def _more_than_one_voxel(cls, patch_size: list[int], divisors: list[int]) -> list[int]:
+        """``patch_size`` (divisible by ``divisors``) with its most downsampled axis doubled where the bottleneck
+        would otherwise be the single voxel the network cannot take."""
+        suggestion = list(patch_size)
+        if cls.undefined_on_one_voxel and suggestion == divisors:
+            axis = int(np.argmax(divisors))
+            suggestion[axis] = 2 * divisors[axis]
+        return suggestion
+
+    @classmethod
+    def patch_advice(cls, patch_size: list[int], spacing: list[float]) -> str:
+        """The end of every patch-size error: how to get a configuration that has ``patch_size`` at ``spacing`` (the
+        spacing decides nnU-Net's strides, and so what the network needs)."""
         preset = preset_for(cls.__name__, len(patch_size))
         command = ('' if preset is None else
-                   f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))}` '
-                   f'adds a configuration with it and nnU-Net\'s strides for it (at the preset\'s spacing unless '
-                   f'--spacing is given); or ')
+                   f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))} '
+                   f'--spacing {" ".join(f"{s:.4g}" for s in spacing)}` adds a configuration with them and nnU-Net\'s '
+                   f'strides for them; or ')
         return (f'Use a patch_size such as {patch_size}: {command}set it in a configuration that inherits_from this '
                 f'one, or re-plan with nnUNetv2_plan_experiment.')
 

@@ -1,12 +1,14 @@
-"""The benchmark report: the Markdown table, our MedNeXt against MONAI's, and the chart."""
+"""The benchmark report: the Markdown table, our networks against MONAI's (MedNeXt, Swin UNETR), and the chart."""
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_plugins.commands.benchmark.peers import MONAIMedNeXtPeer, trainer_class
+from nnunet_plugins.commands.benchmark.peers import PEERS, MONAIMedNeXtPeer, MONAISwinUNETRPeer, trainer_class
 from nnunet_plugins.commands.benchmark.rows import Row, setting_text
 from nnunet_plugins.training.mednext import MedNeXtTrainer
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
 # a CPU row's peak memory is its process's peak RSS above the RSS after the imports; below this it is allocator
 # noise (freed heap reused), not a measurement
@@ -27,24 +29,36 @@ def step_clock(rec: dict) -> str:
     return 'cpu_time_s' if rec['device'] == 'cpu' else 'step_time_s'
 
 
-def topology_versus_monai(cls: type[MedNeXtTrainer], configuration_manager: ConfigurationManager) -> str:
-    """'same' when our MedNeXt has MONAI's fixed topology on these plans (four isotropic 2x downsamplings, the
-    kernel on every axis), otherwise what differs."""
-    ours = [list(stride) for stride in cls.network_strides(configuration_manager)]
-    _, kernel_sizes = cls.plan_topology(configuration_manager)
-    if ours != MONAIMedNeXtPeer.network_strides(configuration_manager):
+def counterpart(cls: type) -> tuple | None:
+    """What one of our trainers and a MONAI peer share when they build the same network (MedNeXt of a size and
+    kernel, or Swin UNETR), or None."""
+    if issubclass(cls, (MedNeXtTrainer, MONAIMedNeXtPeer)):
+        return 'MedNeXt', cls.variant, cls.kernel_size
+    if issubclass(cls, (nnUNetTrainerSwinUNETR, MONAISwinUNETRPeer)):
+        return ('SwinUNETR',)
+    return None
+
+
+def topology_versus_monai(cls: type, configuration_manager: ConfigurationManager) -> str:
+    """'same' when our network (MedNeXt or Swin UNETR) has the fixed topology of MONAI's on these plans (isotropic 2x
+    downsamplings, as many as MONAI's, the kernel on every axis), otherwise what differs."""
+    peer = next(peer for peer in PEERS.values() if counterpart(peer) == counterpart(cls))
+    with torch.device('meta'):
+        network = cls.network_from_plan(configuration_manager, 1, 2, deep_supervision=False)
+    ours = [list(stride) for stride in network.strides]
+    if ours != peer.network_strides(configuration_manager):
         return f'differs: the plans give strides {ours}'
-    if any(size == 1 for level in kernel_sizes[:len(ours)] for size in level):
+    if any(size == 1 for kernel in network.kernel_sizes for size in kernel):
         return 'differs: the plans give kernel size 1 on some axes'
     return 'same'
 
 
 def ratios(rows: Sequence[Row], records: Sequence[dict], configuration: str) -> list[dict]:
-    """Our MedNeXt rows against MONAI's MedNeXt of the same size and kernel run with the same layout, precision
-    and compilation: step time and peak memory, ours / MONAI, and whether the topologies are the same."""
+    """Our MedNeXt and Swin UNETR rows against MONAI's network of the same kind (MedNeXt of the same size and
+    kernel) run with the same layout, precision and compilation: step time and peak memory, ours / MONAI, and
+    whether the topologies are the same."""
     def size(row: Row) -> tuple | None:
-        cls = trainer_class(row.network.trainer)
-        return (cls.variant, cls.kernel_size) if issubclass(cls, (MedNeXtTrainer, MONAIMedNeXtPeer)) else None
+        return counterpart(trainer_class(row.network.trainer))
 
     def conditions(rec: dict) -> tuple:
         return rec['memory_layout'], rec['autocast_dtype'], rec['compiled']
@@ -101,8 +115,9 @@ def markdown(meta: dict, records: Sequence[dict], peer_ratios: Sequence[dict]) -
     if notes:
         lines += ['', *notes]
     if peer_ratios:
-        lines += ['', 'Ours / MONAI\'s MedNeXt of the same size and kernel, same layout and precision (MONAI\'s B, M '
-                  'and L have fewer parameters than the authors\' networks, see "parameters"):', '',
+        lines += ['', 'Ours / MONAI\'s network of the same kind (MedNeXt of the same size and kernel, SwinUNETR), same '
+                  'layout and precision (MONAI\'s MedNeXt B, M and L have fewer parameters than the authors\' '
+                  'networks, see "parameters"):', '',
                   '| ours | MONAI | setting | step time (clock) | peak memory | parameters, ours - MONAI | topology |',
                   '|---|---|---|---:|---:|---:|---|']
         lines += [f'| {r["ours"]} | {r["monai"]} | {r["setting"]} | {r["step_time_ratio"]:.2f}x ({r["clock"]}) | '
