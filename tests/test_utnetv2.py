@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.utnetv2 import VARIANTS, BidirectionalAttention, PreActConv, utnetv2_from_plan
+from nnunet_plugins.networks.utnetv2 import VARIANTS, utnetv2_from_plan
+from nnunet_plugins.networks.utnetv2_blocks import BidirectionalAttention, PreActConv
 from nnunet_plugins.networks.utnetv2_authors import convert_authors_state_dict
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 

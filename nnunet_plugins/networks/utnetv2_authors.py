@@ -10,7 +10,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from nnunet_plugins.networks.utnetv2 import MAX_LEVELS, BMHABlock, ResidualConvBlock, SemanticMapFusion, UTNetV2
+from nnunet_plugins.networks.utnetv2 import MAX_LEVELS, UTNetV2
+from nnunet_plugins.networks.utnetv2_blocks import BMHABlock, ResidualConvBlock, SemanticMapFusion
 def _heads_first(tensor: torch.Tensor, heads: int, dim: int = 0) -> torch.Tensor:
     """Reorder the channels along ``dim`` from the authors' head layout (channel ``d * heads + h`` is channel ``d``
     of head ``h``) to ours (``h * head_dim + d``); other axes and the shape are unchanged."""
