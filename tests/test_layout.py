@@ -1,6 +1,8 @@
 """The memory layout on a CPU: every network family follows its input's device (channels-last where that is faster
 on a CPU, PyTorch's default elsewhere), in training and in nnU-Net's prediction, and is as exact in it as in the
 default layout."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunet_plugins import trainers_folder
 from nnunet_plugins.networks.layout import follow_device_layout, memory_layout
 from nnunet_plugins.networks.mednext import ChannelNorm, mednext_from_plan
+from nnunet_plugins.networks.swinunetr import VARIANTS as SWINUNETR_VARIANTS, swinunetr_from_plan
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
 from nnunet_plugins.training import TRAINERS
@@ -16,11 +19,15 @@ from nnunet_plugins.training import TRAINERS
 from helpers import TINY_KERNELS, TINY_STRIDES, read_labels
 
 PATCH = (14, 32, 32)
-FAMILIES = {  # a network per family on the tiny plan, as its trainer lays it out on a CPU
-    'MedNeXt-L': lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'L', 3, deep_supervision=False),
-    'MedNeXt-S': lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'S', 3, deep_supervision=False),
-    '3D UX-Net': lambda: uxnet_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS),
-    'UTNetV2': lambda: utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, deep_supervision=False),
+SWINUNETR_PATCH = (16, 32, 64)  # a multiple of its 1x2x2 embedding times 16, bottleneck 1x1x2 (more than one voxel)
+FAMILIES = {  # a network per family on the tiny plan, as its trainer lays it out on a CPU, and its input patch
+    'MedNeXt-L': (lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'L', 3, deep_supervision=False), PATCH),
+    'MedNeXt-S': (lambda: mednext_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, 'S', 3, deep_supervision=False), PATCH),
+    '3D UX-Net': (lambda: uxnet_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS), PATCH),
+    'UTNetV2': (lambda: utnetv2_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, deep_supervision=False), PATCH),
+    # the paper's layers at a quarter of the widths, to keep the float64 reference run small
+    'Swin UNETR': (lambda: swinunetr_from_plan(1, 4, TINY_STRIDES, TINY_KERNELS, dataclasses.replace(
+        SWINUNETR_VARIANTS['paper'], feature_size=12)), SWINUNETR_PATCH),
 }
 
 
@@ -53,10 +60,11 @@ def test_each_family_is_as_exact_channels_last_as_in_the_default_layout(family):
     """Forward and gradients in each layout against a float64 run of the same weights: channels-last no more
     than twice the default layout's error."""
     torch.manual_seed(0)
-    network = FAMILIES[family]()
-    exact_network = FAMILIES[family]().double()
+    build, patch = FAMILIES[family]
+    network = build()
+    exact_network = build().double()
     exact_network.load_state_dict(network.state_dict())
-    x = ct_like((1, 1, *PATCH))
+    x = ct_like((1, 1, *patch))
     exact_output = exact_network(x.double())
     exact_output.square().mean().backward()
     exact_gradients = [p.grad for p in exact_network.parameters()]
