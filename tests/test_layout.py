@@ -97,7 +97,7 @@ def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
 
 def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
     for trainer_class in TRAINERS:
-        trainer = make_trainer(trainer_class)
+        trainer = make_trainer(trainer_class, {'patch_size': list(SWINUNETR_PATCH)})  # one patch every family takes
         network = trainer_class.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4,
                                                            enable_deep_supervision=False)
         assert network.cpu_layout == trainer_class.cpu_layout == 'channels-last', trainer_class.__name__
