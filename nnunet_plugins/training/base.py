@@ -56,8 +56,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     adam_eps: float = 1e-8
     # for networks that cannot take a one-voxel bottleneck, what is undefined there (in the patch-size error)
     undefined_on_one_voxel: str | None = None
-    # the 3d network's memory layout on a CPU, in training and inference (networks.layout); measured per family
-    cpu_layout: str = 'channels-last'
+    # the 3d network's memory layout on a CPU, in training and inference (networks.layout): PyTorch's default unless
+    # a family was measured faster in the other (docs/benchmarks.md, 2026-11-29 layout entry)
+    cpu_layout: str = 'contiguous'
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

@@ -40,6 +40,7 @@ class MONAIMedNeXtPeer(PeerTrainer):
     variant: str
     kernel_size: int
     downsamplings = 4
+    cpu_layout = MedNeXtTrainer.cpu_layout  # the layout ours runs in, so that the two are compared alike
 
     @classmethod
     def build_peer(cls, dims: int, in_channels: int, num_classes: int, deep_supervision: bool) -> nn.Module:
