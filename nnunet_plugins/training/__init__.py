@@ -8,6 +8,10 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.pretrainers import (
+    nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtL_PretrainRCR,
+    nnUNetTrainerMedNeXtM_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR_PretrainRCR,
+    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR)
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -20,5 +24,8 @@ TRAINERS = (
     nnUNetTrainerUXNet,
     nnUNetTrainerUTNetV2,
     nnUNetTrainerSwinUNETR,
+    nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtM_PretrainRCR,
+    nnUNetTrainerMedNeXtL_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUTNetV2_PretrainRCR,
+    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainer_PretrainRCR,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS]
