@@ -2,6 +2,7 @@
 network family in-process, the checkpoint, and the stock CLI from pre-training to ``-pretrained_weights``."""
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -9,28 +10,49 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
+from nnunet_plugins import trainers_folder
 from nnunet_plugins.networks.pretraining_heads import upsampling_steps
 from nnunet_plugins.training import (
-    nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR,
-    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2,
-    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet, nnUNetTrainerUXNet_PretrainRCR)
+    PRETRAINERS, nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR,
+    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUTNetV2_PretrainRCR,
+    nnUNetTrainerUXNet, nnUNetTrainerUXNet_PretrainRCR)
 from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
 from nnunet_plugins.training.proxy_tasks import (
     MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, training_log
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
 from test_swinunetr import SWIN_PATCH
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
-FAMILIES = {  # pre-training trainer: (its supervised trainer, plans configuration override)
-    nnUNetTrainerMedNeXtS_PretrainRCR: (nnUNetTrainerMedNeXtS, {}),
-    nnUNetTrainerUXNet_PretrainRCR: (nnUNetTrainerUXNet, {}),
-    nnUNetTrainerUTNetV2_PretrainRCR: (nnUNetTrainerUTNetV2, {}),
-    nnUNetTrainerSwinUNETR_PretrainRCR: (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
-    nnUNetTrainer_PretrainRCR: (nnUNetTrainer, {}),
+SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck of 4 x 2 x 2
+# nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
+RESENC = {**SMALL, 'architecture': {
+    'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
+    'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
+                    'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
+                    'n_conv_per_stage_decoder': [1, 1, 1], 'conv_bias': True,
+                    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm3d',
+                    'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
+                    'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
+    '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
+FAMILIES = {  # test id: (pre-training trainer, its supervised trainer, plans configuration override)
+    'MedNeXt': (nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS, SMALL),
+    'UXNet': (nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUXNet, SMALL),
+    'UTNetV2': (nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUTNetV2, SMALL),
+    'SwinUNETR': (nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
+    'PlainConvUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, SMALL),
+    'ResidualEncoderUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, RESENC),
 }
+
+
+@pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
+def test_nnunet_finds_each_pretraining_trainer_in_the_shim_folder(trainer_class, monkeypatch):
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    found = recursive_find_trainer_class_by_name(trainer_class.__name__)
+    assert found is trainer_class and pickle.loads(pickle.dumps(found)) is trainer_class
 
 
 # ---- the views ----
@@ -114,7 +136,17 @@ def _gather_worker(rank: int, world_size: int, rendezvous: str, out: str) -> Non
 
 
 def test_ddp_gather_gives_the_single_process_loss_and_gradients(tmp_path):
-    mp.spawn(_gather_worker, args=(2, str(tmp_path / 'rendezvous'), str(tmp_path)), nprocs=2, join=True)
+    """Rank 1 in a spawned process, rank 0 in this one (one interpreter start less)."""
+    other = mp.get_context('spawn').Process(target=_gather_worker,
+                                            args=(1, 2, str(tmp_path / 'rendezvous'), str(tmp_path)))
+    other.start()
+    try:
+        _gather_worker(0, 2, str(tmp_path / 'rendezvous'), str(tmp_path))
+    finally:
+        other.join(timeout=120)
+        if other.exitcode is None:
+            other.kill()
+    assert other.exitcode == 0
     first, second, projection = _inputs_and_projection()
     loss = nt_xent(projection(first), projection(second))
     loss.backward()
@@ -145,9 +177,9 @@ def _one_step(trainer) -> dict:
                                'target': None})
 
 
-@pytest.mark.parametrize('trainer_class', FAMILIES, ids=[t.__name__ for t in FAMILIES])
-def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, trainer_class, tmp_path):
-    supervised, configuration = FAMILIES[trainer_class]
+@pytest.mark.parametrize('family', FAMILIES)
+def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, family, tmp_path):
+    trainer_class, supervised, configuration = FAMILIES[family]
     trainer = make_trainer(trainer_class, configuration)
     trainer.initialize()
     assert not trainer.enable_deep_supervision and trainer.initial_lr == 4e-4 and trainer.weight_decay == 1e-5
@@ -173,13 +205,13 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
 
 
 def test_continue_restores_the_heads_and_the_schedule(make_trainer, tmp_path):
-    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR)
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
     trainer.initialize()
     _one_step(trainer)
     trainer.current_epoch = 3
     trainer.logger.log('lrs', 1e-4, 0)
     trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
-    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR)
+    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
     resumed.load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
     assert resumed.current_epoch == 4
     for ours, theirs in zip(resumed.pretraining_model().state_dict().values(),

@@ -24,8 +24,11 @@ TRAINERS = (
     nnUNetTrainerUXNet,
     nnUNetTrainerUTNetV2,
     nnUNetTrainerSwinUNETR,
+)
+# self-supervised pre-training of the networks' encoders (the supervised trainers above fine-tune from them)
+PRETRAINERS = (
     nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtM_PretrainRCR,
     nnUNetTrainerMedNeXtL_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUTNetV2_PretrainRCR,
     nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainer_PretrainRCR,
 )
-__all__ = [trainer.__name__ for trainer in TRAINERS]
+__all__ = [trainer.__name__ for trainer in TRAINERS + PRETRAINERS]

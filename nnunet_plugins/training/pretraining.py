@@ -134,7 +134,7 @@ class PretrainRCR:
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.logger.local_logger = PretrainingLogger()
         self.rotations = allowed_rotations(self.configuration_manager.patch_size)
-        self.rng = np.random.default_rng()
+        self.rng = np.random.default_rng(np.random.randint(2 ** 32))  # np.random.seed(...) seeds the views too
 
     # ---- the network: the segmentation network and the heads ----
 
@@ -247,8 +247,8 @@ class PretrainRCR:
         self.logger.log('epoch_end_timestamps', time(), self.current_epoch)
         value = self.logger.get_value
         for split in ('train', 'val'):
-            self.print_to_log_file(f'{split}_loss', np.round(value(f'{split}_losses', -1), decimals=4), ', '.join(
-                f'{term} {np.round(value(f"{split}_{term}", -1), decimals=4)}' for term in LOSS_TERMS))
+            terms = ', '.join(f'{term} {np.round(value(f"{split}_{term}", -1), decimals=4)}' for term in LOSS_TERMS)
+            self.print_to_log_file(f'{split}_loss', np.round(value(f'{split}_losses', -1), decimals=4), f'({terms})')
         duration = value('epoch_end_timestamps', -1) - value('epoch_start_timestamps', -1)
         self.print_to_log_file(f'Epoch time: {np.round(duration, decimals=2)} s')
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
