@@ -9,12 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
 from nnunet_plugins import trainers_folder
-from nnunet_plugins.networks.pretraining_heads import upsampling_steps
+from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
 from nnunet_plugins.training import (
     PRETRAINERS, nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR,
     nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUTNetV2_PretrainRCR,
@@ -88,6 +89,20 @@ def test_a_patch_not_square_in_y_x_draws_only_half_turns():
 def test_reconstruction_upsamples_by_the_encoders_factors():
     assert upsampling_steps([16, 32, 32]) == [[2, 2, 2]] * 4 + [[1, 2, 2]]
     assert upsampling_steps([3, 4]) == [[3, 2], [1, 2]]
+
+
+def test_2d_networks_pretrain_in_their_plane():
+    """A 2d configuration: the same views and heads on (B, C, Y, X) patches."""
+    network = PlainConvUNet(1, 4, [8, 16, 32], nn.Conv2d, 3, [1, 2, 2], 2, 3, [2, 2], conv_bias=True,
+                            norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=False)
+    model = PretrainingModel(network, 1, (32, 32))
+    assert model.bottleneck == (32, 8, 8) and model.upsampling == [[2, 2], [2, 2]]
+    views = make_views(torch.randn(2, 1, 32, 32), allowed_rotations((32, 32)), np.random.default_rng(8))
+    reconstruction, rotation, embedding = model(views.inputs)
+    assert reconstruction.shape == (4, 1, 32, 32) and rotation.shape == (4, 4) and embedding.shape == (4, 512)
+    losses = proxy_losses((reconstruction, rotation, embedding), views)
+    losses['total'].backward()
+    assert torch.isfinite(losses['total']) and network.encoder.stages[0][0].convs[0].conv.weight.grad is not None
 
 
 # ---- NT-Xent ----

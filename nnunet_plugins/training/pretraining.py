@@ -90,6 +90,7 @@ class PretrainingLogger(LocalLogger):
     def plot_progress_png(self, output_folder: str) -> None:
         logged = self.my_fantastic_logging
         epochs = list(range(min(len(values) for values in logged.values())))
+        plt.rcParams['font.size'] = 30  # nnU-Net's progress.png scales its fonts alike (seaborn, font_scale 2.5)
         fig, (losses, terms, durations, rates) = plt.subplots(4, 1, figsize=(30, 72))
         losses.plot(epochs, logged['train_losses'][:len(epochs)], color='b', ls='-', label='loss_tr', linewidth=4)
         losses.plot(epochs, logged['val_losses'][:len(epochs)], color='r', ls='-', label='loss_val', linewidth=4)

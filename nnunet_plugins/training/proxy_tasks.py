@@ -95,9 +95,9 @@ def nt_xent(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPE
     """NT-Xent of SimCLR: the mean over this rank's ``2N`` views of ``-log(exp(sim(i, j)/t) / sum_{k != i}
     exp(sim(i, k)/t))``, with ``j`` the other view of ``i``'s sub-volume, ``k`` every view on every rank.
 
-    ``view1``, ``view2``: ``(N, D)`` embeddings of the two views of this rank's ``N`` sub-volumes. Under DDP the
-    loss averaged over ranks (as nnU-Net logs it) and DDP's averaged gradients equal the single-process loss and
-    gradients on all ranks' sub-volumes in one batch.
+    ``view1``, ``view2``: ``(N, D)`` embeddings of the two views of this rank's ``N`` sub-volumes. Under DDP, with
+    the same ``N`` on every rank, the loss averaged over ranks (as nnU-Net logs it) and DDP's averaged gradients
+    equal the single-process loss and gradients on all ranks' sub-volumes in one batch.
     """
     first, offset = _gather_rows(F.normalize(view1, dim=1))
     second, _ = _gather_rows(F.normalize(view2, dim=1))
