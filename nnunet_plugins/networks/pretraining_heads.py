@@ -131,5 +131,5 @@ class PretrainingModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f'pre-training heads on the encoder\'s bottleneck of {self.bottleneck[0]} channels x '
-                f'{list(self.bottleneck[1:])}: reconstruction by transposed convs of strides {self.upsampling}, rotation MLP, '
-                f'{EMBEDDING_SIZE}-d contrastive projection')
+                f'{list(self.bottleneck[1:])}: reconstruction by transposed convs of strides {self.upsampling}, '
+                f'rotation MLP, {EMBEDDING_SIZE}-d contrastive projection')

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
@@ -39,7 +38,6 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.proxy_tasks import LOSS_TERMS, allowed_rotations, make_views, proxy_losses
 
 matplotlib.use('agg')
@@ -115,7 +113,7 @@ class PretrainingLogger(LocalLogger):
 
 
 class PretrainRCR:
-    """Turns a plugin trainer (an :class:`nnUNetTrainerPlugin`) into its RCR pre-training trainer; put it first
+    """Turns a plugin trainer (a subclass of ``nnUNetTrainerPlugin``) into its RCR pre-training trainer; put it first
     among the bases::
 
         class nnUNetTrainerMedNeXtS_k5_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtS_k5):
