@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_plugins.checkpoints import CheckpointError
+from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel
 from nnunet_plugins.training.proxy_tasks import LOSS_TERMS, allowed_rotations, make_views, proxy_losses
 
@@ -150,7 +151,9 @@ class PretrainRCR:
                                    enable_deep_supervision: bool = True) -> PretrainingModel:
         network = cls.segmentation_network(plans_manager, configuration_manager, num_input_channels,
                                            num_output_channels)
-        return PretrainingModel(network, num_input_channels, configuration_manager.patch_size)
+        model = PretrainingModel(network, num_input_channels, configuration_manager.patch_size)
+        # the network's own layout hook (networks.layout) runs on its forward, which pre-training bypasses
+        return follow_device_layout(model, network.cpu_layout) if hasattr(network, 'cpu_layout') else model
 
     def pretraining_model(self) -> PretrainingModel:
         """The segmentation network and the heads, without the DDP and torch.compile wrappers."""
