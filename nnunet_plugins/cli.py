@@ -55,9 +55,9 @@ def _trainers(args: argparse.Namespace) -> int:
     if args.path:
         print(trainers_folder())
         return 0
-    from nnunet_plugins.training import TRAINERS
-    width = max(len(t.__name__) for t in TRAINERS)
-    for trainer in TRAINERS:
+    from nnunet_plugins.training import PRETRAINERS, TRAINERS
+    width = max(len(t.__name__) for t in TRAINERS + PRETRAINERS)
+    for trainer in TRAINERS + PRETRAINERS:
         print(f'{trainer.__name__:<{width}}  {trainer.__doc__.strip().splitlines()[0]}')
     print(f'\nnnU-Net finds them once this is set:\n  export nnUNet_extTrainer={trainers_folder()}')
     return 0

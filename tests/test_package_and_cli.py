@@ -10,7 +10,7 @@ import pytest
 
 from nnunet_plugins import trainers_folder
 from nnunet_plugins.cli import build_parser
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS
 from nnunet_plugins.workspace import NNUNET_FOLDERS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -77,8 +77,9 @@ def test_trainers_lists_every_trainer_with_a_description():
     result = run(COMMAND, 'trainers')
     assert result.returncode == 0
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith('nnUNetTrainer')}
-    assert sorted(lines) == sorted(t.__name__ for t in TRAINERS)
+    assert sorted(lines) == sorted(t.__name__ for t in TRAINERS + PRETRAINERS)
     assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
+    assert 'for nnUNetTrainerSwinUNETR' in lines['nnUNetTrainerSwinUNETR_PretrainRCR']
     path = run(COMMAND, 'trainers', '--path').stdout.strip()
     assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
 

@@ -8,6 +8,10 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.pretrainers import (
+    nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtL_PretrainRCR,
+    nnUNetTrainerMedNeXtM_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR_PretrainRCR,
+    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR)
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -21,4 +25,10 @@ TRAINERS = (
     nnUNetTrainerUTNetV2,
     nnUNetTrainerSwinUNETR,
 )
-__all__ = [trainer.__name__ for trainer in TRAINERS]
+# self-supervised pre-training of the networks' encoders (the supervised trainers above fine-tune from them)
+PRETRAINERS = (
+    nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtM_PretrainRCR,
+    nnUNetTrainerMedNeXtL_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUTNetV2_PretrainRCR,
+    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainer_PretrainRCR,
+)
+__all__ = [trainer.__name__ for trainer in TRAINERS + PRETRAINERS]

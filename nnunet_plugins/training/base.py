@@ -232,7 +232,13 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        if np.all(np.isfinite(result['loss'])):
+        self.check_finite_loss(result['loss'])
+        return result
+
+    def check_finite_loss(self, loss: np.ndarray) -> None:
+        """Count consecutive iterations whose training ``loss`` is not finite; raise after
+        :data:`MAX_NONFINITE_STEPS` of them."""
+        if np.all(np.isfinite(loss)):
             self._nonfinite_steps = 0
         else:
             self._nonfinite_steps += 1
@@ -242,7 +248,6 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                     f'consecutive iterations (epoch {self.current_epoch}); stopping instead of training on. '
                     f'Checkpoints written so far are in {self.output_folder}. Check the images for NaNs, then try '
                     f'a lower learning rate or, on a GPU, nnUNet_compile=f.')
-        return result
 
     # ---- safety ----
 
@@ -252,17 +257,21 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if isinstance(filename_or_checkpoint, str):
-            try:
-                check_readable(filename_or_checkpoint)
-            except CheckpointError as error:
-                others = [f for f in self.existing_checkpoints() if os.path.join(self.output_folder, f) !=
-                          os.path.abspath(filename_or_checkpoint)]
-                raise CheckpointError(
-                    f'{type(self).__name__}: {error}. Move it out of {self.output_folder}'
-                    + (f' to continue from {" or ".join(others)}' if others else '')
-                    + ', or train this fold anew in an empty folder.') from None
-            self._loaded_checkpoint = os.path.basename(filename_or_checkpoint)
+            self.check_checkpoint_file(filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
+
+    def check_checkpoint_file(self, filename: str) -> None:
+        """Raise CheckpointError, naming ``filename`` and what to do, when it cannot be read; remember its name."""
+        try:
+            check_readable(filename)
+        except CheckpointError as error:
+            others = [f for f in self.existing_checkpoints() if os.path.join(self.output_folder, f) !=
+                      os.path.abspath(filename)]
+            raise CheckpointError(
+                f'{type(self).__name__}: {error}. Move it out of {self.output_folder}'
+                + (f' to continue from {" or ".join(others)}' if others else '')
+                + ', or train this fold anew in an empty folder.') from None
+        self._loaded_checkpoint = os.path.basename(filename)
 
     def on_train_start(self):
         if self.current_epoch == 0:

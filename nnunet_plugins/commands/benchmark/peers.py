@@ -4,7 +4,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import MedNeXtTrainer
 
@@ -80,7 +80,7 @@ def trainer_class(name: str) -> type[nnUNetTrainer]:
         return PEERS[name]
     if name == nnUNetTrainer.__name__:
         return nnUNetTrainer
-    plugins = {trainer.__name__: trainer for trainer in TRAINERS}
+    plugins = {trainer.__name__: trainer for trainer in TRAINERS + PRETRAINERS}
     if name in plugins:
         return plugins[name]
     try:
