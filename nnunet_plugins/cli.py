@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--batch', type=positive_int, metavar='N',
                        help='batch size (default: the plans\'; 2 with --patch)')
     bench.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
-                       help='trainers to benchmark (default: every plugin trainer except the UpKern ones)')
+                       help='trainers to benchmark (default: every plugin trainer except the UpKern and _Finetune ones)')
     bench.add_argument('--baselines', nargs='*', metavar='NAME',
                        help='nnU-Net baselines: nnUNetTrainer, ResEncL (default: both; none if given empty)')
     bench.add_argument('--peers', nargs='*', metavar='NAME',
