@@ -112,7 +112,8 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                                f'{sum(p.numel() for p in network.parameters()):,} parameters')
         if self.warmup_epochs:
             self.print_to_log_file(f'learning rate: linear warm-up to {self.initial_lr} over the first '
-                                   f'{self.warmup_epochs} epochs, then poly decay over {self.num_epochs - self.warmup_epochs}')
+                                   f'{self.warmup_epochs} epochs, then poly decay over '
+                                   f'{self.num_epochs - self.warmup_epochs}')
         if self.freeze_encoder_epochs:
             encoder = getattr(network, 'encoder', None)
             if not isinstance(encoder, nn.Module):
@@ -121,7 +122,8 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
             self._frozen_parameters = list(encoder.parameters())
             self.optimizer.register_step_pre_hook(self._hold_frozen_encoder)
             self.print_to_log_file(f'encoder ({len(self._frozen_parameters)} parameter tensors) held fixed in epochs '
-                                   f'0-{self.freeze_encoder_epochs - 1}, trained from epoch {self.freeze_encoder_epochs}')
+                                   f'0-{self.freeze_encoder_epochs - 1}, trained from epoch '
+                                   f'{self.freeze_encoder_epochs}')
 
     def plain_network(self) -> nn.Module:
         """The network without the DDP and torch.compile wrappers."""
@@ -216,7 +218,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     def patch_advice(cls, patch_size: list[int], spacing: list[float]) -> str:
         """The end of every patch-size error: how to get a configuration that has ``patch_size`` at ``spacing`` (the
         spacing decides nnU-Net's strides, and so what the network needs)."""
-        preset = preset_for(cls.__name__, len(patch_size))
+        # a subclass (a _Finetune trainer, a user's variant) takes the preset of the trainer it derives from
+        preset = next((found for base in cls.__mro__ if (found := preset_for(base.__name__, len(patch_size)))),
+                      None)
         command = ('' if preset is None else
                    f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))} '
                    f'--spacing {" ".join(f"{s:.4g}" for s in spacing)}` adds a configuration with them and nnU-Net\'s '
