@@ -154,13 +154,11 @@ def _adapt_weights(args: argparse.Namespace) -> int:
         raise _fail('adapt-weights', f'{args.out} exists; give --overwrite to replace it, or another -o')
     if not args.out.parent.is_dir():
         raise _fail('adapt-weights', f'the folder of -o {args.out} does not exist')
-    from nnunet_plugins.checkpoints import CheckpointError
     from nnunet_plugins.commands.adapt_weights import adapt_weights
-    from nnunet_plugins.transfer import WeightTransferError
     try:
         report = adapt_weights(args.source, args.dataset, args.configuration, args.trainer, args.plans, args.out,
                                args.decoder)
-    except (CheckpointError, WeightTransferError, ValueError) as error:
+    except ValueError as error:  # CheckpointError, WeightTransferError, PlansFileError, an unknown trainer
         raise _fail('adapt-weights', str(error)) from None
     print('\n'.join(report.lines()))
     print(f'wrote {args.out} (report: {args.out.with_suffix(".json")}). Fine-tune with:\n  nnUNetv2_train '

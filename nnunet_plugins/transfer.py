@@ -103,8 +103,11 @@ def read_weights(path: Path | str) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def input_layers(network: nn.Module, input_channels: int) -> set[str]:
-    """State-dict names of the kernels of the convolutions that can take the image (``input_channels`` in)."""
-    return {f'{name}.weight' for name, module in network.named_modules()
+    """State-dict names of the kernels of the convolutions that can take the image (``input_channels`` in).
+
+    Every name of a shared module counts: nnU-Net's ``ConvDropoutNormReLU`` holds its convolution both as ``conv``
+    and in ``all_modules``, and the state dict has it under both."""
+    return {f'{name}.weight' for name, module in network.named_modules(remove_duplicate=False)
             if isinstance(module, nn.modules.conv._ConvNd) and module.in_channels == input_channels}
 
 

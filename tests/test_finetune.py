@@ -6,7 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from torch import nn
 
 from nnunet_plugins import settings
 from nnunet_plugins.checkpoints import CheckpointError
@@ -53,7 +55,7 @@ def test_scheduler_is_a_function_of_the_epoch_so_a_resume_is_exact():
     whole = run(range(30))
     assert run(range(17, 30)) == whole[17:]  # what nnUNetv2_train --c does: a new scheduler, step(current_epoch)
     with pytest.raises(ValueError, match='warmup_epochs=100 must be at least 0 and less than num_epochs=100'):
-        run([0]) and WarmupPolyLRScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), 1, 100, 100)
+        WarmupPolyLRScheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1), 1e-3, 100, 100)
 
 
 def test_finetune_trainer_warms_up_and_a_short_schedule_keeps_the_warmups_share(make_trainer, monkeypatch):
@@ -174,6 +176,22 @@ def test_more_input_channels_repeat_and_scale_the_stem():
         theirs = source.encoder(image)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b)
+
+
+def test_more_input_channels_for_nnunets_own_network():
+    """PlainConvUNet holds its first convolution twice in the state dict (conv and all_modules.0): both adapt."""
+    def plain(channels: int) -> PlainConvUNet:
+        return PlainConvUNet(channels, n_stages=4, features_per_stage=[8, 16, 32, 64], conv_op=nn.Conv3d,
+                             kernel_sizes=TINY_KERNELS, strides=TINY_STRIDES, n_conv_per_stage=2, num_classes=4,
+                             n_conv_per_stage_decoder=1, conv_bias=True, norm_op=nn.InstanceNorm3d,
+                             norm_op_kwargs={'affine': True}, nonlin=nn.LeakyReLU)
+    source, target = plain(1), plain(2)
+    report = transfer_weights(target, source.state_dict(), 2)
+    first = 'encoder.stages.0.0.convs.0'
+    assert sorted(report.channel_adapted) == [f'{first}.{alias}.weight: (8, 1, 1, 3, 3) -> (8, 2, 1, 3, 3)'
+                                              for alias in ('all_modules.0', 'conv')]
+    torch.testing.assert_close(target.state_dict()[f'{first}.conv.weight'],
+                               source.state_dict()[f'{first}.conv.weight'].repeat(1, 2, 1, 1, 1) / 2)
 
 
 def test_swin_unetr_authors_encoder_file(tmp_path):
