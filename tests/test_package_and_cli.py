@@ -67,7 +67,8 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
 def test_every_subcommand_has_help():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate'}
+    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate', 'adapt-weights',
+                                'add-unlabeled'}
     for name in subcommands:
         result = run(COMMAND, name, '--help')
         assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')

@@ -10,9 +10,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins import settings, trainers_folder
 from nnunet_plugins.commands.benchmark.worker import random_batch
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import TRAINERS, VARIANT_SUFFIXES
 from nnunet_plugins.training.base import MAX_NONFINITE_STEPS
-from nnunet_plugins.training.mednext import (MedNeXtTrainer, MedNeXtUpKernTrainer, nnUNetTrainerMedNeXtL,
+from nnunet_plugins.training.mednext import (MedNeXtTrainer, nnUNetTrainerMedNeXtL,
                                              nnUNetTrainerMedNeXtS)
 
 from helpers import CONFIGURATION, training_log
@@ -41,7 +41,7 @@ def test_deep_supervision_scales_match_outputs_and_every_head_is_weighted(make_t
     np.testing.assert_allclose(weights[1:] / weights[:-1], 0.5)
 
 
-MEDNEXT_TRAINERS = [t for t in TRAINERS if issubclass(t, MedNeXtTrainer) and not issubclass(t, MedNeXtUpKernTrainer)]
+MEDNEXT_TRAINERS = [t for t in TRAINERS if issubclass(t, MedNeXtTrainer) and not t.__name__.endswith(VARIANT_SUFFIXES)]
 
 
 @pytest.mark.parametrize('trainer_class', MEDNEXT_TRAINERS, ids=lambda c: c.__name__)

@@ -40,6 +40,7 @@ from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel
 from nnunet_plugins.training.proxy_tasks import LOSS_TERMS, allowed_rotations, make_views, proxy_losses
+from nnunet_plugins.training.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 
 matplotlib.use('agg')
 from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend, as nnU-Net does)
@@ -165,12 +166,22 @@ class PretrainRCR:
 
     def initialize(self):
         super().initialize()
+        unlabeled = unlabeled_identifiers(self.preprocessed_dataset_folder)
+        if unlabeled:  # added by `nnunet-plugins add-unlabeled`; the labeled cases load as before
+            self.dataset_class = nnUNetDatasetWithUnlabeled
+            self.print_to_log_file(f'{len(unlabeled)} unlabeled cases join the training cases '
+                                   f'(from {self.preprocessed_dataset_folder}_unlabeled)')
         heads = self.pretraining_model().heads
         self.print_to_log_file(f'{self.pretraining_model().extra_repr()}, '
                                f'{sum(p.numel() for p in heads.parameters()):,} parameters')
         if self.is_ddp:  # nnU-Net's DDP expects a gradient for every parameter; the decoder gets none here
             self.network = DistributedDataParallel(self.network.module, device_ids=[self.local_rank],
                                                    find_unused_parameters=True)
+
+    def do_split(self) -> tuple[list[str], list[str]]:
+        """nnU-Net's split of the labeled cases, with every unlabeled case added to training (never to validation)."""
+        training, validation = super().do_split()
+        return training + unlabeled_identifiers(self.preprocessed_dataset_folder), validation
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.pretraining_model().trainable_parameters(), lr=self.initial_lr,

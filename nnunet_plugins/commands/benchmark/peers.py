@@ -4,7 +4,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.training import PRETRAINERS, TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS, VARIANT_SUFFIXES
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import MedNeXtTrainer
 
@@ -70,8 +70,8 @@ PEERS: dict[str, type[PeerTrainer]] = {
 
 
 def default_trainers() -> list[str]:
-    """Every plugin trainer except the UpKern ones, which build the same networks as the ``_k5`` trainers."""
-    return [trainer.__name__ for trainer in TRAINERS if not trainer.__name__.endswith('_UpKern')]
+    """Every plugin trainer except the UpKern and fine-tuning ones, which build the networks of others."""
+    return [trainer.__name__ for trainer in TRAINERS if not trainer.__name__.endswith(VARIANT_SUFFIXES)]
 
 
 def trainer_class(name: str) -> type[nnUNetTrainer]:
