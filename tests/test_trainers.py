@@ -85,7 +85,7 @@ def test_settings_declared_on_a_subclass_take_effect(make_trainer, monkeypatch):
     assert (trainer.num_epochs, trainer.initial_lr, trainer.num_iterations_per_epoch) == (3, 5e-4, 7)
     trainer.initialize()
     assert trainer.optimizer.param_groups[0]['lr'] == 5e-4
-    assert trainer.lr_scheduler.max_steps == 3
+    assert trainer.lr_scheduler.num_epochs == 3  # the poly decay's length
     # the environment's short schedule still wins over the class
     monkeypatch.setenv(settings.EPOCHS, '2')
     assert make_trainer(MedNeXtS_short).num_epochs == 2
