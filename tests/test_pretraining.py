@@ -236,6 +236,8 @@ def test_continue_restores_the_heads_and_the_schedule(make_trainer, tmp_path):
     scheduler = resumed.lr_scheduler
     assert [round(scheduler.learning_rate(e) / 4e-4, 4) for e in (0, 1, 2)] == [round(1 / 3, 4), round(2 / 3, 4), 1]
     assert scheduler.learning_rate(1000) == pytest.approx(0)
+    assert 'learning rate: linear warm-up to 0.0004 over the first 2 epochs, then cosine decay over 998 epochs' in \
+        training_log(resumed.output_folder)
 
 
 def test_a_supervised_checkpoint_is_refused_by_continue(make_trainer, tmp_path):

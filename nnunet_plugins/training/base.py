@@ -112,9 +112,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         self.print_to_log_file(f'{self.network_name()}: {network.extra_repr()}, '
                                f'{sum(p.numel() for p in network.parameters()):,} parameters')
         if self.warmup_epochs:
-            self.print_to_log_file(f'learning rate: linear warm-up to {self.initial_lr} over the first '
-                                   f'{self.warmup_epochs} epochs, then poly decay over '
-                                   f'{self.num_epochs - self.warmup_epochs}')
+            self.print_to_log_file(f'learning rate: {self.lr_scheduler.describe()}')
         if self.freeze_encoder_epochs:
             encoder = getattr(network, 'encoder', None)
             if not isinstance(encoder, nn.Module):

@@ -63,6 +63,10 @@ class WarmupCosineLRScheduler(_LRScheduler):
         self.initial_lr, self.warmup_epochs, self.max_epochs = initial_lr, warmup_epochs, max_epochs
         super().__init__(optimizer)
 
+    def describe(self) -> str:
+        return (f'linear warm-up to {self.initial_lr} over the first {self.warmup_epochs} epochs, then cosine decay '
+                f'over {self.max_epochs - self.warmup_epochs} epochs')
+
     def learning_rate(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:
             return self.initial_lr * (epoch + 1) / (self.warmup_epochs + 1)

@@ -32,6 +32,11 @@ class WarmupPolyLRScheduler(LRScheduler):
         self.initial_lr, self.num_epochs, self.warmup_epochs = initial_lr, num_epochs, warmup_epochs
         super().__init__(optimizer)
 
+    def describe(self) -> str:
+        warmup = f'linear warm-up to {self.initial_lr} over the first {self.warmup_epochs} epochs, then ' \
+            if self.warmup_epochs else f'{self.initial_lr}, '
+        return f'{warmup}poly decay over {self.num_epochs - self.warmup_epochs} epochs'
+
     def get_lr(self) -> list[float]:
         return [warmup_poly_lr(max(self.last_epoch, 0), self.initial_lr, self.num_epochs, self.warmup_epochs)
                 for _ in self.optimizer.param_groups]
