@@ -117,6 +117,9 @@ def _benchmark(args: argparse.Namespace) -> int:
                                           ('--disable-tta', args.disable_tta, args.inference, '')):
         if given and not applies:
             raise _fail('benchmark', f'{option} applies to --inference{where} only')
+    if args.pretraining and args.inference:
+        raise _fail('benchmark', '--pretraining times pre-training steps and a prediction has none; leave out '
+                                 '--inference or --pretraining')
     from nnunet_plugins.commands.benchmark.command import run
     try:
         return run(args)
@@ -280,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help='extra rows, each changing one setting from the trainer\'s own: checkpointing flipped '
                             '(networks that have it), the other memory layout, bf16 instead of fp16 autocast (CUDA), '
                             'torch.compile flipped (CUDA) (default: %(default)s)')
+    bench.add_argument('--pretraining', action='store_true',
+                       help='after each trainer\'s row (nnUNetTrainer\'s included), a row per self-supervised '
+                            'pre-training trainer of its network (_PretrainRCR, ...): one pre-training step')
     bench.add_argument('--device', choices=('cpu', 'cuda'), help='default: cuda when a GPU is available, else cpu')
     bench.add_argument('--steps', type=positive_int, metavar='N',
                        help='timed steps per row (default: 10 on cuda, 3 on cpu)')

@@ -1,5 +1,7 @@
 """``nnunet-plugins benchmark``: the command end to end on a tiny patch, and its facts at the papers' setting."""
+import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -7,13 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins import settings
 from nnunet_plugins.cli import main
 from nnunet_plugins.commands.benchmark.peers import default_trainers, trainer_class
 from nnunet_plugins.commands.benchmark.plans import resenc_l_plans, synthetic_dataset_json, synthetic_plans
-from nnunet_plugins.commands.benchmark.report import topology_versus_monai
-from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, probe
+from nnunet_plugins.commands.benchmark.command import networks_to_run
+from nnunet_plugins.commands.benchmark.report import counterpart, topology_versus_monai
+from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, probe
+from nnunet_plugins.commands.benchmark.worker import measure, row_spec
 
 from helpers import CONFIGURATION, DATASET_ID, parameter_count
 
@@ -133,7 +138,8 @@ def test_default_trainers_leave_out_upkern_and_finetune_and_reach_every_other_pl
     (['--patch', '100', '100', '100'], 'would train patch [112, 112, 112] rather than [100, 100, 100]'),
     (['--patch', '64', '64', '64', '--peers', 'MedNeXtX'], 'unknown baseline or peer MedNeXtX'),
     (['4'], 'give DATASET CONFIGURATION'),
-], ids=['patch-nnunet-would-not-plan', 'unknown-peer', 'no-configuration'])
+    (['--patch', '16', '32', '32', '--inference', '--pretraining'], '--pretraining times pre-training steps'),
+], ids=['patch-nnunet-would-not-plan', 'unknown-peer', 'no-configuration', 'pretraining-inference'])
 def test_errors_say_what_is_wrong_before_anything_runs(args, message, tmp_path):
     with pytest.raises(SystemExit, match=re.escape(message)):
         main(['benchmark', *args, '--out', str(tmp_path / 'out')])
@@ -230,3 +236,37 @@ def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field
         assert row['voxels_per_second'] == pytest.approx(16 * 32 * 48 / row['step_time_s'])
     assert 'predictions after 0 warm-up, each nnU-Net\'s sliding-window prediction of noise 16x32x48' in \
         (tmp_path / 'benchmark.md').read_text()
+
+
+def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
+    """--pretraining adds, after each trainer's row, its network's pre-training trainers on the same plans (nnU-Net's
+    own network and ResEnc L included); such a row times one pre-training step and is not paired with MONAI."""
+    dataset_json = synthetic_dataset_json(1, 3)
+    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerUXNet'], inference=False,
+                              baselines=['nnUNetTrainer', 'ResEncL'], peers=['MedNeXtS'], pretraining=True)
+    networks = networks_to_run(args, plans, configuration, dataset_json, None)
+    assert [(network.label, network.trainer) for network in networks] == [
+        ('nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtS'),
+        ('nnUNetTrainerMedNeXtS_PretrainRCR', 'nnUNetTrainerMedNeXtS_PretrainRCR'),
+        ('nnUNetTrainerUXNet', 'nnUNetTrainerUXNet'),
+        ('nnUNetTrainerUXNet_PretrainRCR', 'nnUNetTrainerUXNet_PretrainRCR'),
+        ('nnUNetTrainer (nnUNetPlans)', 'nnUNetTrainer'),
+        ('nnUNetTrainer_PretrainRCR (nnUNetPlans)', 'nnUNetTrainer_PretrainRCR'),
+        ('nnUNetTrainer (ResEnc L)', 'nnUNetTrainer'),
+        ('nnUNetTrainer_PretrainRCR (ResEnc L)', 'nnUNetTrainer_PretrainRCR'),
+        ('MONAI MedNeXtS', 'MedNeXtS')]
+    assert networks[7].plans is networks[6].plans and networks[7].plans['plans_name'] == 'nnUNetResEncUNetLPlans'
+    assert counterpart(trainer_class('nnUNetTrainerMedNeXtS_PretrainRCR')) is None
+    assert counterpart(trainer_class('nnUNetTrainerMedNeXtS')) == ('MedNeXt', 'S', 3)
+
+    result = measure(row_spec(Row(networks[1]), configuration, dataset_json, 'cpu', steps=1, warmup=0))
+    assert result['status'] == 'ok', result
+    assert len(result['step_times_s']) == 1 and result['step_times_s'][0] > 0
+    # the sum of three losses on random input: L1 reconstruction, 4-way cross-entropy near ln 4, NT-Xent
+    assert math.log(4) < result['first_loss'] < 20
+    plans_manager = PlansManager(plans)
+    model = trainer_class('nnUNetTrainerMedNeXtS_PretrainRCR').build_network_architecture(
+        plans_manager, plans_manager.get_configuration(configuration), 1, 3)
+    assert result['parameters'] == parameter_count(model) > parameter_count(model.network)  # the heads train too
+    assert result['memory_layout'] == 'channels-last'  # the MedNeXt trainers' CPU layout, pre-training too

@@ -21,8 +21,11 @@ def unlabeled_folder(preprocessed_dataset_folder: str | Path) -> Path:
     return folder.with_name(folder.name + UNLABELED_SUFFIX)
 
 
-def unlabeled_identifiers(preprocessed_dataset_folder: str | Path) -> list[str]:
-    """The identifiers of the unlabeled cases added to a configuration's preprocessed folder (sorted; [] if none)."""
+def unlabeled_identifiers(preprocessed_dataset_folder: str | Path | None) -> list[str]:
+    """The identifiers of the unlabeled cases added to a configuration's preprocessed folder (sorted; [] if none,
+    or if there is no such folder: a trainer built without ``nnUNet_preprocessed``, as the benchmark's are)."""
+    if preprocessed_dataset_folder is None:
+        return []
     folder = unlabeled_folder(preprocessed_dataset_folder)
     return sorted(nnUNetDatasetBlosc2.get_identifiers(str(folder))) if folder.is_dir() else []
 

@@ -50,7 +50,20 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
             print(f'ResEnc L baseline: {origin}')
             networks.append(Network('ResEncL', 'baseline', 'nnUNetTrainer (ResEnc L)', 'nnUNetTrainer', resenc))
     networks += [Network(name, 'peer', f'MONAI {name}', name, plans) for name in peers]
-    return networks
+    return with_pretraining(networks) if args.pretraining else networks
+
+
+def with_pretraining(networks: list[Network]) -> list[Network]:
+    """``networks`` with, right after each trainer's, its network's pre-training trainers (named
+    ``TRAINER_Pretrain...``) on the same plans."""
+    rows = []
+    for network in networks:
+        rows.append(network)
+        for pretrainer in (t.__name__ for t in PRETRAINERS if t.__name__.startswith(f'{network.trainer}_Pretrain')):
+            suffix = pretrainer.removeprefix(network.trainer)
+            label = network.label.replace(network.trainer, pretrainer, 1)
+            rows.append(Network(network.name + suffix, network.kind, label, pretrainer, network.plans))
+    return rows
 
 
 def inference_case(args: argparse.Namespace, plans: dict, configuration: str, dataset_json: dict,

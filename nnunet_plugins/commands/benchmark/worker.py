@@ -195,14 +195,18 @@ def _measure_in_process(spec_file: str, result_file: str) -> None:
     Path(result_file).write_text(json.dumps(measure(spec)))
 
 
+def row_spec(row: Row, configuration: str, dataset_json: dict, device: str, steps: int, warmup: int) -> dict:
+    """What :func:`measure` needs to know of ``row`` (JSON-serialisable; the row's process reads it)."""
+    return {'trainer': row.network.trainer, 'plans': row.network.plans, 'configuration': configuration,
+            'dataset_json': dataset_json, 'device': device, 'steps': steps, 'warmup': warmup,
+            'flip_layout': row.flip_layout, 'bf16': row.bf16, 'flip_compile': row.flip_compile, **row.inference}
+
+
 def run_row(row: Row, configuration: str, dataset_json: dict, device: str, steps: int, warmup: int,
             on_step, work: Path) -> dict:
     """Measure ``row`` in a fresh Python process; ``on_step()`` is called after every step it takes."""
-    spec = {'trainer': row.network.trainer, 'plans': row.network.plans, 'configuration': configuration,
-            'dataset_json': dataset_json, 'device': device, 'steps': steps, 'warmup': warmup,
-            'flip_layout': row.flip_layout, 'bf16': row.bf16, 'flip_compile': row.flip_compile, **row.inference}
     spec_file, result_file = work / 'spec.json', work / 'result.json'
-    spec_file.write_text(json.dumps(spec))
+    spec_file.write_text(json.dumps(row_spec(row, configuration, dataset_json, device, steps, warmup)))
     result_file.unlink(missing_ok=True)
     env = {name: value for name, value in os.environ.items() if name != 'nnUNet_wandb_enabled'}
     env['PYTHONUNBUFFERED'] = '1'
@@ -224,8 +228,6 @@ def run_row(row: Row, configuration: str, dataset_json: dict, device: str, steps
     last = next((line.strip() for line in reversed(output) if line.strip()), 'no output')
     return {'status': 'failed', 'reason': f'the row\'s process exited with code {process.returncode}: {last}',
             'output': ''.join(output)}
-
-
 
 
 if __name__ == '__main__':
