@@ -1,0 +1,163 @@
+"""Does self-supervised pre-training help when only two cases are labeled? A small label-efficiency run.
+
+Every pre-training trainer given (e.g. ``nnUNetTrainerMedNeXtS_PretrainRCR``) pre-trains on fold ``all`` of the
+synthetic dataset (every training image; the loss reads no label). Then the supervised trainer (the pre-training
+trainer's name without its ``_Pretrain...`` suffix) trains fold 0, whose training split holds only two labeled
+cases, once from scratch and once per pre-training run with stock ``-pretrained_weights``, each for the same
+epochs x iterations and under each seed. nnU-Net's predictor (``-f 0``, no mirroring) then segments the held-out
+cases; the Dice per label, averaged over them, is printed as a Markdown table.
+
+Every training is a stock ``nnUNetv2_train`` run (nnU-Net's own entry point) in a process of its own that first
+seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that process (``nnUNet_n_proc_DA=0``), so a
+seed fixes the initial weights, the patches and the augmentation.
+
+Data: the tiny synthetic CT-like dataset (about 14 x 32 x 32 voxels at 3.0 x 1.2 x 1.2 mm; an organ, a vessel and a
+lesion), 20 training and 8 held-out cases, nnU-Net's 3d_fullres plan.
+
+Usage: ``python scripts/pretraining_label_efficiency.py WORK_FOLDER --pretrainers nnUNetTrainerMedNeXtS_PretrainRCR
+[--pretrain-epochs 30] [--finetune-epochs 20] [--iterations 10] [--seeds 0 1]``. Runs already finished in
+WORK_FOLDER are reused (pre-training and fine-tuning alike), so more pre-training trainers can be added later.
+"""
+import argparse
+import json
+import random
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATASET_ID, DATASET_NAME = 993, 'LabelEfficiency'
+NUM_TRAINING, NUM_HELDOUT = 20, 8
+CONFIGURATION = '3d_fullres'
+LABELED = 2  # labeled training cases of fold 0
+VALIDATION = 4  # fold 0's validation cases (nnU-Net needs some; they do not train)
+
+
+def prepare(work: Path) -> dict:
+    """The dataset, planned and preprocessed once, with fold 0 = two labeled training cases; nnU-Net's environment."""
+    from nnunet_plugins import synthetic
+    from nnunet_plugins.workspace import nnunet_environment, run_stock
+    env = nnunet_environment(work, processes=1)
+    preprocessed = work / 'nnUNet_preprocessed' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+    splits = preprocessed / 'splits_final.json'
+    if not splits.is_file():
+        synthetic.write_dataset(work / 'nnUNet_raw', DATASET_ID, DATASET_NAME, NUM_TRAINING, NUM_HELDOUT, seed=5,
+                                size=synthetic.TINY)
+        run_stock(['nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1], env,
+                  capture=True)
+        labels = work / 'nnUNet_raw' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}' / 'labelsTr'
+        cases = sorted(p.name.removesuffix('.nii.gz') for p in labels.glob('*.nii.gz'))
+        splits.write_text(json.dumps([{'train': cases[:LABELED], 'val': cases[LABELED:LABELED + VALIDATION]}]))
+    return env
+
+
+def train(env: dict, results: Path, trainer: str, fold: str, epochs: int, iterations: int, seed: int,
+          pretrained: Path | None = None) -> Path:
+    """``nnUNetv2_train`` in a seeded process of its own (once: a finished run is reused); the fold folder."""
+    from nnunet_plugins import settings
+    folder = results / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}' / f'{trainer}__nnUNetPlans__{CONFIGURATION}' / \
+        f'fold_{fold}'
+    if (folder / 'checkpoint_final.pth').is_file():
+        return folder
+    args = [str(DATASET_ID), CONFIGURATION, fold, '-tr', trainer, '-device', 'cpu']
+    if pretrained is not None:
+        args += ['-pretrained_weights', str(pretrained)]
+    run_env = {**env, 'nnUNet_results': str(results), 'nnUNet_n_proc_DA': '0', settings.EPOCHS: str(epochs),
+               settings.ITERATIONS: str(iterations)}
+    start = time.time()
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / f'nnUNetv2_train_fold_{fold}.log', 'w') as log:  # nnU-Net prints the weights it loads
+        subprocess.run([sys.executable, __file__, '--seeded-train', str(seed), *args], env=run_env, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    print(f'  {trainer} fold {fold} seed {seed}{" from " + pretrained.parent.parent.name if pretrained else ""}: '
+          f'{time.time() - start:.0f} s', flush=True)
+    return folder
+
+
+def seeded_train(seed: int, args: list[str]) -> None:
+    """Seed everything, then run nnU-Net's own ``nnUNetv2_train`` entry point with ``args``."""
+    import torch
+    from nnunetv2.run.run_training import run_training_entry
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    sys.argv = ['nnUNetv2_train', *args]
+    run_training_entry()
+
+
+def heldout_dice(env: dict, results: Path, trainer: str, out: Path) -> dict[str, float]:
+    """Predict the held-out images with fold 0 (no mirroring); the Dice per label, averaged over the cases."""
+    import SimpleITK as sitk
+    from nnunet_plugins import synthetic
+    from nnunet_plugins.workspace import run_stock
+    raw = Path(env['nnUNet_raw']) / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+    if not out.is_dir() or len(list(out.glob('*.nii.gz'))) < NUM_HELDOUT:
+        run_stock(['nnUNetv2_predict', '-i', raw / 'imagesTs', '-o', out, '-d', DATASET_ID, '-c', CONFIGURATION,
+                   '-f', 0, '-tr', trainer, '-device', 'cpu', '--disable_tta', '-npp', 1, '-nps', 1],
+                  {**env, 'nnUNet_results': str(results)}, capture=True)
+    scores = {name: [] for name in synthetic.LABELS if name != 'background'}
+    for reference in sorted((raw / 'labelsTs').glob('*.nii.gz')):
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / reference.name)))
+        for name in scores:
+            label = synthetic.LABELS[name]
+            both = np.count_nonzero((truth == label) & (prediction == label))
+            total = np.count_nonzero(truth == label) + np.count_nonzero(prediction == label)
+            scores[name].append(2 * both / total if total else 1.0)
+    return {name: float(np.mean(values)) for name, values in scores.items()}
+
+
+def supervised_trainer(pretrainer: str) -> str:
+    match = re.fullmatch(r'(\w+?)_Pretrain\w+', pretrainer)
+    if not match:
+        raise SystemExit(f'{pretrainer} is not a pre-training trainer (its name ends in _Pretrain...)')
+    return match.group(1)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == '--seeded-train':
+        return seeded_train(int(sys.argv[2]), sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('work', type=Path)
+    parser.add_argument('--pretrainers', nargs='+', required=True, metavar='TRAINER')
+    parser.add_argument('--pretrain-epochs', type=int, default=30)
+    parser.add_argument('--pretrain-iterations', type=int, default=20)
+    parser.add_argument('--finetune-epochs', type=int, default=20)
+    parser.add_argument('--iterations', type=int, default=10, help='fine-tuning iterations per epoch')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    args = parser.parse_args()
+    work = args.work.resolve()
+    env = prepare(work)
+    supervised = {supervised_trainer(p) for p in args.pretrainers}
+    if len(supervised) != 1:
+        raise SystemExit(f'the pre-training trainers serve different networks ({sorted(supervised)}); give one')
+    supervised = supervised.pop()
+    starts = {'scratch': None}
+    for pretrainer in args.pretrainers:
+        folder = train(env, work / 'results' / pretrainer, pretrainer, 'all', args.pretrain_epochs,
+                       args.pretrain_iterations, seed=0)
+        starts[pretrainer.removeprefix(supervised + '_')] = folder / 'checkpoint_final.pth'
+    rows = {}
+    for name, checkpoint in starts.items():
+        for seed in args.seeds:
+            results = work / 'results' / f'finetune_{name}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
+            train(env, results, supervised, '0', args.finetune_epochs, args.iterations, seed, checkpoint)
+            rows[(name, seed)] = heldout_dice(env, results, supervised, results / 'heldout')
+    table = work / f'label_efficiency_{args.finetune_epochs}x{args.iterations}.json'
+    table.write_text(json.dumps({f'{name} seed {seed}': dice for (name, seed), dice in rows.items()}, indent=2))
+    labels = list(next(iter(rows.values())))
+    print(f'\n{supervised}, fold 0 with {LABELED} labeled cases, {args.finetune_epochs} x {args.iterations} '
+          f'iterations; pre-training {args.pretrain_epochs} x {args.pretrain_iterations} iterations on '
+          f'{NUM_TRAINING} images; held-out Dice ({NUM_HELDOUT} cases)\n')
+    print('| start | seed | ' + ' | '.join(labels) + ' | mean |')
+    print('|---|---|' + '---|' * (len(labels) + 1))
+    for (name, seed), dice in rows.items():
+        print(f'| {name} | {seed} | ' + ' | '.join(f'{dice[label]:.3f}' for label in labels) +
+              f' | {np.mean(list(dice.values())):.3f} |')
+
+
+if __name__ == '__main__':
+    main()
