@@ -17,9 +17,12 @@ lesion), 20 training and 8 held-out cases, nnU-Net's 3d_fullres plan.
 Usage: ``python scripts/pretraining_label_efficiency.py WORK_FOLDER --pretrainers nnUNetTrainerMedNeXtS_PretrainRCR
 [--pretrain-epochs 30] [--finetune-epochs 20] [--iterations 10] [--seeds 0 1]``. Runs already finished in
 WORK_FOLDER are reused (pre-training and fine-tuning alike), so more pre-training trainers can be added later.
+Trainers declared outside the package (ablations) come in with ``--trainer-folder FOLDER`` (put on
+``nnUNet_extTrainer``).
 """
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -128,9 +131,13 @@ def main() -> None:
     parser.add_argument('--finetune-epochs', type=int, default=20)
     parser.add_argument('--iterations', type=int, default=10, help='fine-tuning iterations per epoch')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--trainer-folder', type=Path, metavar='FOLDER',
+                        help='a folder of modules declaring more trainers (e.g. ablations), put on nnUNet_extTrainer')
     args = parser.parse_args()
     work = args.work.resolve()
     env = prepare(work)
+    if args.trainer_folder:
+        env['nnUNet_extTrainer'] = os.pathsep.join([str(args.trainer_folder.resolve()), env['nnUNet_extTrainer']])
     supervised = {supervised_trainer(p) for p in args.pretrainers}
     if len(supervised) != 1:
         raise SystemExit(f'the pre-training trainers serve different networks ({sorted(supervised)}); give one')
