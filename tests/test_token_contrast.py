@@ -155,6 +155,14 @@ def test_w_zero_is_plain_token_nt_xent_and_w_penalises_same_position_similarity(
         token_contrastive_loss(z, z_hat[..., :1])
 
 
+def test_anchor_volumes_split_the_loss_as_ddp_ranks_would():
+    torch.manual_seed(2)
+    z, z_hat = torch.randn(4, 5, 1, 2, 3), torch.randn(4, 5, 1, 2, 3)
+    halves = [float(token_contrastive_loss(z, z_hat, 5, anchor_volumes=slice(r, r + 2))) for r in (0, 2)]
+    assert sum(halves) / 2 == pytest.approx(float(token_contrastive_loss(z, z_hat, 5)), rel=1e-6)
+    assert halves[0] != pytest.approx(halves[1])
+
+
 def test_projection_head_is_trained_by_the_optimiser_of_the_pretraining_model():
     torch.manual_seed(0)
     model = nn.ModuleDict({'encoder': nn.Conv3d(1, 8, 2, stride=2), 'projection': TokenHead(8, 16, 32)})

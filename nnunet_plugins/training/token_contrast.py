@@ -34,8 +34,9 @@ def _check_pair(z: torch.Tensor, z_hat: torch.Tensor) -> None:
 
 
 def token_contrastive_loss(z: torch.Tensor, z_hat: torch.Tensor, same_position_weight: float = SAME_POSITION_WEIGHT,
-                           temperature: float = TEMPERATURE) -> torch.Tensor:
-    """Eq. 3 averaged over all ``2 B M`` anchors (every token of both views); a scalar.
+                           temperature: float = TEMPERATURE, anchor_volumes: slice = slice(None)) -> torch.Tensor:
+    """Eq. 3 averaged over the ``2 M`` anchors (every token of both views) of each volume in ``anchor_volumes``;
+    a scalar.
 
     For anchor ``a`` = token ``m`` of volume ``i`` in one view, ``p`` its positive in the other view and ``s`` the
     cosine similarity: ``-s(a, p)/t + log(sum_{c != a} exp(s(a, c)/t) + w sum_{j != i} exp(s(a, a_j)/t))``, with
@@ -45,8 +46,11 @@ def token_contrastive_loss(z: torch.Tensor, z_hat: torch.Tensor, same_position_w
         z, z_hat: ``(B, D, *grid)`` projected tokens of the two views, position-aligned.
         same_position_weight: ``w`` >= 0.
         temperature: ``t``.
+        anchor_volumes: the volumes whose tokens are anchors; every volume's tokens are candidates. Under DDP,
+            pass every rank's gathered tokens and this rank's volumes: the mean over ranks of equal batches is
+            the loss of all ranks' volumes in one batch.
 
-    Memory: a ``2BM x 2BM`` similarity matrix (B = 2, 8^3 tokens: 1024^2 floats).
+    Memory: a ``2AM x 2BM`` similarity matrix, ``A`` anchor volumes (A = B = 2, 8^3 tokens: 1024^2 floats).
     """
     _check_pair(z, z_hat)
     if same_position_weight < 0:
@@ -54,19 +58,20 @@ def token_contrastive_loss(z: torch.Tensor, z_hat: torch.Tensor, same_position_w
                          f'penalise; use 0 for plain token NT-Xent or the paper\'s {SAME_POSITION_WEIGHT}')
     views = torch.stack([_tokens(z), _tokens(z_hat)])  # (2, B, M, D)
     _, volumes, positions, _ = views.shape
-    per_view = volumes * positions
-    flat = views.flatten(0, 2)  # index v * B * M + i * M + m
-    logits = flat @ flat.T / temperature
-    itself = torch.eye(len(flat), dtype=torch.bool, device=flat.device)
-    denominator = logits.masked_fill(itself, float('-inf'))
+    flat = views.flatten(0, 2)  # token m of volume i in view v is row v * B * M + i * M + m
+    anchor_ids = torch.arange(volumes, device=flat.device)[anchor_volumes]
+    anchors = (torch.arange(2, device=flat.device)[:, None, None] * volumes * positions
+               + anchor_ids[None, :, None] * positions + torch.arange(positions, device=flat.device)).flatten()
+    logits = flat[anchors] @ flat.T / temperature
+    denominator = logits.masked_fill(F.one_hot(anchors, len(flat)).bool(), float('-inf'))
     if same_position_weight > 0:
-        same_position = torch.einsum('vimd,vjmd->vimj', views, views) / temperature  # (2, B, M, B)
-        own_volume = torch.eye(volumes, dtype=torch.bool, device=flat.device)[None, :, None, :]
+        same_position = torch.einsum('vimd,vjmd->vimj', views[:, anchor_ids], views) / temperature  # (2, A, M, B)
+        own_volume = (anchor_ids[:, None] == torch.arange(volumes, device=flat.device))[None, :, None, :]
         same_position = same_position.masked_fill(own_volume, float('-inf')) + math.log(same_position_weight)
-        denominator = torch.cat([denominator, same_position.reshape(len(flat), volumes)], dim=1)
-    anchors = torch.arange(len(flat), device=flat.device)
-    positives = (anchors + per_view) % len(flat)
-    return (torch.logsumexp(denominator, dim=1) - logits[anchors, positives]).mean()
+        denominator = torch.cat([denominator, same_position.reshape(len(anchors), volumes)], dim=1)
+    positives = (anchors + volumes * positions) % len(flat)
+    rows = torch.arange(len(anchors), device=flat.device)
+    return (torch.logsumexp(denominator, dim=1) - logits[rows, positives]).mean()
 
 
 def byol_token_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
