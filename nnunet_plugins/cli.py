@@ -55,9 +55,9 @@ def _trainers(args: argparse.Namespace) -> int:
     if args.path:
         print(trainers_folder())
         return 0
-    from nnunet_plugins.training import TRAINERS
-    width = max(len(t.__name__) for t in TRAINERS)
-    for trainer in TRAINERS:
+    from nnunet_plugins.training import PRETRAINERS, TRAINERS
+    width = max(len(t.__name__) for t in TRAINERS + PRETRAINERS)
+    for trainer in TRAINERS + PRETRAINERS:
         print(f'{trainer.__name__:<{width}}  {trainer.__doc__.strip().splitlines()[0]}')
     print(f'\nnnU-Net finds them once this is set:\n  export nnUNet_extTrainer={trainers_folder()}')
     return 0
@@ -145,6 +145,38 @@ def _evaluate(args: argparse.Namespace) -> int:
         return run(args)
     except ValueError as error:
         raise _fail('evaluate', str(error)) from None
+
+
+def _adapt_weights(args: argparse.Namespace) -> int:
+    if not args.source.is_file():
+        raise _fail('adapt-weights', f'{args.source} is not a file')
+    if args.out.exists() and not args.overwrite:
+        raise _fail('adapt-weights', f'{args.out} exists; give --overwrite to replace it, or another -o')
+    if not args.out.parent.is_dir():
+        raise _fail('adapt-weights', f'the folder of -o {args.out} does not exist')
+    from nnunet_plugins.commands.adapt_weights import adapt_weights
+    try:
+        report = adapt_weights(args.source, args.dataset, args.configuration, args.trainer, args.plans, args.out,
+                               args.decoder)
+    except ValueError as error:  # CheckpointError, WeightTransferError, PlansFileError, an unknown trainer
+        raise _fail('adapt-weights', str(error)) from None
+    print('\n'.join(report.lines()))
+    print(f'wrote {args.out} (report: {args.out.with_suffix(".json")}). Fine-tune with:\n  nnUNetv2_train '
+          f'{args.dataset} {args.configuration} FOLD -tr {args.trainer} -p {args.plans} -pretrained_weights {args.out}')
+    return 0
+
+
+def _add_unlabeled(args: argparse.Namespace) -> int:
+    if not args.folder.is_dir():
+        raise _fail('add-unlabeled', f'{args.folder} is not a folder')
+    from nnunet_plugins.commands.unlabeled import add_unlabeled
+    try:
+        out, added = add_unlabeled(args.dataset, args.folder, args.configuration, args.plans, args.overwrite)
+    except ValueError as error:
+        raise _fail('add-unlabeled', str(error)) from None
+    print(f'added {len(added)} unlabeled cases to {out}; the pre-training trainers use them beside the dataset\'s own '
+          f'images, the supervised trainers never do.')
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument('--batch', type=positive_int, metavar='N',
                        help='batch size (default: the plans\'; 2 with --patch)')
     bench.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
-                       help='trainers to benchmark (default: every plugin trainer except the UpKern ones)')
+                       help='trainers to benchmark (default: every plugin trainer except the _UpKern and _Finetune '
+                            'ones)')
     bench.add_argument('--baselines', nargs='*', metavar='NAME',
                        help='nnU-Net baselines: nnUNetTrainer, ResEncL (default: both; none if given empty)')
     bench.add_argument('--peers', nargs='*', metavar='NAME',
@@ -302,6 +335,47 @@ def build_parser() -> argparse.ArgumentParser:
                           help='output folder (default: $nnUNet_results/DATASET/evaluation, or an evaluation '
                                'folder in the first --pred folder)')
     evaluate.set_defaults(run=_evaluate)
+
+    adapt = commands.add_parser(
+        'adapt-weights',
+        help='make an encoder-only or foreign checkpoint loadable by nnUNetv2_train -pretrained_weights',
+        description='Build the network TRAINER trains on a dataset\'s plans, copy in the encoder tensors of SOURCE '
+                    'that fit (an nnU-Net checkpoint of other plans or another trainer, a pre-trained encoder, the '
+                    'Swin UNETR authors\' released encoder), repeating the stem\'s input channels when the dataset has '
+                    'more, keep the network\'s own initialisation for the rest, and write a file that `nnUNetv2_train '
+                    '... -pretrained_weights OUT` loads, with a report of loaded and freshly initialised tensors. A '
+                    'file of which nothing fits, or whose tensors have other shapes, is an error.')
+    adapt.add_argument('source', type=Path, metavar='SOURCE', help='the checkpoint file to start from')
+    adapt.add_argument('-d', dest='dataset', required=True, metavar='DATASET', help='target dataset id or name')
+    adapt.add_argument('-c', dest='configuration', required=True, metavar='CONFIGURATION',
+                       help='target configuration, e.g. 3d_fullres')
+    adapt.add_argument('-tr', dest='trainer', required=True, metavar='TRAINER',
+                       help='the trainer that will fine-tune, e.g. nnUNetTrainerMedNeXtS_Finetune')
+    adapt.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
+                       help='plans identifier (default: %(default)s)')
+    adapt.add_argument('-o', dest='out', type=Path, required=True, metavar='OUT', help='the file to write (.pth)')
+    adapt.add_argument('--decoder', action='store_true',
+                       help='also copy the decoder\'s tensors of matching name and shape (a whole network with another '
+                            'number of input channels); by default only the encoder\'s')
+    adapt.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    adapt.set_defaults(run=_adapt_weights)
+
+    unlabeled = commands.add_parser(
+        'add-unlabeled', help='preprocess unlabeled images with a dataset\'s plans, for pre-training only',
+        description='Preprocess a folder of unlabeled images (named as nnU-Net\'s imagesTr: CASE_0000.nii.gz, one '
+                    'file per channel) with nnU-Net\'s preprocessor and the plans of DATASET\'s CONFIGURATION (same '
+                    'spacing, normalisation and intensity statistics) into a folder beside its preprocessed cases, '
+                    '<data_identifier>_unlabeled, where the pre-training trainers find them and the supervised '
+                    'trainers never look. Names, channels and image headers are checked before any case is processed.')
+    unlabeled.add_argument('dataset', metavar='DATASET', help='dataset id or name, e.g. 4')
+    unlabeled.add_argument('folder', type=Path, metavar='FOLDER', help='the folder of unlabeled images')
+    unlabeled.add_argument('-c', dest='configuration', required=True, metavar='CONFIGURATION',
+                           help='the (preprocessed) configuration to add them to, e.g. 3d_fullres')
+    unlabeled.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
+                           help='plans identifier (default: %(default)s)')
+    unlabeled.add_argument('--overwrite', action='store_true',
+                           help='preprocess again cases that were added before')
+    unlabeled.set_defaults(run=_add_unlabeled)
     return parser
 
 

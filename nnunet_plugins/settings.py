@@ -3,6 +3,8 @@
 - ``nnUNet_plugins_epochs``: number of epochs of every plugin trainer (default 1000).
 - ``nnUNet_plugins_iterations``: training iterations per epoch (default 250); validation
   iterations follow at nnU-Net's ratio of 1 to 5.
+- ``nnUNet_plugins_warmup_epochs``: epochs of linear learning-rate warm-up (default: the trainer's
+  ``warmup_epochs``, scaled to a schedule shortened by ``nnUNet_plugins_epochs``).
 - ``nnUNet_plugins_checkpointing``: ``0`` switches gradient checkpointing off for the networks that
   use it by default (MedNeXt-M and -L), ``1`` switches it on for every network that supports it.
 - ``nnUNet_plugins_upkern_source``: checkpoint file an UpKern trainer starts from, instead of the
@@ -12,9 +14,10 @@ import os
 
 EPOCHS = 'nnUNet_plugins_epochs'
 ITERATIONS = 'nnUNet_plugins_iterations'
+WARMUP_EPOCHS = 'nnUNet_plugins_warmup_epochs'
 CHECKPOINTING = 'nnUNet_plugins_checkpointing'
 UPKERN_SOURCE = 'nnUNet_plugins_upkern_source'
-VARIABLES = (EPOCHS, ITERATIONS, CHECKPOINTING, UPKERN_SOURCE)
+VARIABLES = (EPOCHS, ITERATIONS, WARMUP_EPOCHS, CHECKPOINTING, UPKERN_SOURCE)
 
 _TRUE = ('1', 'true', 't', 'yes', 'on')
 _FALSE = ('0', 'false', 'f', 'no', 'off')
@@ -22,15 +25,25 @@ _FALSE = ('0', 'false', 'f', 'no', 'off')
 
 def positive_int(name: str) -> int | None:
     """The value of environment variable ``name`` as a positive integer, or None when it is unset."""
+    return _whole_number(name, 1)
+
+
+def non_negative_int(name: str) -> int | None:
+    """The value of environment variable ``name`` as an integer of at least 0, or None when it is unset."""
+    return _whole_number(name, 0)
+
+
+def _whole_number(name: str, minimum: int) -> int | None:
     value = os.environ.get(name)
     if value is None or value.strip() == '':
         return None
     try:
         number = int(value)
     except ValueError:
-        number = 0
-    if number < 1:
-        raise ValueError(f'{name}={value!r} is not a positive integer; set it to e.g. 5 or unset it')
+        number = minimum - 1
+    if number < minimum:
+        raise ValueError(f'{name}={value!r} is not {"a positive integer" if minimum == 1 else "an integer >= 0"}; '
+                         f'set it to e.g. 5 or unset it')
     return number
 
 

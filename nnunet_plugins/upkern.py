@@ -60,7 +60,8 @@ class UpKernReport:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + '\n')
 
 
-def _strip_wrapper_prefixes(key: str) -> str:
+def strip_wrapper_prefixes(key: str) -> str:
+    """``key`` without the prefixes torch.compile and DDP add to a wrapped network's state-dict keys."""
     stripped = True
     while stripped:
         stripped = False
@@ -95,7 +96,7 @@ def upkern_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, t
     Raises:
         UpKernError: when the tensor names differ, or a tensor's shape is neither equal nor a grown kernel.
     """
-    source = {_strip_wrapper_prefixes(k): v for k, v in source.items()}
+    source = {strip_wrapper_prefixes(k): v for k, v in source.items()}
     missing = [k for k in target if k not in source]
     unexpected = [k for k in source if k not in target]
     if missing or unexpected:

@@ -122,11 +122,11 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     assert topology_versus_monai(trainer_class('nnUNetTrainerSwinUNETR'), configuration_manager) == 'same'
 
 
-def test_default_trainers_leave_out_upkern_and_reach_every_other_plugin_trainer():
+def test_default_trainers_leave_out_upkern_and_finetune_and_reach_every_other_plugin_trainer():
     from nnunet_plugins.training import TRAINERS
     names = default_trainers()
-    assert names == [t.__name__ for t in TRAINERS if not t.__name__.endswith('_UpKern')]
-    assert 'nnUNetTrainerMedNeXtL_k5' in names and not any(name.endswith('_UpKern') for name in names)
+    assert names == [t.__name__ for t in TRAINERS if not t.__name__.endswith(('_UpKern', '_Finetune'))]
+    assert 'nnUNetTrainerMedNeXtL_k5' in names and not any(name.endswith(('_UpKern', '_Finetune')) for name in names)
 
 
 @pytest.mark.parametrize('args, message', [

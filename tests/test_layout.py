@@ -1,6 +1,6 @@
-"""The memory layout on a CPU: every network family follows its input's device (channels-last where that is faster
-on a CPU, PyTorch's default elsewhere), in training and in nnU-Net's prediction, and is as exact in it as in the
-default layout."""
+"""The memory layout on a CPU: every network family follows its input's device (channels-last where that was measured
+faster on a CPU, PyTorch's default elsewhere), in training and in nnU-Net's prediction, and is as exact in
+channels-last as in the default layout."""
 import dataclasses
 
 import numpy as np
@@ -97,10 +97,12 @@ def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
 
 def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
     for trainer_class in TRAINERS:
-        trainer = make_trainer(trainer_class)
+        trainer = make_trainer(trainer_class, {'patch_size': list(SWINUNETR_PATCH)})  # one patch every family takes
         network = trainer_class.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4,
                                                            enable_deep_supervision=False)
-        assert network.cpu_layout == trainer_class.cpu_layout == 'channels-last', trainer_class.__name__
+        # channels-last only where it was measured faster (docs/benchmarks.md): MedNeXt's depthwise convolutions
+        expected = 'channels-last' if trainer_class.__name__.startswith('nnUNetTrainerMedNeXt') else 'contiguous'
+        assert network.cpu_layout == trainer_class.cpu_layout == expected, trainer_class.__name__
 
 
 def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace, monkeypatch):

@@ -10,7 +10,7 @@ import pytest
 
 from nnunet_plugins import trainers_folder
 from nnunet_plugins.cli import build_parser
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS
 from nnunet_plugins.workspace import NNUNET_FOLDERS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -67,7 +67,8 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
 def test_every_subcommand_has_help():
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
-    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate'}
+    assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate', 'adapt-weights',
+                                'add-unlabeled'}
     for name in subcommands:
         result = run(COMMAND, name, '--help')
         assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')
@@ -77,8 +78,9 @@ def test_trainers_lists_every_trainer_with_a_description():
     result = run(COMMAND, 'trainers')
     assert result.returncode == 0
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith('nnUNetTrainer')}
-    assert sorted(lines) == sorted(t.__name__ for t in TRAINERS)
+    assert sorted(lines) == sorted(t.__name__ for t in TRAINERS + PRETRAINERS)
     assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
+    assert 'for nnUNetTrainerSwinUNETR' in lines['nnUNetTrainerSwinUNETR_PretrainRCR']
     path = run(COMMAND, 'trainers', '--path').stdout.strip()
     assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
 

@@ -240,6 +240,21 @@ PRETRAINED_PREFIX = 'module.'
 PRETRAINED_RENAMES = (('.mlp.fc1.', '.mlp.linear1.'), ('.mlp.fc2.', '.mlp.linear2.'))
 
 
+def is_authors_format(state: Mapping[str, object]) -> bool:
+    """Whether a state dict's keys are those of the authors' released encoder (``module.patch_embed...``,
+    ``module.layers1...``)."""
+    return any(key.startswith((f'{PRETRAINED_PREFIX}patch_embed.', f'{PRETRAINED_PREFIX}layers1.')) for key in state)
+
+
+def authors_name_to_ours(key: str) -> str:
+    """The name in our ``network.encoder`` of a tensor of the authors' released encoder, e.g.
+    ``module.layers1.0.blocks.0.mlp.fc1.weight`` -> ``layers1.0.blocks.0.mlp.linear1.weight``."""
+    name = key.removeprefix(PRETRAINED_PREFIX)
+    for old, new in PRETRAINED_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
 class PretrainedEncoderError(ValueError):
     """A pre-trained encoder file that cannot initialise the network's encoder; the message says why."""
 
@@ -274,12 +289,7 @@ def load_pretrained_encoder(network: SwinUNETR, weights: str | Path | Mapping[st
         raise PretrainedEncoderError(f'{source} has no "state_dict" entry (found {found}); the pre-trained encoder '
                                      f'format is {{"state_dict": {{"module.layers1.0.blocks.0.mlp.fc1.weight": ...}}}}')
     ours = network.encoder.state_dict()
-    renamed = {}
-    for key, value in state.items():
-        name = key.removeprefix(PRETRAINED_PREFIX)
-        for old, new in PRETRAINED_RENAMES:
-            name = name.replace(old, new)
-        renamed[name] = (key, value)
+    renamed = {authors_name_to_ours(key): (key, value) for key, value in state.items()}
     loaded = [name for name in ours if name in renamed]
     if not loaded:
         raise PretrainedEncoderError(

@@ -8,6 +8,14 @@ from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtM_k5, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5,
     nnUNetTrainerMedNeXtB_k5_UpKern, nnUNetTrainerMedNeXtL_k5_UpKern, nnUNetTrainerMedNeXtM_k5_UpKern,
     nnUNetTrainerMedNeXtS_k5_UpKern)
+from nnunet_plugins.training.finetune import (
+    nnUNetTrainerMedNeXtB_Finetune, nnUNetTrainerMedNeXtL_Finetune, nnUNetTrainerMedNeXtM_Finetune,
+    nnUNetTrainerMedNeXtS_Finetune, nnUNetTrainerSwinUNETR_Finetune, nnUNetTrainerUTNetV2_Finetune,
+    nnUNetTrainerUXNet_Finetune)
+from nnunet_plugins.training.pretrainers import (
+    nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtL_PretrainRCR,
+    nnUNetTrainerMedNeXtM_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR_PretrainRCR,
+    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR)
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -20,5 +28,16 @@ TRAINERS = (
     nnUNetTrainerUXNet,
     nnUNetTrainerUTNetV2,
     nnUNetTrainerSwinUNETR,
+    nnUNetTrainerMedNeXtS_Finetune, nnUNetTrainerMedNeXtB_Finetune, nnUNetTrainerMedNeXtM_Finetune,
+    nnUNetTrainerMedNeXtL_Finetune, nnUNetTrainerUXNet_Finetune, nnUNetTrainerUTNetV2_Finetune,
+    nnUNetTrainerSwinUNETR_Finetune,
 )
-__all__ = [trainer.__name__ for trainer in TRAINERS]
+# trainers that build the same network as another one and differ only in how they start or schedule
+VARIANT_SUFFIXES = ('_UpKern', '_Finetune')
+# self-supervised pre-training of the networks' encoders (the supervised trainers above fine-tune from them)
+PRETRAINERS = (
+    nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtM_PretrainRCR,
+    nnUNetTrainerMedNeXtL_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUTNetV2_PretrainRCR,
+    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainer_PretrainRCR,
+)
+__all__ = [trainer.__name__ for trainer in TRAINERS + PRETRAINERS]

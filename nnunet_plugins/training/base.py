@@ -9,9 +9,11 @@ A plugin trainer adds:
   ...), which nnU-Net's ``__init__`` would otherwise overwrite with its own defaults;
 - the network's own deep-supervision scales, with a non-zero loss weight on every head
   (DDP requires every parameter to get a gradient);
-- AdamW with poly decay per epoch (``--c`` resumes it exactly, the learning rate being a function
-  of the epoch);
-- short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations``, announced loudly;
+- AdamW with poly decay per epoch, after a linear warm-up of ``warmup_epochs`` (``--c`` resumes it
+  exactly, the learning rate being a function of the epoch);
+- for fine-tuning, an encoder held fixed for the first ``freeze_encoder_epochs`` epochs;
+- short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations`` (the warm-up keeps its share
+  of the epochs, or takes ``nnUNet_plugins_warmup_epochs``), announced loudly;
 - a clear error instead of training on when the loss stays non-finite;
 - refusals, before training, to start from scratch over a fold that already holds checkpoints, to
   ``--c`` with a shorter schedule than the checkpoint has trained, and to read a damaged checkpoint
@@ -22,7 +24,6 @@ import os
 import numpy as np
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -33,6 +34,7 @@ from nnunet_plugins.checkpoints import CheckpointError, check_readable
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.presets import preset_for
+from nnunet_plugins.training.schedule import WarmupPolyLRScheduler
 
 MAX_NONFINITE_STEPS = 25
 CHECKPOINT_FILES = ('checkpoint_final.pth', 'checkpoint_latest.pth', 'checkpoint_best.pth')
@@ -49,6 +51,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
         class nnUNetTrainerMedNeXtL_300epochs(nnUNetTrainerMedNeXtL):
             num_epochs = 300
+
+    and so do ``warmup_epochs`` (linear warm-up before the poly decay) and ``freeze_encoder_epochs`` (the
+    parameters of ``network.encoder`` get no optimiser step in the first epochs), for fine-tuning.
     """
 
     initial_lr: float = 1e-3
@@ -56,8 +61,12 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     adam_eps: float = 1e-8
     # for networks that cannot take a one-voxel bottleneck, what is undefined there (in the patch-size error)
     undefined_on_one_voxel: str | None = None
-    # the 3d network's memory layout on a CPU, in training and inference (networks.layout); measured per family
-    cpu_layout: str = 'channels-last'
+    # the 3d network's memory layout on a CPU, in training and inference (networks.layout): PyTorch's default unless
+    # a family was measured faster in the other (docs/benchmarks.md, 2026-11-29 layout entry)
+    cpu_layout: str = 'contiguous'
+    # fine-tuning: epochs of linear warm-up before the poly decay; epochs in which network.encoder stays fixed
+    warmup_epochs: int = 0
+    freeze_encoder_epochs: int = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -67,30 +76,55 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                 setattr(self, name, getattr(type(self), name))
         self._nonfinite_steps = 0
         self._loaded_checkpoint = None  # the file name load_checkpoint read (--c), e.g. checkpoint_latest.pth
+        self.warmup_epochs, self.freeze_encoder_epochs = type(self).warmup_epochs, type(self).freeze_encoder_epochs
         self._apply_schedule_override()
+        if not 0 <= self.warmup_epochs < self.num_epochs:
+            raise ValueError(f'{type(self).__name__}: warmup_epochs={self.warmup_epochs} must be at least 0 and less '
+                             f'than num_epochs={self.num_epochs}, so that the poly decay follows the warm-up')
 
     def _apply_schedule_override(self) -> None:
         epochs = settings.positive_int(settings.EPOCHS)
         iterations = settings.positive_int(settings.ITERATIONS)
-        if epochs is None and iterations is None:
+        warmup = settings.non_negative_int(settings.WARMUP_EPOCHS)
+        if epochs is None and iterations is None and warmup is None:
             return
-        default = f'{self.num_epochs} x {self.num_iterations_per_epoch}'
+        default = f'{self.num_epochs} x {self.num_iterations_per_epoch}, warm-up {self.warmup_epochs}'
+        if warmup is not None:
+            self.warmup_epochs = warmup
         if epochs is not None:
+            if warmup is None and self.warmup_epochs:  # the warm-up keeps its share of the shortened schedule
+                self.warmup_epochs = min(epochs - 1, max(1, round(self.warmup_epochs * epochs / self.num_epochs)))
             self.num_epochs = epochs
         if iterations is not None:
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = max(1, round(iterations / 5))
+        asked = ', '.join(f'{name}={os.environ[name]!r}' for name in (settings.EPOCHS, settings.ITERATIONS,
+                                                                       settings.WARMUP_EPOCHS)
+                          if os.environ.get(name, '').strip())
         self.print_to_log_file(
-            f'!!!!! SHORT SCHEDULE ({settings.EPOCHS}={os.environ.get(settings.EPOCHS, "")!r}, '
-            f'{settings.ITERATIONS}={os.environ.get(settings.ITERATIONS, "")!r}): {self.num_epochs} epochs x '
-            f'{self.num_iterations_per_epoch} iterations ({self.num_val_iterations_per_epoch} validation) instead of '
-            f'{default}. Fine for smoke tests, not for results. !!!!!')
+            f'!!!!! SHORT SCHEDULE ({asked}): {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations '
+            f'({self.num_val_iterations_per_epoch} validation), warm-up {self.warmup_epochs}, instead of {default}. '
+            f'Fine for smoke tests, not for results. !!!!!')
 
     def initialize(self):
         super().initialize()
         network = self.plain_network()
         self.print_to_log_file(f'{self.network_name()}: {network.extra_repr()}, '
                                f'{sum(p.numel() for p in network.parameters()):,} parameters')
+        if self.warmup_epochs:
+            self.print_to_log_file(f'learning rate: linear warm-up to {self.initial_lr} over the first '
+                                   f'{self.warmup_epochs} epochs, then poly decay over '
+                                   f'{self.num_epochs - self.warmup_epochs}')
+        if self.freeze_encoder_epochs:
+            encoder = getattr(network, 'encoder', None)
+            if not isinstance(encoder, nn.Module):
+                raise ValueError(f'{type(self).__name__}: freeze_encoder_epochs={self.freeze_encoder_epochs} holds '
+                                 f'network.encoder fixed, but {type(network).__name__} has no encoder submodule')
+            self._frozen_parameters = list(encoder.parameters())
+            self.optimizer.register_step_pre_hook(self._hold_frozen_encoder)
+            self.print_to_log_file(f'encoder ({len(self._frozen_parameters)} parameter tensors) held fixed in epochs '
+                                   f'0-{self.freeze_encoder_epochs - 1}, trained from epoch '
+                                   f'{self.freeze_encoder_epochs}')
 
     def plain_network(self) -> nn.Module:
         """The network without the DDP and torch.compile wrappers."""
@@ -185,7 +219,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     def patch_advice(cls, patch_size: list[int], spacing: list[float]) -> str:
         """The end of every patch-size error: how to get a configuration that has ``patch_size`` at ``spacing`` (the
         spacing decides nnU-Net's strides, and so what the network needs)."""
-        preset = preset_for(cls.__name__, len(patch_size))
+        # a subclass (a _Finetune trainer, a user's variant) takes the preset of the trainer it derives from
+        preset = next((found for base in cls.__mro__ if (found := preset_for(base.__name__, len(patch_size)))),
+                      None)
         command = ('' if preset is None else
                    f'`nnunet-plugins plans DATASET --preset {preset.name} --patch {" ".join(map(str, patch_size))} '
                    f'--spacing {" ".join(f"{s:.4g}" for s in spacing)}` adds a configuration with them and nnU-Net\'s '
@@ -227,11 +263,25 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr,
                                       weight_decay=self.weight_decay, eps=self.adam_eps)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        return optimizer, WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+
+    def _hold_frozen_encoder(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        """Optimiser pre-step hook: in the frozen epochs, drop the encoder's gradients, so that AdamW skips its
+        parameters (no update, no weight decay, no moment). Gradients are still computed, so DDP, which expects
+        every parameter's gradient, works unchanged; nnU-Net's gradient-norm clipping still counts them."""
+        if self.current_epoch < self.freeze_encoder_epochs:
+            for parameter in self._frozen_parameters:
+                parameter.grad = None
 
     def train_step(self, batch: dict) -> dict:
         result = super().train_step(batch)
-        if np.all(np.isfinite(result['loss'])):
+        self.check_finite_loss(result['loss'])
+        return result
+
+    def check_finite_loss(self, loss: np.ndarray) -> None:
+        """Count consecutive iterations whose training ``loss`` is not finite; raise after
+        :data:`MAX_NONFINITE_STEPS` of them."""
+        if np.all(np.isfinite(loss)):
             self._nonfinite_steps = 0
         else:
             self._nonfinite_steps += 1
@@ -241,7 +291,6 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                     f'consecutive iterations (epoch {self.current_epoch}); stopping instead of training on. '
                     f'Checkpoints written so far are in {self.output_folder}. Check the images for NaNs, then try '
                     f'a lower learning rate or, on a GPU, nnUNet_compile=f.')
-        return result
 
     # ---- safety ----
 
@@ -251,17 +300,21 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
         if isinstance(filename_or_checkpoint, str):
-            try:
-                check_readable(filename_or_checkpoint)
-            except CheckpointError as error:
-                others = [f for f in self.existing_checkpoints() if os.path.join(self.output_folder, f) !=
-                          os.path.abspath(filename_or_checkpoint)]
-                raise CheckpointError(
-                    f'{type(self).__name__}: {error}. Move it out of {self.output_folder}'
-                    + (f' to continue from {" or ".join(others)}' if others else '')
-                    + ', or train this fold anew in an empty folder.') from None
-            self._loaded_checkpoint = os.path.basename(filename_or_checkpoint)
+            self.check_checkpoint_file(filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
+
+    def check_checkpoint_file(self, filename: str) -> None:
+        """Raise CheckpointError, naming ``filename`` and what to do, when it cannot be read; remember its name."""
+        try:
+            check_readable(filename)
+        except CheckpointError as error:
+            others = [f for f in self.existing_checkpoints() if os.path.join(self.output_folder, f) !=
+                      os.path.abspath(filename)]
+            raise CheckpointError(
+                f'{type(self).__name__}: {error}. Move it out of {self.output_folder}'
+                + (f' to continue from {" or ".join(others)}' if others else '')
+                + ', or train this fold anew in an empty folder.') from None
+        self._loaded_checkpoint = os.path.basename(filename)
 
     def on_train_start(self):
         if self.current_epoch == 0:

@@ -29,6 +29,8 @@ class MedNeXtTrainer(nnUNetTrainerPlugin):
     initial_lr = 1e-3
     weight_decay = 3e-5
     adam_eps = 1e-4
+    # oneDNN's depthwise 3d convolutions: a 32x96x96 prediction 0.77-0.79x (S) and 0.67x (L) of the default layout's time
+    cpu_layout = 'channels-last'
 
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,

@@ -18,7 +18,7 @@ from nnunet_plugins.commands.benchmark.plans import dataset_plans, resenc_l_plan
 from nnunet_plugins.commands.benchmark.report import chart, markdown, ratios
 from nnunet_plugins.commands.benchmark.rows import Network, plan_rows, record
 from nnunet_plugins.commands.benchmark.worker import run_row
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS
 
 BASELINES = ('nnUNetTrainer', 'ResEncL')
 
@@ -36,7 +36,7 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
                          f'peers {", ".join(PEERS)}')
     for name in trainers:
         trainer_class(name)  # an unknown name stops here, before anything is measured
-    plugins = {trainer.__name__ for trainer in TRAINERS}
+    plugins = {trainer.__name__ for trainer in TRAINERS + PRETRAINERS}
     networks = [Network(name, 'plugin' if name in plugins else 'baseline', name, name, plans) for name in trainers]
     if 'nnUNetTrainer' in baselines:
         networks.append(Network('nnUNetTrainer', 'baseline', f'nnUNetTrainer ({plans["plans_name"]})',

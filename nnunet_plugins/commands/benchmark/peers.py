@@ -4,7 +4,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.training import PRETRAINERS, TRAINERS, VARIANT_SUFFIXES
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import MedNeXtTrainer
 
@@ -40,6 +40,7 @@ class MONAIMedNeXtPeer(PeerTrainer):
     variant: str
     kernel_size: int
     downsamplings = 4
+    cpu_layout = MedNeXtTrainer.cpu_layout  # the layout ours runs in, so that the two are compared alike
 
     @classmethod
     def build_peer(cls, dims: int, in_channels: int, num_classes: int, deep_supervision: bool) -> nn.Module:
@@ -69,8 +70,8 @@ PEERS: dict[str, type[PeerTrainer]] = {
 
 
 def default_trainers() -> list[str]:
-    """Every plugin trainer except the UpKern ones, which build the same networks as the ``_k5`` trainers."""
-    return [trainer.__name__ for trainer in TRAINERS if not trainer.__name__.endswith('_UpKern')]
+    """Every plugin trainer except the UpKern and fine-tuning ones, which build the networks of others."""
+    return [trainer.__name__ for trainer in TRAINERS if not trainer.__name__.endswith(VARIANT_SUFFIXES)]
 
 
 def trainer_class(name: str) -> type[nnUNetTrainer]:
@@ -79,7 +80,7 @@ def trainer_class(name: str) -> type[nnUNetTrainer]:
         return PEERS[name]
     if name == nnUNetTrainer.__name__:
         return nnUNetTrainer
-    plugins = {trainer.__name__: trainer for trainer in TRAINERS}
+    plugins = {trainer.__name__: trainer for trainer in TRAINERS + PRETRAINERS}
     if name in plugins:
         return plugins[name]
     try:

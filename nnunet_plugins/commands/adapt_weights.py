@@ -1,0 +1,60 @@
+"""``nnunet-plugins adapt-weights``: turn an encoder-only or foreign checkpoint into a file that stock
+``nnUNetv2_train -pretrained_weights`` loads, for a trainer on a dataset's plans.
+
+The target network is built as ``nnUNetv2_train`` builds it (the trainer's ``build_network_architecture`` on the
+dataset's plans, input channels and labels); what fits is copied in (:mod:`nnunet_plugins.transfer`), the rest
+keeps that network's own initialisation; the file holds the whole state dict under ``network_weights``, and a
+report of loaded, adapted and freshly initialised tensors is printed and written beside it (``OUT`` with
+``.json``).
+"""
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
+
+from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
+from nnunet_plugins.commands.demo import find_trainer
+from nnunet_plugins.transfer import ENCODER_PREFIX, TransferReport, adapt_checkpoint
+
+
+def target_network(dataset: str, configuration: str, trainer: str, plans: str) -> tuple[nn.Module, int, str]:
+    """The network ``nnUNetv2_train dataset configuration FOLD -tr trainer -p plans`` trains, at its
+    initialisation, on the CPU; its number of input channels; and a description for the report.
+
+    Raises ValueError (a :class:`PlansFileError` for plans) naming what is missing.
+    """
+    dataset_plans = read_dataset_plans(dataset, plans)
+    if configuration not in dataset_plans.plans['configurations']:
+        raise PlansFileError(f'{dataset_plans.plans_file} has no configuration {configuration!r}; it has '
+                             f'{", ".join(dataset_plans.plans["configurations"])}.')
+    trainer_class = find_trainer(trainer)
+    plans_manager = PlansManager(dataset_plans.plans)
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset_json = dataset_plans.dataset_json()
+    channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
+    heads = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
+    deep_supervision = getattr(trainer_class, 'enable_deep_supervision', True) is not False
+    network = trainer_class.build_network_architecture(plans_manager, configuration_manager, channels, heads,
+                                                       deep_supervision)
+    description = (f'{trainer}__{plans}__{configuration} of {dataset_plans.dataset_name} '
+                   f'({type(network).__name__}, {channels} input channels)')
+    return network, channels, description
+
+
+def adapt_weights(source: Path, dataset: str, configuration: str, trainer: str, plans: str, out: Path,
+                  decoder: bool = False) -> TransferReport:
+    """Write ``out`` (and ``out`` with ``.json``, the report) for ``source``; return the report.
+
+    ``decoder=True`` also copies the decoder's tensors of matching name and shape (a whole network of another
+    number of input channels); by default only the encoder's.
+    """
+    network, channels, description = target_network(dataset, configuration, trainer, plans)
+    report = adapt_checkpoint(network, source, channels, ('',) if decoder else (ENCODER_PREFIX,))
+    report.target = description
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
+    torch.save({'network_weights': state, 'adapt_weights_report': asdict(report)}, out)
+    report.save(out.with_suffix('.json'))
+    return report

@@ -1,0 +1,59 @@
+"""RCR pre-training trainers (:mod:`nnunet_plugins.training.pretraining`), one per network: each pre-trains the
+encoder of the network its supervised trainer (the second base) trains, and that trainer fine-tunes from its
+``checkpoint_final.pth`` with ``-pretrained_weights``."""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.training.mednext import (
+    nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtS)
+from nnunet_plugins.training.pretraining import PretrainRCR
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
+
+
+class nnUNetTrainer_PretrainRCR(PretrainRCR, nnUNetTrainerPlugin):
+    """RCR pre-training of nnU-Net's network of the plans, for nnUNetTrainer.
+
+    The network is PlainConvUNet, or ResidualEncoderUNet on ResEnc plans.
+    """
+
+    @classmethod
+    def segmentation_network(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                             num_input_channels: int, num_output_channels: int) -> nn.Module:
+        return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                        num_output_channels, enable_deep_supervision=False)
+
+    @classmethod
+    def network_name(cls) -> str:
+        return "nnU-Net's network of the plans"
+
+
+class nnUNetTrainerMedNeXtS_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtS):
+    """RCR pre-training of MedNeXt-S k3, for nnUNetTrainerMedNeXtS."""
+
+
+class nnUNetTrainerMedNeXtB_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtB):
+    """RCR pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
+
+
+class nnUNetTrainerMedNeXtM_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtM):
+    """RCR pre-training of MedNeXt-M k3, for nnUNetTrainerMedNeXtM."""
+
+
+class nnUNetTrainerMedNeXtL_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtL):
+    """RCR pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
+
+
+class nnUNetTrainerUXNet_PretrainRCR(PretrainRCR, nnUNetTrainerUXNet):
+    """RCR pre-training of 3D UX-Net, for nnUNetTrainerUXNet."""
+
+
+class nnUNetTrainerUTNetV2_PretrainRCR(PretrainRCR, nnUNetTrainerUTNetV2):
+    """RCR pre-training of UTNetV2, for nnUNetTrainerUTNetV2."""
+
+
+class nnUNetTrainerSwinUNETR_PretrainRCR(PretrainRCR, nnUNetTrainerSwinUNETR):
+    """RCR pre-training of Swin UNETR (paper 003's recipe), for nnUNetTrainerSwinUNETR."""

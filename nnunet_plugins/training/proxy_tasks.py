@@ -1,0 +1,122 @@
+"""Paper 003's proxy tasks (Sec. 4, 5.2) on a batch of nnU-Net patches: the two views and the three losses.
+
+Every sub-volume (nnU-Net's augmented patch, ``(C, *S)`` with ``S`` = (z, y, x) or (y, x)) gives two views,
+each rotated by a random quarter turn in the y-x plane (the paper's "along the z-axis"; the last two axes of
+nnU-Net's arrays) and cut out: random boxes set to 0 (the mean of nnU-Net's z-scored intensities) until the next
+box would take the masked share past 30% of the voxels, until it nearly reaches 30%. Losses, weighted 1/1/1:
+
+- reconstruction: L1 between the reconstruction of the cut view and the rotated, uncut view;
+- rotation: 4-way cross-entropy of the quarter turn;
+- contrastive: NT-Xent (cosine similarity, temperature 0.5): the two views of a sub-volume are positives, every
+  other view in the batch (on every DDP rank) a negative.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.nn.functional import all_gather
+
+MAX_CUTOUT_FRACTION = 0.3
+BOX_SIDE_FRACTION = 0.4  # a cutout box's side along an axis: 1 voxel up to this share of the axis
+FILLED = 0.95  # boxes are added until this share of the cutout budget is masked (or MAX_BOX_DRAWS were drawn)
+MAX_BOX_DRAWS = 500
+TEMPERATURE = 0.5
+LOSS_TERMS = ('reconstruction', 'rotation', 'contrastive')
+
+
+def allowed_rotations(patch_size: Sequence[int]) -> tuple[int, ...]:
+    """Quarter turns in the y-x plane that keep ``patch_size``: all four when y and x are equal, else 0 and 2."""
+    return (0, 1, 2, 3) if patch_size[-1] == patch_size[-2] else (0, 2)
+
+
+def rotate(x: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
+    """Rotate each sample of ``x`` ``(B, C, *S)`` by its number of quarter turns ``(B,)`` in the y-x plane."""
+    return torch.stack([torch.rot90(sample, int(k), dims=(-2, -1)) for sample, k in zip(x, quarter_turns)])
+
+
+def cutout_mask(spatial_shape: Sequence[int], rng: np.random.Generator,
+                max_fraction: float = MAX_CUTOUT_FRACTION) -> np.ndarray:
+    """A boolean mask of ``spatial_shape``: random boxes, each added if the masked share stays at most
+    ``max_fraction``, until it nearly reaches it (the paper's dropped regions "sum up to" its 30%)."""
+    mask = np.zeros(spatial_shape, dtype=bool)
+    budget = int(max_fraction * mask.size)
+    masked = 0
+    for _ in range(MAX_BOX_DRAWS):
+        if masked >= FILLED * budget:
+            break
+        sides = [int(rng.integers(1, max(1, round(BOX_SIDE_FRACTION * n)) + 1)) for n in spatial_shape]
+        starts = [int(rng.integers(0, n - s + 1)) for n, s in zip(spatial_shape, sides)]
+        box = tuple(slice(start, start + side) for start, side in zip(starts, sides))
+        added = int(np.count_nonzero(~mask[box]))
+        if masked + added > budget:
+            continue
+        mask[box] = True
+        masked += added
+    return mask
+
+
+@dataclass
+class Views:
+    """Two views per sub-volume of a batch of ``B``: view 1 of every sub-volume, then view 2 (``2B`` rows)."""
+    inputs: torch.Tensor  # (2B, C, *S): rotated and cut out
+    targets: torch.Tensor  # (2B, C, *S): rotated, not cut out
+    rotations: torch.Tensor  # (2B,): quarter turns, int64
+    masks: torch.Tensor  # (2B, *S): True where cut out
+
+
+def make_views(batch: torch.Tensor, rotations: Sequence[int], rng: np.random.Generator) -> Views:
+    """Two rotated, cut-out views of every sample of ``batch`` ``(B, C, *S)``; rotations drawn from ``rotations``."""
+    both = torch.cat([batch, batch])
+    quarter_turns = torch.as_tensor(rng.choice(np.asarray(rotations), size=len(both)), dtype=torch.long)
+    targets = rotate(both, quarter_turns)
+    masks = torch.as_tensor(np.stack([cutout_mask(targets.shape[2:], rng) for _ in range(len(both))]),
+                            device=batch.device)
+    inputs = targets.masked_fill(masks[:, None], 0)
+    return Views(inputs, targets, quarter_turns.to(batch.device), masks)
+
+
+def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every DDP rank's rows of ``x`` ``(N_rank, D)`` in rank order, with gradient to each rank's own rows, and the
+    index of this rank's first row. Ranks may hold different numbers of rows (nnU-Net splits a batch unevenly)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
+    sizes = [int(s) for s in sizes]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
+    gathered = all_gather(padded)
+    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)]), sum(sizes[:dist.get_rank()])
+
+
+def nt_xent(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """NT-Xent of SimCLR: the mean over this rank's ``2N`` views of ``-log(exp(sim(i, j)/t) / sum_{k != i}
+    exp(sim(i, k)/t))``, with ``j`` the other view of ``i``'s sub-volume, ``k`` every view on every rank.
+
+    ``view1``, ``view2``: ``(N, D)`` embeddings of the two views of this rank's ``N`` sub-volumes. Under DDP, with
+    the same ``N`` on every rank, the loss averaged over ranks (as nnU-Net logs it) and DDP's averaged gradients
+    equal the single-process loss and gradients on all ranks' sub-volumes in one batch.
+    """
+    first, offset = _gather_rows(F.normalize(view1, dim=1))
+    second, _ = _gather_rows(F.normalize(view2, dim=1))
+    candidates = torch.cat([first, second])
+    total, local = len(first), torch.arange(offset, offset + len(view1), device=view1.device)
+    anchors = torch.cat([local, local + total])
+    positives = torch.cat([local + total, local])
+    logits = candidates[anchors] @ candidates.T / temperature
+    itself = F.one_hot(anchors, len(candidates)).bool()
+    return F.cross_entropy(logits.masked_fill(itself, float('-inf')), positives)
+
+
+def proxy_losses(outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], views: Views) -> dict[str, torch.Tensor]:
+    """The three losses and their sum ``total`` (weights 1/1/1), in float32, from the heads' ``outputs``
+    (reconstruction ``(2B, C, *S)``, rotation logits ``(2B, 4)``, embeddings ``(2B, D)``) on ``views``."""
+    reconstruction, rotation_logits, embeddings = (o.float() for o in outputs)
+    view1, view2 = embeddings.chunk(2)
+    losses = {'reconstruction': F.l1_loss(reconstruction, views.targets.float()),
+              'rotation': F.cross_entropy(rotation_logits, views.rotations),
+              'contrastive': nt_xent(view1, view2)}
+    losses['total'] = sum(losses.values())
+    return losses

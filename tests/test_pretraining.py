@@ -1,0 +1,286 @@
+"""RCR pre-training (paper 003): the proxy-task views, NT-Xent and its DDP gather, one pre-training step of every
+network family in-process, the checkpoint, and the stock CLI from pre-training to ``-pretrained_weights``."""
+import json
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+from torch import nn
+
+from nnunet_plugins import trainers_folder
+from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
+from nnunet_plugins.training import (
+    PRETRAINERS, nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR,
+    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUTNetV2_PretrainRCR,
+    nnUNetTrainerUXNet, nnUNetTrainerUXNet_PretrainRCR)
+from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
+from nnunet_plugins.training.proxy_tasks import (
+    MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
+
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
+from test_swinunetr import SWIN_PATCH
+
+PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
+SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck of 4 x 2 x 2
+# nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
+RESENC = {**SMALL, 'architecture': {
+    'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
+    'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
+                    'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
+                    'n_conv_per_stage_decoder': [1, 1, 1], 'conv_bias': True,
+                    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm3d',
+                    'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
+                    'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
+    '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
+FAMILIES = {  # test id: (pre-training trainer, its supervised trainer, plans configuration override)
+    'MedNeXt': (nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS, SMALL),
+    'UXNet': (nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUXNet, SMALL),
+    'UTNetV2': (nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUTNetV2, SMALL),
+    'SwinUNETR': (nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
+    'PlainConvUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, SMALL),
+    'ResidualEncoderUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, RESENC),
+}
+
+
+@pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
+def test_nnunet_finds_each_pretraining_trainer_in_the_shim_folder(trainer_class, monkeypatch):
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    found = recursive_find_trainer_class_by_name(trainer_class.__name__)
+    assert found is trainer_class and pickle.loads(pickle.dumps(found)) is trainer_class
+
+
+# ---- the views ----
+
+def test_views_are_the_rotated_patch_with_labels_of_the_rotation_and_cut_out():
+    batch = torch.randn(3, 2, 4, 6, 6)
+    views = make_views(batch, allowed_rotations(batch.shape[2:]), np.random.default_rng(0))
+    assert views.inputs.shape == views.targets.shape == (6, 2, 4, 6, 6)
+    assert set(views.rotations.tolist()) <= {0, 1, 2, 3}
+    for i, k in enumerate(views.rotations.tolist()):
+        expected = np.rot90(batch[i % 3].numpy(), k, axes=(-2, -1))  # counter-clockwise in the y-x plane
+        np.testing.assert_array_equal(views.targets[i].numpy(), expected)  # the reconstruction target: uncut
+        mask = views.masks[i].numpy()
+        np.testing.assert_array_equal(views.inputs[i].numpy()[:, mask], 0)
+        np.testing.assert_array_equal(views.inputs[i].numpy()[:, ~mask], expected[:, ~mask])
+
+
+def test_cutout_masks_at_most_30_percent_in_boxes():
+    rng = np.random.default_rng(1)
+    fractions = [cutout_mask((16, 32, 32), rng).mean() for _ in range(20)]
+    assert max(fractions) <= MAX_CUTOUT_FRACTION
+    assert min(fractions) > 0.25  # the boxes fill the budget: the paper drops 30%
+    assert 0 < cutout_mask((32, 32), rng).mean() <= MAX_CUTOUT_FRACTION
+
+
+def test_a_patch_not_square_in_y_x_draws_only_half_turns():
+    assert allowed_rotations((16, 32, 32)) == (0, 1, 2, 3) and allowed_rotations((48, 48)) == (0, 1, 2, 3)
+    assert allowed_rotations((16, 32, 64)) == (0, 2) and allowed_rotations((32, 48)) == (0, 2)
+    views = make_views(torch.randn(64, 1, 4, 6, 8), (0, 2), np.random.default_rng(2))
+    assert set(views.rotations.tolist()) == {0, 2} and views.targets.shape[2:] == (4, 6, 8)
+
+
+def test_reconstruction_upsamples_by_the_encoders_factors():
+    assert upsampling_steps([16, 32, 32]) == [[2, 2, 2]] * 4 + [[1, 2, 2]]
+    assert upsampling_steps([3, 4]) == [[3, 2], [1, 2]]
+
+
+def test_2d_networks_pretrain_in_their_plane():
+    """A 2d configuration: the same views and heads on (B, C, Y, X) patches."""
+    network = PlainConvUNet(1, 3, [8, 16, 32], nn.Conv2d, 3, [1, 2, 2], 2, 4, [2, 2], conv_bias=True,
+                            norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=False)
+    model = PretrainingModel(network, 1, (32, 32))
+    assert model.bottleneck == (32, 8, 8) and model.upsampling == [[2, 2], [2, 2]]
+    views = make_views(torch.randn(2, 1, 32, 32), allowed_rotations((32, 32)), np.random.default_rng(8))
+    reconstruction, rotation, embedding = model(views.inputs)
+    assert reconstruction.shape == (4, 1, 32, 32) and rotation.shape == (4, 4) and embedding.shape == (4, 512)
+    losses = proxy_losses((reconstruction, rotation, embedding), views)
+    losses['total'].backward()
+    assert torch.isfinite(losses['total']) and all(p.grad is not None for p in network.encoder.parameters())
+
+
+# ---- NT-Xent ----
+
+def nt_xent_by_loop(view1: torch.Tensor, view2: torch.Tensor, temperature: float = 0.5) -> float:
+    """The paper's eq. 3 (SimCLR's NT-Xent) over all 2N views, written out."""
+    views, n = [*view1.tolist(), *view2.tolist()], len(view1)
+
+    def similarity(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+    losses = []
+    for i, anchor in enumerate(views):
+        positive = views[(i + n) % (2 * n)]
+        denominator = sum(math.exp(similarity(anchor, other) / temperature) for k, other in enumerate(views) if k != i)
+        losses.append(-math.log(math.exp(similarity(anchor, positive) / temperature) / denominator))
+    return sum(losses) / len(losses)
+
+
+def test_nt_xent_matches_the_explicit_computation():
+    generator = torch.Generator().manual_seed(3)
+    view1, view2 = torch.randn(4, 5, generator=generator), torch.randn(4, 5, generator=generator)
+    assert nt_xent(view1, view2).item() == pytest.approx(nt_xent_by_loop(view1, view2), rel=1e-5)
+    # identical views of orthogonal sub-volumes: each positive is the closest, the loss is low
+    orthogonal = torch.eye(4, 5)
+    assert nt_xent(orthogonal, orthogonal).item() < nt_xent(orthogonal, orthogonal.roll(1, 0)).item()
+
+
+def _inputs_and_projection() -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
+    """Two views of 6 sub-volumes (3 per rank), 5 features each, and a projection to 4-d, the same everywhere."""
+    generator = torch.Generator().manual_seed(4)
+    first, second = torch.randn(6, 5, generator=generator), torch.randn(6, 5, generator=generator)
+    torch.manual_seed(5)
+    return first, second, nn.Linear(5, 4)
+
+
+def _gather_worker(rank: int, world_size: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world_size)
+    first, second, projection = _inputs_and_projection()
+    model = nn.parallel.DistributedDataParallel(projection)
+    mine = slice(3 * rank, 3 * rank + 3)
+    loss = nt_xent(model(first[mine]), model(second[mine]))
+    loss.backward()  # DDP averages the gradients over the ranks
+    torch.save({'loss': loss.detach(), 'weight': projection.weight.grad, 'bias': projection.bias.grad},
+               f'{out}/rank{rank}.pt')
+    dist.destroy_process_group()
+
+
+def test_ddp_gather_gives_the_single_process_loss_and_gradients(tmp_path):
+    """Rank 1 in a spawned process, rank 0 in this one (one interpreter start less)."""
+    other = mp.get_context('spawn').Process(target=_gather_worker,
+                                            args=(1, 2, str(tmp_path / 'rendezvous'), str(tmp_path)))
+    other.start()
+    try:
+        _gather_worker(0, 2, str(tmp_path / 'rendezvous'), str(tmp_path))
+    finally:
+        other.join(timeout=120)
+        if other.exitcode is None:
+            other.kill()
+    assert other.exitcode == 0
+    first, second, projection = _inputs_and_projection()
+    loss = nt_xent(projection(first), projection(second))
+    loss.backward()
+    ranks = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
+    # nnU-Net logs the mean over ranks
+    assert torch.stack([r['loss'] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    for r in ranks:
+        torch.testing.assert_close(r['weight'], projection.weight.grad)
+        torch.testing.assert_close(r['bias'], projection.bias.grad)
+
+
+def test_losses_are_finite_and_each_term_counts():
+    views = make_views(torch.randn(2, 1, 4, 8, 8), (0, 1, 2, 3), np.random.default_rng(6))
+    outputs = (torch.zeros_like(views.targets), torch.zeros(4, 4), torch.randn(4, 8))
+    losses = proxy_losses(outputs, views)
+    assert losses['reconstruction'].item() == pytest.approx(views.targets.abs().mean().item())
+    assert losses['rotation'].item() == pytest.approx(math.log(4))
+    assert losses['total'].item() == pytest.approx(sum(losses[k].item() for k in
+                                                       ('reconstruction', 'rotation', 'contrastive')))
+
+
+# ---- the trainers in-process ----
+
+def _one_step(trainer) -> dict:
+    """A pre-training step on a random batch of the plans' shape; returns its losses."""
+    shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
+                               'target': None})
+
+
+@pytest.mark.parametrize('family', FAMILIES)
+def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, family, tmp_path):
+    trainer_class, supervised, configuration = FAMILIES[family]
+    trainer = make_trainer(trainer_class, configuration)
+    trainer.initialize()
+    assert not trainer.enable_deep_supervision and trainer.initial_lr == 4e-4 and trainer.weight_decay == 1e-5
+    model = trainer.pretraining_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    result = _one_step(trainer)
+    assert all(np.isfinite(result[key]) for key in ('loss', 'reconstruction', 'rotation', 'contrastive'))
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    encoder_and_heads = {name for name in before if name.startswith(('network.encoder.', 'heads.'))}
+    assert changed <= encoder_and_heads  # the decoder (and UTNetV2's map fusion) stays at its initialisation
+    assert any(n.startswith('network.encoder.') for n in changed) and any(n.startswith('heads.') for n in changed)
+    for head in ('reconstruction', 'rotation', 'contrastive'):
+        assert any(n.startswith(f'heads.{head}.') for n in changed), head
+
+    trainer.save_checkpoint(str(tmp_path / 'checkpoint.pth'))
+    checkpoint = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
+    network = supervised.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
+        trainer.label_manager.num_segmentation_heads,
+        enable_deep_supervision=getattr(supervised, 'enable_deep_supervision', True))
+    assert list(checkpoint['network_weights']) == list(network.state_dict())
+    assert set(checkpoint[HEADS_KEY]) == {n.removeprefix('heads.') for n in before if n.startswith('heads.')}
+
+
+def test_continue_restores_the_heads_and_the_schedule(make_trainer, tmp_path):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
+    trainer.initialize()
+    _one_step(trainer)
+    trainer.current_epoch = 3
+    trainer.logger.log('lrs', 1e-4, 0)
+    trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
+    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
+    resumed.load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
+    assert resumed.current_epoch == 4
+    for ours, theirs in zip(resumed.pretraining_model().state_dict().values(),
+                            trainer.pretraining_model().state_dict().values()):
+        torch.testing.assert_close(ours, theirs)
+    # warm-up then cosine, a function of the epoch
+    scheduler = resumed.lr_scheduler
+    assert [round(scheduler.learning_rate(e) / 4e-4, 4) for e in (0, 1, 2)] == [round(1 / 3, 4), round(2 / 3, 4), 1]
+    assert scheduler.learning_rate(1000) == pytest.approx(0)
+
+
+def test_a_supervised_checkpoint_is_refused_by_continue(make_trainer, tmp_path):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    trainer.initialize()
+    trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
+    with pytest.raises(Exception, match=f'has no {HEADS_KEY}: it was not written by a pre-training trainer'):
+        make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR).load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
+
+
+def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
+    trainer = make_trainer(nnUNetTrainerSwinUNETR_PretrainRCR, {'patch_size': SWIN_PATCH})
+    assert trainer.rotations == (0, 2)
+    rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    assert mirror_axes == (0,) and max(abs(r) for r in rotation) <= math.pi / 6 + 1e-9
+
+
+# ---- the stock CLI: pre-train, then fine-tune with -pretrained_weights ----
+
+def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint(workspace, tmp_path):
+    fold = workspace.train(PRETRAIN, 'all', epochs=1, iterations=2)
+    pretrained = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    assert pretrained['trainer_name'] == PRETRAIN and HEADS_KEY in pretrained
+    log = training_log(fold)
+    assert 'RCR pre-training:' in log and 'reconstruction' in log and 'contrastive' in log
+    assert 'Pre-training: no segmentation to validate or export' in log
+    assert (fold / 'progress.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and not (fold / 'validation').exists()
+    report = json.loads((fold / REPORT_FILE).read_text())
+    assert (report['trainer'], report['configuration'], report['fold']) == (PRETRAIN, CONFIGURATION, 'all')
+    assert len(report['cases']['training']) == NUM_TRAINING
+    assert (report['epochs'], report['iterations_per_epoch']) == (1, 2)
+    encoder = [k for k in pretrained['network_weights'] if k.startswith('encoder.')]
+    assert report['pretrained_tensors'] == encoder and encoder
+    assert set(report['initialised_tensors']) == set(pretrained['network_weights']) - set(encoder)
+
+    results = tmp_path / 'nnUNet_results'  # the shared results folder's MedNeXt-S fold 0 belongs to other tests
+    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '1',
+           'nnUNet_plugins_iterations': '1'}
+    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', 'nnUNetTrainerMedNeXtS', '-device', 'cpu',
+                  '-pretrained_weights', fold / 'checkpoint_final.pth', env=env)
+    tuned_fold = results / workspace.results('nnUNetTrainerMedNeXtS').relative_to(workspace.root / 'nnUNet_results')
+    tuned = torch.load(tuned_fold / 'fold_0' / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    # one AdamW step (learning rate 1e-3) from the pre-trained encoder moves no weight by more than a few 1e-3; a
+    # fresh initialisation would differ by the weights' own scale
+    for key in encoder:
+        if pretrained['network_weights'][key].is_floating_point() and pretrained['network_weights'][key].numel() > 64:
+            torch.testing.assert_close(tuned['network_weights'][key], pretrained['network_weights'][key],
+                                       atol=5e-3, rtol=0)
