@@ -1,4 +1,4 @@
-"""RCR pre-training trainers (:mod:`nnunet_plugins.training.pretraining`), one per network: each pre-trains the
+"""RCR pre-training trainers (:mod:`nnunet_plugins.training.rcr_pretraining`), one per network: each pre-trains the
 encoder of the network its supervised trainer (the second base) trains, and that trainer fine-tunes from its
 ``checkpoint_final.pth`` with ``-pretrained_weights``."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -8,27 +8,33 @@ from torch import nn
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtB, nnUNetTrainerMedNeXtL, nnUNetTrainerMedNeXtM, nnUNetTrainerMedNeXtS)
-from nnunet_plugins.training.pretraining import PretrainRCR
+from nnunet_plugins.training.rcr_pretraining import PretrainRCR
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
 
-class nnUNetTrainer_PretrainRCR(PretrainRCR, nnUNetTrainerPlugin):
-    """RCR pre-training of nnU-Net's network of the plans, for nnUNetTrainer.
-
-    The network is PlainConvUNet, or ResidualEncoderUNet on ResEnc plans.
-    """
+class _nnUNetsNetwork(nnUNetTrainerPlugin):
+    """A plugin trainer of nnU-Net's network of the plans (PlainConvUNet, or ResidualEncoderUNet on ResEnc plans), the
+    network nnUNetTrainer trains; the base of the pre-training trainers for it."""
 
     @classmethod
-    def segmentation_network(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                             num_input_channels: int, num_output_channels: int) -> nn.Module:
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
         return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                        num_output_channels, enable_deep_supervision=False)
+                                                        num_output_channels, enable_deep_supervision)
 
     @classmethod
     def network_name(cls) -> str:
         return "nnU-Net's network of the plans"
+
+
+class nnUNetTrainer_PretrainRCR(PretrainRCR, _nnUNetsNetwork):
+    """RCR pre-training of nnU-Net's network of the plans, for nnUNetTrainer.
+
+    The network is PlainConvUNet, or ResidualEncoderUNet on ResEnc plans.
+    """
 
 
 class nnUNetTrainerMedNeXtS_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtS):
@@ -57,3 +63,4 @@ class nnUNetTrainerUTNetV2_PretrainRCR(PretrainRCR, nnUNetTrainerUTNetV2):
 
 class nnUNetTrainerSwinUNETR_PretrainRCR(PretrainRCR, nnUNetTrainerSwinUNETR):
     """RCR pre-training of Swin UNETR (paper 003's recipe), for nnUNetTrainerSwinUNETR."""
+
