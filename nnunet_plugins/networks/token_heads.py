@@ -119,7 +119,8 @@ class TokenPretrainingModel(nn.Module):
         return TokenPath(self.network.encoder, self.heads['projection'], self.stage)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.online()(x)
+        tokens = encoder_stage(self.network.encoder, x, self.stage)
+        return tokens, self.heads['projection'](tokens)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The encoder's and the heads' parameters that take gradients (not the decoder, not BYOL's target)."""
@@ -146,7 +147,7 @@ class TokenBYOLModel(TokenPretrainingModel):
         self.heads['target'] = EmaTarget(self.online())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        tokens, projections = self.online()(x)
+        tokens, projections = super().forward(x)
         return tokens, self.heads['predictor'](projections), self.heads['target'](x)[1]
 
     def update_target(self, momentum: float) -> None:
