@@ -246,18 +246,21 @@ def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerUXNet'], inference=False,
                               baselines=['nnUNetTrainer', 'ResEncL'], peers=['MedNeXtS'], pretraining=True)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
+    methods = ('_PretrainRCR', '_PretrainTokenCL', '_PretrainTokenBYOL')
+
+    def followed_by_pretraining(trainer: str, label: str) -> list[tuple[str, str]]:
+        return [(label, trainer)] + [(label.replace(trainer, trainer + m), trainer + m) for m in methods]
     assert [(network.label, network.trainer) for network in networks] == [
-        ('nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtS'),
-        ('nnUNetTrainerMedNeXtS_PretrainRCR', 'nnUNetTrainerMedNeXtS_PretrainRCR'),
-        ('nnUNetTrainerUXNet', 'nnUNetTrainerUXNet'),
-        ('nnUNetTrainerUXNet_PretrainRCR', 'nnUNetTrainerUXNet_PretrainRCR'),
-        ('nnUNetTrainer (nnUNetPlans)', 'nnUNetTrainer'),
-        ('nnUNetTrainer_PretrainRCR (nnUNetPlans)', 'nnUNetTrainer_PretrainRCR'),
-        ('nnUNetTrainer (ResEnc L)', 'nnUNetTrainer'),
-        ('nnUNetTrainer_PretrainRCR (ResEnc L)', 'nnUNetTrainer_PretrainRCR'),
+        *followed_by_pretraining('nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtS'),
+        *followed_by_pretraining('nnUNetTrainerUXNet', 'nnUNetTrainerUXNet'),
+        *followed_by_pretraining('nnUNetTrainer', 'nnUNetTrainer (nnUNetPlans)'),
+        *followed_by_pretraining('nnUNetTrainer', 'nnUNetTrainer (ResEnc L)'),
         ('MONAI MedNeXtS', 'MedNeXtS')]
-    assert networks[7].plans is networks[6].plans and networks[7].plans['plans_name'] == 'nnUNetResEncUNetLPlans'
+    assert networks[5].label == 'nnUNetTrainerUXNet_PretrainRCR'
+    assert networks[10].trainer == 'nnUNetTrainer_PretrainTokenCL'
+    assert networks[13].plans is networks[12].plans and networks[13].plans['plans_name'] == 'nnUNetResEncUNetLPlans'
     assert counterpart(trainer_class('nnUNetTrainerMedNeXtS_PretrainRCR')) is None
+    assert counterpart(trainer_class('nnUNetTrainerSwinUNETR_PretrainTokenBYOL')) is None
     assert counterpart(trainer_class('nnUNetTrainerMedNeXtS')) == ('MedNeXt', 'S', 3)
 
     result = measure(row_spec(Row(networks[1]), configuration, dataset_json, 'cpu', steps=1, warmup=0))

@@ -1,5 +1,6 @@
 """RCR pre-training (paper 003): the proxy-task views, NT-Xent and its DDP gather, one pre-training step of every
-network family in-process, the checkpoint, and the stock CLI from pre-training to ``-pretrained_weights``."""
+network family in-process (RCR and token-level CL, the machinery they share), the checkpoint, and the stock CLI from
+pre-training to ``-pretrained_weights``."""
 import json
 import math
 import pickle
@@ -17,12 +18,12 @@ from torch import nn
 from nnunet_plugins import trainers_folder
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
 from nnunet_plugins.training import (
-    PRETRAINERS, nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR,
-    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUTNetV2_PretrainRCR,
-    nnUNetTrainerUXNet, nnUNetTrainerUXNet_PretrainRCR)
+    PRETRAINERS, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR,
+    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
 from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
 from nnunet_plugins.training.proxy_tasks import (
-    MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
+    LOSS_TERMS, MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
+from nnunet_plugins.training.token_contrast import CollapseReading
 
 from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
 from test_swinunetr import SWIN_PATCH
@@ -39,14 +40,24 @@ RESENC = {**SMALL, 'architecture': {
                     'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
                     'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
     '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
-FAMILIES = {  # test id: (pre-training trainer, its supervised trainer, plans configuration override)
-    'MedNeXt': (nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS, SMALL),
-    'UXNet': (nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUXNet, SMALL),
-    'UTNetV2': (nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUTNetV2, SMALL),
-    'SwinUNETR': (nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
-    'PlainConvUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, SMALL),
-    'ResidualEncoderUNet': (nnUNetTrainer_PretrainRCR, nnUNetTrainer, RESENC),
+FAMILIES = {  # test id: (supervised trainer, plans configuration override)
+    'MedNeXt': (nnUNetTrainerMedNeXtS, SMALL),
+    'UXNet': (nnUNetTrainerUXNet, SMALL),
+    'UTNetV2': (nnUNetTrainerUTNetV2, SMALL),
+    'SwinUNETR': (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
+    'PlainConvUNet': (nnUNetTrainer, SMALL),
+    'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
 }
+# per method: its heads and what a step returns besides the loss; both take RCR's AdamW 4e-4, weight decay 1e-5
+METHODS = {
+    'RCR': (('reconstruction', 'rotation', 'contrastive'), LOSS_TERMS),
+    'TokenCL': (('projection',), ('token_contrastive', *CollapseReading._fields)),
+}
+
+
+def pretrainer(supervised: type, method: str) -> type:
+    """The pre-training trainer of ``method`` for the network ``supervised`` trains."""
+    return next(t for t in PRETRAINERS if t.__name__ == f'{supervised.__name__}_Pretrain{method}')
 
 
 @pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
@@ -185,28 +196,31 @@ def test_losses_are_finite_and_each_term_counts():
 
 # ---- the trainers in-process ----
 
-def _one_step(trainer) -> dict:
+def one_step(trainer) -> dict:
     """A pre-training step on a random batch of the plans' shape; returns its losses."""
     shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
     return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
                                'target': None})
 
 
+@pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('family', FAMILIES)
-def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, family, tmp_path):
-    trainer_class, supervised, configuration = FAMILIES[family]
-    trainer = make_trainer(trainer_class, configuration)
+def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, family, method, tmp_path):
+    supervised, configuration = FAMILIES[family]
+    heads, outputs = METHODS[method]
+    trainer = make_trainer(pretrainer(supervised, method), configuration)
     trainer.initialize()
-    assert not trainer.enable_deep_supervision and trainer.initial_lr == 4e-4 and trainer.weight_decay == 1e-5
+    assert not trainer.enable_deep_supervision and (trainer.initial_lr, trainer.weight_decay) == (4e-4, 1e-5)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
     model = trainer.pretraining_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    result = _one_step(trainer)
-    assert all(np.isfinite(result[key]) for key in ('loss', 'reconstruction', 'rotation', 'contrastive'))
+    result = one_step(trainer)
+    assert all(np.isfinite(result[key]) for key in ('loss', *outputs))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     encoder_and_heads = {name for name in before if name.startswith(('network.encoder.', 'heads.'))}
     assert changed <= encoder_and_heads  # the decoder (and UTNetV2's map fusion) stays at its initialisation
     assert any(n.startswith('network.encoder.') for n in changed) and any(n.startswith('heads.') for n in changed)
-    for head in ('reconstruction', 'rotation', 'contrastive'):
+    for head in heads:
         assert any(n.startswith(f'heads.{head}.') for n in changed), head
 
     trainer.save_checkpoint(str(tmp_path / 'checkpoint.pth'))
@@ -222,7 +236,7 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
 def test_continue_restores_the_heads_and_the_schedule(make_trainer, tmp_path):
     trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
     trainer.initialize()
-    _one_step(trainer)
+    one_step(trainer)
     trainer.current_epoch = 3
     trainer.logger.log('lrs', 1e-4, 0)
     trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))

@@ -1,8 +1,8 @@
 """The heads of paper 003's self-supervised pre-training (Sec. 4), on the bottleneck of any segmentation network.
 
 Every network here and nnU-Net's own (PlainConvUNet, ResidualEncoderUNet) keeps its encoder in the submodule
-``network.encoder`` (state-dict keys ``encoder.*``); :func:`encoder_bottleneck` runs it and returns its deepest
-output. On that bottleneck (``C_b`` channels, shape ``S_b``):
+``network.encoder`` (state-dict keys ``encoder.*``); :func:`encoder_stage` runs it and returns one stage's output,
+:func:`encoder_bottleneck` the deepest. On that bottleneck (``C_b`` channels, shape ``S_b``):
 
 - reconstruction: transposed convolutions (the paper's head), one per factor of 2 (or other integer factor) the
   encoder downsampled each axis by, halving the channels, then a 1x1 conv to the input channels: ``(B, C_in, *S)``;
@@ -28,26 +28,37 @@ ROTATION_HIDDEN = 512
 MIN_RECONSTRUCTION_CHANNELS = 16
 
 
-def encoder_bottleneck(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The deepest feature map of ``encoder`` (a network's ``encoder`` submodule) on ``x``.
+def encoder_stage(encoder: nn.Module, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
+    """The feature map of stage ``stage`` of ``encoder`` (a network's ``encoder`` submodule) on ``x``: an index into
+    the encoder's outputs, shallowest first, so -1 is the bottleneck.
 
-    ``(B, C_in, *S) -> (B, C_b, *S_b)``. Swin UNETR's encoder (MONAI's ``SwinTransformer``) is called with
+    ``(B, C_in, *S) -> (B, C_stage, *S_stage)``. Swin UNETR's encoder (MONAI's ``SwinTransformer``) is called with
     ``normalize=True`` as its network does; UTNetV2's returns ``(skips, semantic maps)``; the others return their
     skips, deepest last.
     """
     features = encoder(x, normalize=True) if isinstance(encoder, SwinTransformer) else encoder(x)
     if isinstance(features, tuple):
         features = features[0]
-    return features[-1]
+    return features[stage]
+
+
+def encoder_bottleneck(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The deepest feature map of ``encoder`` on ``x``: ``(B, C_in, *S) -> (B, C_b, *S_b)``."""
+    return encoder_stage(encoder, x, -1)
+
+
+def stage_shape(encoder: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1) -> tuple[int, ...]:
+    """``(C_stage, *S_stage)`` of ``encoder``'s stage ``stage`` (:func:`encoder_stage`) on a ``(1, input_channels,
+    *patch_size)`` input, found on the meta device (no memory, no compute)."""
+    meta_encoder = copy.deepcopy(encoder).to('meta')
+    with torch.no_grad():
+        features = encoder_stage(meta_encoder, torch.empty(1, input_channels, *patch_size, device='meta'), stage)
+    return tuple(features.shape[1:])
 
 
 def bottleneck_shape(encoder: nn.Module, input_channels: int, patch_size: Sequence[int]) -> tuple[int, ...]:
-    """``(C_b, *S_b)`` of ``encoder`` on a ``(1, input_channels, *patch_size)`` input, found on the meta device (no
-    memory, no compute)."""
-    meta_encoder = copy.deepcopy(encoder).to('meta')
-    with torch.no_grad():
-        bottleneck = encoder_bottleneck(meta_encoder, torch.empty(1, input_channels, *patch_size, device='meta'))
-    return tuple(bottleneck.shape[1:])
+    """``(C_b, *S_b)`` of ``encoder`` on a ``(1, input_channels, *patch_size)`` input (:func:`stage_shape`)."""
+    return stage_shape(encoder, input_channels, patch_size, -1)
 
 
 def upsampling_steps(factors: Sequence[int]) -> list[list[int]]:

@@ -15,7 +15,14 @@ from nnunet_plugins.training.finetune import (
 from nnunet_plugins.training.pretrainers import (
     nnUNetTrainer_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtL_PretrainRCR,
     nnUNetTrainerMedNeXtM_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR_PretrainRCR,
-    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR)
+    nnUNetTrainerUTNetV2_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR,
+    nnUNetTrainer_PretrainTokenCL, nnUNetTrainerMedNeXtB_PretrainTokenCL, nnUNetTrainerMedNeXtL_PretrainTokenCL,
+    nnUNetTrainerMedNeXtM_PretrainTokenCL, nnUNetTrainerMedNeXtS_PretrainTokenCL,
+    nnUNetTrainerSwinUNETR_PretrainTokenCL, nnUNetTrainerUTNetV2_PretrainTokenCL, nnUNetTrainerUXNet_PretrainTokenCL,
+    nnUNetTrainer_PretrainTokenBYOL, nnUNetTrainerMedNeXtB_PretrainTokenBYOL, nnUNetTrainerMedNeXtL_PretrainTokenBYOL,
+    nnUNetTrainerMedNeXtM_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenBYOL,
+    nnUNetTrainerSwinUNETR_PretrainTokenBYOL, nnUNetTrainerUTNetV2_PretrainTokenBYOL,
+    nnUNetTrainerUXNet_PretrainTokenBYOL)
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -39,5 +46,12 @@ PRETRAINERS = (
     nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtB_PretrainRCR, nnUNetTrainerMedNeXtM_PretrainRCR,
     nnUNetTrainerMedNeXtL_PretrainRCR, nnUNetTrainerUXNet_PretrainRCR, nnUNetTrainerUTNetV2_PretrainRCR,
     nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainer_PretrainRCR,
+    nnUNetTrainerMedNeXtS_PretrainTokenCL, nnUNetTrainerMedNeXtB_PretrainTokenCL, nnUNetTrainerMedNeXtM_PretrainTokenCL,
+    nnUNetTrainerMedNeXtL_PretrainTokenCL, nnUNetTrainerUXNet_PretrainTokenCL, nnUNetTrainerUTNetV2_PretrainTokenCL,
+    nnUNetTrainerSwinUNETR_PretrainTokenCL, nnUNetTrainer_PretrainTokenCL,
+    nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtB_PretrainTokenBYOL,
+    nnUNetTrainerMedNeXtM_PretrainTokenBYOL, nnUNetTrainerMedNeXtL_PretrainTokenBYOL,
+    nnUNetTrainerUXNet_PretrainTokenBYOL, nnUNetTrainerUTNetV2_PretrainTokenBYOL,
+    nnUNetTrainerSwinUNETR_PretrainTokenBYOL, nnUNetTrainer_PretrainTokenBYOL,
 )
 __all__ = [trainer.__name__ for trainer in TRAINERS + PRETRAINERS]

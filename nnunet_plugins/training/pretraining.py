@@ -1,24 +1,17 @@
-"""Self-supervised pre-training of paper 003 (rotation, contrastive, reconstruction: "RCR") as nnU-Net trainers.
+"""What every self-supervised pre-training trainer shares, whatever its method (RCR, token-level CL or BYOL).
 
-``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_PretrainRCR`` pre-trains the encoder of the network that
+``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_Pretrain<Method>`` pre-trains the encoder of the network that
 ``nnUNetTrainerX`` trains, with nnU-Net's patch sampling, augmentation, schedule, logs, ``progress.png``, ``--c``
 and ``-num_gpus``. Labels are never read by the loss (nor by the patch sampling: no foreground oversampling).
-Per iteration (:mod:`nnunet_plugins.training.proxy_tasks`): two rotated, cut-out views of every patch, the
-encoder's bottleneck, three heads (:mod:`nnunet_plugins.networks.pretraining_heads`), three losses summed.
-Validation reports the same losses on the validation cases; nothing is segmented or exported.
-
-nnU-Net's own augmentation is kept, except what would make the rotation task ambiguous: mirroring in the y-x
-plane (mirroring y and x is a half turn) and in-plane rotations beyond 30 degrees (nnU-Net rotates 2d and
-anisotropic patches by up to 180).
-
-Optimiser as in the paper: AdamW, learning rate 4e-4, weight decay 1e-5, linear warm-up (2 epochs: the paper's
-500 iterations at nnU-Net's 250 per epoch) then cosine decay, a function of the epoch so that ``--c`` resumes
-it exactly; nnU-Net's gradient-norm clipping at 12.
+:class:`SelfSupervisedPretraining` holds the machinery; a method (:mod:`~nnunet_plugins.training.rcr_pretraining`,
+:mod:`~nnunet_plugins.training.token_pretraining`) supplies its model of network and heads, its losses and what it
+logs. Validation reports the same losses on the validation cases; nothing is segmented or exported.
 
 ``checkpoint_final.pth`` (and ``_best``, lowest moving average of the validation loss, and ``_latest``) holds the
 segmentation network's state dict under ``network_weights`` (the keys of ``nnUNetTrainerX``'s network; the decoder
-at its initialisation) and the heads under ``pretraining_heads``, so stock ``-pretrained_weights`` fine-tunes
-from it. ``pretraining_report.json`` beside it says what was pre-trained on what.
+at its initialisation) and the method's heads under ``pretraining_heads``, so stock ``-pretrained_weights``
+fine-tunes from it and ``--c`` resumes the heads too. ``pretraining_report.json`` beside it says what was
+pre-trained on what.
 """
 import json
 import math
@@ -38,8 +31,6 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.layout import follow_device_layout
-from nnunet_plugins.networks.pretraining_heads import PretrainingModel
-from nnunet_plugins.training.proxy_tasks import LOSS_TERMS, allowed_rotations, make_views, proxy_losses
 from nnunet_plugins.training.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 
 matplotlib.use('agg')
@@ -47,12 +38,8 @@ from matplotlib import pyplot as plt  # noqa: E402  (after choosing the backend,
 
 REPORT_FILE = 'pretraining_report.json'
 HEADS_KEY = 'pretraining_heads'
-METHOD = ('RCR of paper 003 (Swin UNETR pre-training): two views per patch, each rotated by a quarter turn in the y-x '
-          'plane and cut out (<= 30% of voxels); L1 reconstruction of the rotated uncut view + 4-way rotation '
-          'cross-entropy + NT-Xent (cosine, temperature 0.5, 512-d), weights 1/1/1; rotation and contrastive heads '
-          'on the spatially averaged bottleneck')
-MAX_INPLANE_ROTATION = 30. / 360 * 2 * np.pi
 EMA = 0.9  # smoothing of the validation loss that picks checkpoint_best.pth, as nnU-Net's pseudo Dice
+COLORS = ('tab:blue', 'tab:orange', 'tab:green', 'tab:red')
 
 
 class WarmupCosineLRScheduler(_LRScheduler):
@@ -82,52 +69,78 @@ class WarmupCosineLRScheduler(_LRScheduler):
 
 
 class PretrainingLogger(LocalLogger):
-    """nnU-Net's per-epoch logging with the loss terms instead of the pseudo Dice; ``progress.png`` draws nnU-Net's
-    loss, epoch-time and learning-rate panels and one of the loss terms (training solid, validation dotted)."""
+    """nnU-Net's per-epoch logging with a method's loss terms and readings instead of the pseudo Dice.
 
-    def __init__(self, verbose: bool = False):
+    ``progress.png`` draws nnU-Net's loss, epoch-time and learning-rate panels, one of the loss terms when there
+    is more than one, and one of the readings when there are any (training solid, validation dotted).
+
+    Args:
+        terms: names of the loss terms (their sum is the loss).
+        readings: names of values logged beside the loss that are no part of it (e.g. a collapse monitor).
+        readings_label: the y-axis label of the readings' panel.
+    """
+
+    def __init__(self, terms: tuple[str, ...], readings: tuple[str, ...] = (), readings_label: str = '',
+                 verbose: bool = False):
         super().__init__(verbose)
         for key in ('mean_fg_dice', 'ema_fg_dice', 'dice_per_class_or_region'):
             del self.my_fantastic_logging[key]
-        self.my_fantastic_logging.update({f'{split}_{term}': [] for split in ('train', 'val') for term in LOSS_TERMS})
+        self.terms, self.readings, self.readings_label = terms, readings, readings_label
+        self.my_fantastic_logging.update({f'{split}_{name}': [] for split in ('train', 'val')
+                                          for name in (*terms, *readings)})
 
     def plot_progress_png(self, output_folder: str) -> None:
         logged = self.my_fantastic_logging
         epochs = list(range(min(len(values) for values in logged.values())))
+        panels = [('loss (sum of the terms)', ('losses',), ('loss',))]
+        if len(self.terms) > 1:
+            panels.append(('loss term', self.terms, self.terms))
+        if self.readings:
+            panels.append((self.readings_label, self.readings, self.readings))
         plt.rcParams['font.size'] = 30  # nnU-Net's progress.png scales its fonts alike (seaborn, font_scale 2.5)
-        fig, (losses, terms, durations, rates) = plt.subplots(4, 1, figsize=(30, 72))
-        losses.plot(epochs, logged['train_losses'][:len(epochs)], color='b', ls='-', label='loss_tr', linewidth=4)
-        losses.plot(epochs, logged['val_losses'][:len(epochs)], color='r', ls='-', label='loss_val', linewidth=4)
-        losses.set(xlabel='epoch', ylabel='loss (sum of the terms)')
-        for term, color in zip(LOSS_TERMS, ('tab:blue', 'tab:orange', 'tab:green')):
-            terms.plot(epochs, logged[f'train_{term}'][:len(epochs)], color=color, ls='-', label=f'{term}_tr',
-                       linewidth=4)
-            terms.plot(epochs, logged[f'val_{term}'][:len(epochs)], color=color, ls='dotted', label=f'{term}_val',
-                       linewidth=3)
-        terms.set(xlabel='epoch', ylabel='loss term')
+        fig, axes = plt.subplots(len(panels) + 2, 1, figsize=(30, 18 * (len(panels) + 2)))
+        for ax, (ylabel, keys, labels) in zip(axes, panels):
+            for key, label, color in zip(keys, labels, COLORS):
+                ax.plot(epochs, logged[f'train_{key}'][:len(epochs)], color=color, ls='-', label=f'{label}_tr',
+                        linewidth=4)
+                ax.plot(epochs, logged[f'val_{key}'][:len(epochs)], color=color, ls='dotted', label=f'{label}_val',
+                        linewidth=3)
+            ax.set(xlabel='epoch', ylabel=ylabel)
+        durations, rates = axes[-2:]
         durations.plot(epochs, [end - start for start, end in zip(logged['epoch_start_timestamps'],
                                                                   logged['epoch_end_timestamps'])][:len(epochs)],
                        color='b', ls='-', label='epoch duration', linewidth=4)
         durations.set(xlabel='epoch', ylabel='time [s]', ylim=(0, durations.get_ylim()[1]))
         rates.plot(epochs, logged['lrs'][:len(epochs)], color='b', ls='-', label='learning rate', linewidth=4)
         rates.set(xlabel='epoch', ylabel='learning rate')
-        for ax in (losses, terms, durations, rates):
+        for ax in axes:
             ax.legend(loc=(0, 1))
         plt.tight_layout()
         fig.savefig(os.path.join(output_folder, 'progress.png'))
         plt.close(fig)
 
 
-class PretrainRCR:
-    """Turns a plugin trainer (a subclass of ``nnUNetTrainerPlugin``) into its RCR pre-training trainer; put it first
-    among the bases::
+class SelfSupervisedPretraining:
+    """Turns a plugin trainer (a subclass of ``nnUNetTrainerPlugin``) into a pre-training trainer; a method derives
+    from it and is put first among a trainer's bases::
 
         class nnUNetTrainerMedNeXtS_k5_PretrainRCR(PretrainRCR, nnUNetTrainerMedNeXtS_k5):
             \"\"\"RCR pre-training of MedNeXt-S k5's encoder.\"\"\"
 
     The trainer after it builds the segmentation network (deep supervision off: only the encoder runs).
+
+    A method supplies :attr:`method_name`, :attr:`method`, :attr:`loss_terms` (and :attr:`readings`),
+    :meth:`pretraining_model_for` (a module with the segmentation network as ``network``, the heads as ``heads`` and
+    ``trainable_parameters()``) and :meth:`_losses`; it may change the optimiser (:meth:`configure_optimizers`,
+    AdamW with warm-up and cosine decay here), :meth:`after_optimizer_step`, :meth:`method_log` and
+    :meth:`method_report`.
     """
 
+    method_name: str  # e.g. 'RCR', as the training log names the method
+    method: str  # what the training log and the report say the method is
+    loss_terms: tuple[str, ...]  # the terms :meth:`_losses` returns, whose sum ('total') is minimised
+    readings: tuple[str, ...] = ()  # values :meth:`_losses` also returns, logged and drawn but not minimised
+    readings_label: str = ''
     initial_lr = 4e-4
     weight_decay = 1e-5
     warmup_epochs = 2
@@ -137,8 +150,7 @@ class PretrainRCR:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.logger.local_logger = PretrainingLogger()
-        self.rotations = allowed_rotations(self.configuration_manager.patch_size)
+        self.logger.local_logger = PretrainingLogger(self.loss_terms, self.readings, self.readings_label)
         self.rng = np.random.default_rng(np.random.randint(2 ** 32))  # np.random.seed(...) seeds the views too
 
     # ---- the network: the segmentation network and the heads ----
@@ -151,16 +163,22 @@ class PretrainRCR:
                                                   num_output_channels, enable_deep_supervision=False)
 
     @classmethod
+    def pretraining_model_for(cls, network: nn.Module, num_input_channels: int,
+                              configuration_manager: ConfigurationManager) -> nn.Module:
+        """The method's model: ``network`` (kept as ``.network``) with the heads on its encoder (``.heads``)."""
+        raise NotImplementedError
+
+    @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> PretrainingModel:
+                                   enable_deep_supervision: bool = True) -> nn.Module:
         network = cls.segmentation_network(plans_manager, configuration_manager, num_input_channels,
                                            num_output_channels)
-        model = PretrainingModel(network, num_input_channels, configuration_manager.patch_size)
+        model = cls.pretraining_model_for(network, num_input_channels, configuration_manager)
         # the network's own layout hook (networks.layout) runs on its forward, which pre-training bypasses
         return follow_device_layout(model, network.cpu_layout) if hasattr(network, 'cpu_layout') else model
 
-    def pretraining_model(self) -> PretrainingModel:
+    def pretraining_model(self) -> nn.Module:
         """The segmentation network and the heads, without the DDP and torch.compile wrappers."""
         return super().plain_network()
 
@@ -192,20 +210,15 @@ class PretrainRCR:
                                       weight_decay=self.weight_decay, eps=self.adam_eps)
         return optimizer, WarmupCosineLRScheduler(optimizer, self.initial_lr, self.warmup_epochs, self.num_epochs)
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, mirror_axes = \
-            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        dims = len(self.configuration_manager.patch_size)
-        rotation = (max(rotation[0], -MAX_INPLANE_ROTATION), min(rotation[1], MAX_INPLANE_ROTATION))
-        mirror_axes = tuple(axis for axis in mirror_axes if axis < dims - 2)
-        return rotation, dummy_2d, initial_patch_size, mirror_axes
-
     # ---- training and validation steps ----
 
     def _losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        views = make_views(batch['data'].to(self.device, non_blocking=True), self.rotations, self.rng)
-        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            return proxy_losses(self.network(views.inputs), views)
+        """The method's loss terms, their sum ``total`` and its :attr:`readings` (scalars) on a batch of patches."""
+        raise NotImplementedError
+
+    def _autocast(self):
+        """Mixed precision on CUDA, as nnU-Net's steps."""
+        return autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context()
 
     def train_step(self, batch: dict) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,28 +233,36 @@ class PretrainRCR:
             losses['total'].backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
+        self.after_optimizer_step()
         result = self._numpy(losses)
         self.check_finite_loss(result['loss'])
         return result
+
+    def after_optimizer_step(self) -> None:
+        """What a method does after every optimiser step (BYOL moves its target)."""
 
     def validation_step(self, batch: dict) -> dict:
         return self._numpy(self._losses(batch))
 
     @staticmethod
     def _numpy(losses: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """nnU-Net's step output: ``loss`` (the total) and each term."""
+        """nnU-Net's step output: ``loss`` (the total), each term and each reading."""
         return {'loss' if key == 'total' else key: value.detach().cpu().numpy() for key, value in losses.items()}
 
     def _log_means(self, outputs: list[dict], split: str) -> None:
-        """Log the mean of the total and of each term over the epoch's steps (and DDP ranks)."""
-        for key in ('loss', *LOSS_TERMS):
+        """Log the mean of the total, each term and each reading over the epoch's steps (and DDP ranks); a reading
+        that is undefined on a step (NaN) is left out of its mean."""
+        for key in ('loss', *self.loss_terms, *self.readings):
             values = np.array([output[key] for output in outputs])
             if self.is_ddp:
                 everywhere = [None] * dist.get_world_size()
                 dist.all_gather_object(everywhere, values)
                 values = np.concatenate(everywhere)
-            self.logger.log(f'{split}_losses' if key == 'loss' else f'{split}_{key}', float(values.mean()),
-                            self.current_epoch)
+            if key in self.readings:
+                mean = float(np.nanmean(values)) if np.isfinite(values).any() else float('nan')
+            else:
+                mean = float(values.mean())
+            self.logger.log(f'{split}_losses' if key == 'loss' else f'{split}_{key}', mean, self.current_epoch)
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         self._log_means(train_outputs, 'train')
@@ -249,23 +270,29 @@ class PretrainRCR:
     def on_validation_epoch_end(self, val_outputs: list[dict]):
         self._log_means(val_outputs, 'val')
 
+    def method_log(self) -> list[str]:
+        """Lines the training log gets at the start, after the method's description."""
+        return []
+
     def on_train_start(self):
         super().on_train_start()
-        patch = list(self.configuration_manager.patch_size)
-        self.print_to_log_file(f'RCR pre-training: {METHOD}.')
-        if len(self.rotations) < 4:
-            self.print_to_log_file(
-                f'The patch {patch} is not square in y-x ({patch[-2]} x {patch[-1]}): a 90 or 270 degree turn would '
-                f'change its shape, so the rotation task draws 0 and 180 degrees only.')
+        self.print_to_log_file(f'{self.method_name} pre-training: {self.method}.')
+        for line in self.method_log():
+            self.print_to_log_file(line)
 
     def on_epoch_end(self):
-        """nnU-Net's, with the loss terms for the pseudo Dice and checkpoint_best.pth at the lowest moving average
-        of the validation loss (kept in nnU-Net's ``_best_ema``)."""
+        """nnU-Net's, with the loss terms and readings for the pseudo Dice and checkpoint_best.pth at the lowest
+        moving average of the validation loss (kept in nnU-Net's ``_best_ema``)."""
         self.logger.log('epoch_end_timestamps', time(), self.current_epoch)
         value = self.logger.get_value
         for split in ('train', 'val'):
-            terms = ', '.join(f'{term} {np.round(value(f"{split}_{term}", -1), decimals=4)}' for term in LOSS_TERMS)
+            terms = ', '.join(f'{term} {np.round(value(f"{split}_{term}", -1), decimals=4)}'
+                              for term in self.loss_terms)
             self.print_to_log_file(f'{split}_loss', np.round(value(f'{split}_losses', -1), decimals=4), f'({terms})')
+            if self.readings:
+                readings = ', '.join(f'{name} {np.round(value(f"{split}_{name}", -1), decimals=4)}'
+                                     for name in self.readings)
+                self.print_to_log_file(f'{split} {self.readings_label}: {readings}')
         duration = value('epoch_end_timestamps', -1) - value('epoch_start_timestamps', -1)
         self.print_to_log_file(f'Epoch time: {np.round(duration, decimals=2)} s')
         if (self.current_epoch + 1) % self.save_every == 0 and self.current_epoch != self.num_epochs - 1:
@@ -343,6 +370,10 @@ class PretrainRCR:
             with open(os.path.join(self.output_folder, REPORT_FILE), 'w') as f:
                 json.dump(self.report(), f, indent=2)
 
+    def method_report(self) -> dict:
+        """The method's settings for the report."""
+        return {}
+
     def report(self) -> dict:
         """What ``pretraining_report.json`` says: the method, the run, the cases and the pre-trained tensors."""
         network = self.plain_network()
@@ -350,7 +381,7 @@ class PretrainRCR:
         tensors = network.state_dict(keep_vars=True)
         training, validation = self.do_split()
         return {
-            'method': METHOD,
+            'method': self.method,
             'trainer': type(self).__name__,
             'dataset': self.plans_manager.dataset_name,
             'plans': self.plans_manager.plans_name,
@@ -361,7 +392,7 @@ class PretrainRCR:
             'iterations_per_epoch': self.num_iterations_per_epoch,
             'batch_size': self.batch_size,
             'patch_size': list(self.configuration_manager.patch_size),
-            'rotations_degrees': [90 * k for k in self.rotations],
+            **self.method_report(),
             # tensors of the encoder, under every key they have (nnU-Net's decoders also hold the encoder)
             'pretrained_tensors': [key for key, tensor in tensors.items() if id(tensor) in encoder_tensors],
             'initialised_tensors': [key for key, tensor in tensors.items() if id(tensor) not in encoder_tensors],

@@ -78,7 +78,7 @@ def make_views(batch: torch.Tensor, rotations: Sequence[int], rng: np.random.Gen
     return Views(inputs, targets, quarter_turns.to(batch.device), masks)
 
 
-def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every DDP rank's rows of ``x`` ``(N_rank, D)`` in rank order, with gradient to each rank's own rows, and the
     index of this rank's first row. Ranks may hold different numbers of rows (nnU-Net splits a batch unevenly)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -99,8 +99,8 @@ def nt_xent(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPE
     the same ``N`` on every rank, the loss averaged over ranks (as nnU-Net logs it) and DDP's averaged gradients
     equal the single-process loss and gradients on all ranks' sub-volumes in one batch.
     """
-    first, offset = _gather_rows(F.normalize(view1, dim=1))
-    second, _ = _gather_rows(F.normalize(view2, dim=1))
+    first, offset = gather_rows(F.normalize(view1, dim=1))
+    second, _ = gather_rows(F.normalize(view2, dim=1))
     candidates = torch.cat([first, second])
     total, local = len(first), torch.arange(offset, offset + len(view1), device=view1.device)
     anchors = torch.cat([local, local + total])
