@@ -111,7 +111,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         network = self.plain_network()
         self.print_to_log_file(f'{self.network_name()}: {network.extra_repr()}, '
                                f'{sum(p.numel() for p in network.parameters()):,} parameters')
-        if self.warmup_epochs:
+        if self.warmup_epochs and hasattr(self.lr_scheduler, 'describe'):  # a subclass may bring its own scheduler
             self.print_to_log_file(f'learning rate: {self.lr_scheduler.describe()}')
         if self.freeze_encoder_epochs:
             encoder = getattr(network, 'encoder', None)
