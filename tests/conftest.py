@@ -23,7 +23,8 @@ def workspace(tmp_path_factory) -> Workspace:
     for variable in settings.VARIABLES:
         env.pop(variable, None)
     ws = Workspace(root, raw, env)
-    ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
+    # -npfp: the integrity check and the fingerprint take 8 processes unless told, as many as -np takes for the rest
+    ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1, '-npfp', 1,
            '--verify_dataset_integrity')
     return ws
 
