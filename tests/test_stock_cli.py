@@ -19,7 +19,7 @@ import torch
 
 from nnunet_plugins.commands.demo import heldout_dice
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_HELDOUT, training_log
+from helpers import CONFIGURATION, DATASET_ID, NUM_HELDOUT, STOCK_TRAINER, training_log
 from test_swinunetr import SWIN, SWIN_ITERATIONS, swin_configuration
 from test_utnetv2 import TRAINER as UTNETV2
 from test_uxnet import UXNET, UXNET_ITERATIONS
@@ -104,17 +104,18 @@ def test_continue_from_a_truncated_checkpoint_names_it(workspace, tmp_path):
 
 def test_every_family_predicts_and_ensembles_with_nnunets_own_trainer(workspace, tmp_path):
     """nnUNetv2_predict loads each family's checkpoint strictly and predicts every held-out case; nnUNetv2_ensemble
-    averages them with the stock nnUNetTrainer (nnU-Net's shortest schedule, 1 epoch of 250 iterations). Swin UNETR
-    cannot take 3d_fullres's patch of this dataset and predicts from a configuration of its preset at the same
-    spacing, as find_best_configuration's ensembles of 2d and 3d_fullres mix configurations."""
+    averages them with nnU-Net's own trainer (nnUNetTrainer_1epoch with the plugin trainers' test schedule of 2
+    iterations instead of its 250: helpers.STOCK_TRAINER). Swin UNETR cannot take 3d_fullres's patch of this dataset
+    and predicts from a configuration of its preset at the same spacing, as find_best_configuration's ensembles of 2d
+    and 3d_fullres mix configurations."""
     swin_unetr = swin_configuration(workspace)
     workspace.train(MEDNEXT, 0)
     workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
     workspace.train(UTNETV2, 0)
     workspace.train(SWIN, 0, iterations=SWIN_ITERATIONS, configuration=swin_unetr)
-    workspace.train('nnUNetTrainer_1epoch', 0)
+    workspace.train(STOCK_TRAINER, 0)
     # mirroring off to save time: it is no trainer's business
-    workspace.predict_and_ensemble((MEDNEXT, UXNET, UTNETV2, SWIN, 'nnUNetTrainer_1epoch'), tmp_path, '--disable_tta',
+    workspace.predict_and_ensemble((MEDNEXT, UXNET, UTNETV2, SWIN, STOCK_TRAINER), tmp_path, '--disable_tta',
                                    configurations={SWIN: swin_unetr})
 
 
