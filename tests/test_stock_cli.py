@@ -44,10 +44,19 @@ def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
     assert set(summary['mean']) == {'1', '2', '3'}
 
 
-def test_continue_with_c_resumes_epoch_and_learning_rate(workspace):
-    fold = workspace.train(MEDNEXT, 1, epochs=1)  # one of the five folds below
-    env = {**workspace.env, 'nnUNet_plugins_epochs': '2', 'nnUNet_plugins_iterations': '2'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 1, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
+def _copy_of_trained_fold(workspace, tmp_path) -> tuple[dict, Path]:
+    """The environment of a results folder of its own, holding a copy of MedNeXt-S fold 0 (1 epoch); its fold."""
+    trained = workspace.train(MEDNEXT, 0)
+    results = tmp_path / 'nnUNet_results'
+    fold = results / trained.relative_to(workspace.root / 'nnUNet_results')
+    shutil.copytree(trained, fold)
+    return {**workspace.env, 'nnUNet_results': str(results)}, fold
+
+
+def test_continue_with_c_resumes_epoch_and_learning_rate(workspace, tmp_path):
+    env, fold = _copy_of_trained_fold(workspace, tmp_path)  # fold 0 after 1 epoch, as nnUNetv2_train left it
+    env.update({'nnUNet_plugins_epochs': '2', 'nnUNet_plugins_iterations': '2'})
+    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['current_epoch'] == 2
     assert len(checkpoint['logging']['train_losses']) == 2
@@ -65,15 +74,6 @@ def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
     assert 'already holds a training run (checkpoint_final.pth' in str(error.value)
     assert '--c' in str(error.value)
     assert sha256(fold / 'checkpoint_final.pth') == before
-
-
-def _copy_of_trained_fold(workspace, tmp_path) -> tuple[dict, Path]:
-    """The environment of a results folder of its own, holding a copy of MedNeXt-S fold 0 (1 epoch); its fold."""
-    trained = workspace.train(MEDNEXT, 0)
-    results = tmp_path / 'nnUNet_results'
-    fold = results / trained.relative_to(workspace.root / 'nnUNet_results')
-    shutil.copytree(trained, fold)
-    return {**workspace.env, 'nnUNet_results': str(results)}, fold
 
 
 def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, tmp_path):
