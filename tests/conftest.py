@@ -4,6 +4,7 @@ Trained folds are memoised per session (``Workspace.train`` in helpers.py), so t
 trained model share one training run instead of each paying for it.
 """
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch
 from nnunet_plugins import settings, synthetic, trainers_folder
 from nnunet_plugins.workspace import nnunet_environment
 
-from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, NUM_HELDOUT, NUM_TRAINING, Workspace
+from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, NUM_HELDOUT, NUM_TRAINING, STOCK_TRAINERS, Workspace
 
 
 @pytest.fixture(scope='session')
@@ -22,8 +23,11 @@ def workspace(tmp_path_factory) -> Workspace:
     env = nnunet_environment(root, processes=1)
     for variable in settings.VARIABLES:
         env.pop(variable, None)
+    # a folder of the user's own after the plugin's, as the README shows: nnU-Net's trainer with a test schedule
+    env['nnUNet_extTrainer'] = os.pathsep.join([env['nnUNet_extTrainer'], str(STOCK_TRAINERS)])
     ws = Workspace(root, raw, env)
-    ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1,
+    # -npfp: the integrity check and the fingerprint take 8 processes unless told, as many as -np takes for the rest
+    ws.run('nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1, '-npfp', 1,
            '--verify_dataset_integrity')
     return ws
 

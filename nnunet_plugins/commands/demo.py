@@ -52,7 +52,7 @@ def run_demo(work: Path, trainer: str, epochs: int, iterations: int, num_trainin
     step(2, 'nnUNetv2_plan_and_preprocess')
     t = time.time()
     run_stock(['nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', processes,
-               '--verify_dataset_integrity'], env)
+               '-npfp', processes, '--verify_dataset_integrity'], env)
     timings['plan_and_preprocess_s'] = time.time() - t
 
     step(3, f'nnUNetv2_train -tr {trainer} on {device}: {epochs} epochs x {iterations} iterations')
