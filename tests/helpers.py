@@ -21,8 +21,8 @@ NUM_TRAINING, NUM_HELDOUT = 10, 3
 # nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
 TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
 TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-# nnU-Net's own trainer, with the test schedule of 2 iterations (tests/stock_trainers/, on the workspace's
-# nnUNet_extTrainer): nnUNetTrainer_1epoch, nnU-Net's shortest, trains 250
+# nnU-Net's own trainer with the test schedule of 2 iterations and no closing validation (tests/stock_trainers/, on
+# the workspace's nnUNet_extTrainer): nnUNetTrainer_1epoch, nnU-Net's shortest, trains 250
 STOCK_TRAINERS = Path(__file__).resolve().parent / 'stock_trainers'
 STOCK_TRAINER = 'nnUNetTrainer_1epoch_2iterations'
 

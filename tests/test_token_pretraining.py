@@ -3,7 +3,6 @@ the optimiser and the checkpoint, the class settings for ablations, and the stoc
 ``-pretrained_weights``. (One TokenCL step per network family is in test_pretraining.py, beside RCR's.)"""
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
 from nnunet_plugins.training.token_contrast import token_contrastive_loss
 from nnunet_plugins.training.token_pretraining import IDENTITY, token_contrastive_loss_across_ranks
 
-from helpers import CONFIGURATION, DATASET_ID, training_log
+from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, training_log
 from test_pretraining import SMALL, one_step
 
 READINGS = ('across_volumes', 'across_views', 'within_volume')
@@ -195,47 +194,19 @@ def _assert_encoder_started_from(tuned_checkpoint, pretrained: dict, encoder: li
     assert checked
 
 
-def test_stock_cli_token_cl_pretrains_mednext_and_fine_tunes(workspace, tmp_path):
-    pretrained, encoder = _pretrain_and_check(workspace, 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
-    results = tmp_path / 'nnUNet_results'  # the shared results folder's MedNeXt-S fold 0 belongs to other tests
-    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '1',
-           'nnUNet_plugins_iterations': '1'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', 'nnUNetTrainerMedNeXtS', '-device', 'cpu',
-                  '-pretrained_weights', workspace.results('nnUNetTrainerMedNeXtS_PretrainTokenCL') / 'fold_all' /
-                  'checkpoint_final.pth', env=env)
-    tuned = results / workspace.results('nnUNetTrainerMedNeXtS').relative_to(workspace.root / 'nnUNet_results')
-    _assert_encoder_started_from(tuned / 'fold_0' / 'checkpoint_final.pth', pretrained, encoder)
-
-
-SHORT_STOCK_TRAINER = '''import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-
-class nnUNetTrainer_1epoch1iteration(nnUNetTrainer):
-    """nnU-Net's own trainer, one epoch of one iteration and no final validation (minutes of sliding-window
-    prediction on a shared CPU); nnU-Net records the arguments by name, hence no *args."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 1, 1
-
-    def perform_actual_validation(self, save_probabilities: bool = False):
-        self.print_to_log_file('no final validation in this test trainer')
-'''
+def test_stock_cli_token_cl_pretrains_mednext(workspace):
+    """Fine-tuning from a pre-training checkpoint is nnU-Net's ``-pretrained_weights`` reading the same
+    ``network_weights`` for every method: RCR's test (test_pretraining.py) runs it for MedNeXt, the BYOL test below for
+    nnU-Net's own network and trainer."""
+    _pretrain_and_check(workspace, 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
 
 
 def test_stock_cli_token_byol_pretrains_nnunets_network_and_a_stock_trainer_fine_tunes(workspace, tmp_path):
     pretrained, encoder = _pretrain_and_check(workspace, 'nnUNetTrainer_PretrainTokenBYOL', 'token_byol')
     assert any(key.startswith('target.module.encoder.') for key in pretrained[HEADS_KEY])
-    extra = tmp_path / 'trainers'
-    extra.mkdir()
-    (extra / 'short_stock_trainer.py').write_text(SHORT_STOCK_TRAINER)
-    results = tmp_path / 'nnUNet_results'
-    env = {**workspace.env, 'nnUNet_results': str(results),
-           'nnUNet_extTrainer': os.pathsep.join([workspace.env['nnUNet_extTrainer'], str(extra)])}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', 'nnUNetTrainer_1epoch1iteration', '-device',
-                  'cpu', '-pretrained_weights', workspace.results('nnUNetTrainer_PretrainTokenBYOL') / 'fold_all' /
-                  'checkpoint_final.pth', env=env)
-    tuned = results / workspace.results('nnUNetTrainer_1epoch1iteration').relative_to(workspace.root / 'nnUNet_results')
+    results = tmp_path / 'nnUNet_results'  # the shared results folder's fold 0 of this trainer is the ensemble test's
+    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', STOCK_TRAINER, '-device', 'cpu',
+                  '-pretrained_weights', workspace.results('nnUNetTrainer_PretrainTokenBYOL') / 'fold_all' /
+                  'checkpoint_final.pth', env={**workspace.env, 'nnUNet_results': str(results)})
+    tuned = results / workspace.results(STOCK_TRAINER).relative_to(workspace.root / 'nnUNet_results')
     _assert_encoder_started_from(tuned / 'fold_0' / 'checkpoint_final.pth', pretrained, encoder)
