@@ -17,7 +17,7 @@ from nnunet_plugins.commands.benchmark.peers import default_trainers, trainer_cl
 from nnunet_plugins.commands.benchmark.plans import resenc_l_plans, synthetic_dataset_json, synthetic_plans
 from nnunet_plugins.commands.benchmark.command import networks_to_run
 from nnunet_plugins.commands.benchmark.report import counterpart, topology_versus_monai
-from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, probe
+from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, plan_rows, probe
 from nnunet_plugins.commands.benchmark.worker import measure, row_spec
 
 from helpers import CONFIGURATION, DATASET_ID, parameter_count
@@ -29,12 +29,13 @@ PAPER_GMACS = {'S': (130, 169), 'B': (170, 208), 'M': (248, 308), 'L': (500, 564
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """The command on a 16x32x32 patch: two trainers, nnUNetTrainer and MONAI's MedNeXt-S, one step each."""
+    """The command on a 16x32x32 patch: MedNeXt-S with checkpointing off and on, nnUNetTrainer and MONAI's
+    MedNeXt-S, one step each (which trainer gets which checkpointing rows: in-process below)."""
     out = tmp_path_factory.mktemp('benchmark')
     env = {name: value for name, value in os.environ.items() if name not in settings.VARIABLES}
     result = subprocess.run(
         [COMMAND, 'benchmark', '--patch', '16', '32', '32', '--classes', '3', '--batch', '1', '--device', 'cpu',
-         '-tr', 'nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM', '--baselines', 'nnUNetTrainer', '--peers', 'MedNeXtS',
+         '-tr', 'nnUNetTrainerMedNeXtS', '--baselines', 'nnUNetTrainer', '--peers', 'MedNeXtS',
          '--steps', '1', '--warmup', '0', '--out', str(out)],
         capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -46,7 +47,6 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
     rows = json.loads((out / 'benchmark.json').read_text())['rows']
     assert [(row['label'], row['gradient_checkpointing']) for row in rows] == [
         ('nnUNetTrainerMedNeXtS', False), ('nnUNetTrainerMedNeXtS', True),  # S: off by default, then flipped
-        ('nnUNetTrainerMedNeXtM', True), ('nnUNetTrainerMedNeXtM', False),
         ('nnUNetTrainer (nnUNetPlans)', None), ('MONAI MedNeXtS', None)]
     for row in rows:
         assert tuple(row) == ROW_FIELDS
@@ -61,14 +61,28 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
     for row in rows:
         by_label.setdefault(row['label'], []).append(row)
     # checkpointing on and off train the same network on the same batch: the same first loss, bit for bit
-    for label in ('nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM'):
-        first, second = by_label[label]
-        assert first['first_loss'] == second['first_loss'] and first['parameters'] == second['parameters']
+    first, second = by_label['nnUNetTrainerMedNeXtS']
+    assert first['first_loss'] == second['first_loss'] and first['parameters'] == second['parameters']
     # each as its trainer runs it: the plugin trainers (and the peer, trained with their recipe) channels-last
     # on a CPU, nnU-Net's own trainer in the default layout
     assert {row['label']: (row['network_class'], row['memory_layout']) for row in rows} == {
-        'nnUNetTrainerMedNeXtS': ('MedNeXt', 'channels-last'), 'nnUNetTrainerMedNeXtM': ('MedNeXt', 'channels-last'),
+        'nnUNetTrainerMedNeXtS': ('MedNeXt', 'channels-last'),
         'nnUNetTrainer (nnUNetPlans)': ('PlainConvUNet', 'contiguous'), 'MONAI MedNeXtS': ('MedNeXt', 'channels-last')}
+
+
+def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_setting():
+    """MedNeXt-S checkpoints off by default, -M on: each default row comes first, then the flipped one; nnU-Net's own
+    network has no switch and gets one row."""
+    dataset_json = synthetic_dataset_json(1, 3)
+    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM'], inference=False,
+                              baselines=['nnUNetTrainer'], peers=[], pretraining=False)
+    networks = networks_to_run(args, plans, configuration, dataset_json, None)
+    rows = plan_rows(networks, configuration, dataset_json, ['checkpointing'], 'cpu')
+    assert [(row.network.label, row.facts['default_checkpointing'], row.checkpointing) for row in rows] == [
+        ('nnUNetTrainerMedNeXtS', False, None), ('nnUNetTrainerMedNeXtS', False, True),
+        ('nnUNetTrainerMedNeXtM', True, None), ('nnUNetTrainerMedNeXtM', True, False),
+        ('nnUNetTrainer (nnUNetPlans)', None, None)]
 
 
 def test_report_table_ratios_and_chart(tiny_run):
