@@ -1,9 +1,10 @@
 """Every code path the plugin owns, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
-dataset: a MedNeXt trainer (train with validation export, ``--c``, the overwrite refusal, five folds and
-find_best, predicting held-out cases), and predict + ensemble of every network family with nnU-Net's own
-trainer. The other MedNeXt sizes and kernels differ only in the network, which is tested in-process
-(test_trainers.py); UpKern's path is in test_upkern.py, the presets' in test_presets.py, and UX-Net's, UTNetV2's
-and Swin UNETR's trainings in their own files (memoised, so the ensemble here reuses them).
+dataset: a MedNeXt trainer (train with validation export, the overwrite refusal, five folds and find_best,
+predicting held-out cases), and predict + ensemble of every network family with nnU-Net's own trainer. The other
+MedNeXt sizes and kernels differ only in the network, which is tested in-process (test_trainers.py); UpKern's path
+and ``--c`` are in test_upkern.py, the presets' in test_presets.py, and UX-Net's, UTNetV2's
+and Swin UNETR's trainings in their own files (memoised, so the ensemble here reuses them). The check that a
+plugin trainer learns is the demo's (test_package_and_cli.py).
 """
 import hashlib
 import json
@@ -13,11 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from nnunet_plugins.commands.demo import heldout_dice
+from nnunet_plugins import settings
+from nnunet_plugins.checkpoints import CheckpointError
+from nnunet_plugins.training import nnUNetTrainerMedNeXtS
 
 from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, training_log
 from test_swinunetr import SWIN, SWIN_ITERATIONS, swin_configuration
@@ -44,28 +47,6 @@ def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
     assert set(summary['mean']) == {'1', '2', '3'}
 
 
-def _copy_of_trained_fold(workspace, tmp_path) -> tuple[dict, Path]:
-    """The environment of a results folder of its own, holding a copy of MedNeXt-S fold 0 (1 epoch); its fold."""
-    trained = workspace.train(MEDNEXT, 0)
-    results = tmp_path / 'nnUNet_results'
-    fold = results / trained.relative_to(workspace.root / 'nnUNet_results')
-    shutil.copytree(trained, fold)
-    return {**workspace.env, 'nnUNet_results': str(results)}, fold
-
-
-def test_continue_with_c_resumes_epoch_and_learning_rate(workspace, tmp_path):
-    env, fold = _copy_of_trained_fold(workspace, tmp_path)  # fold 0 after 1 epoch, as nnUNetv2_train left it
-    env.update({'nnUNet_plugins_epochs': '2', 'nnUNet_plugins_iterations': '2'})
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert checkpoint['current_epoch'] == 2
-    assert len(checkpoint['logging']['train_losses']) == 2
-    log = training_log(fold)
-    assert 'Epoch 1' in log
-    # poly decay continues where the first run stopped: lr(epoch 1 of 2) = 1e-3 * (1 - 1/2) ** 0.9
-    assert f'Current learning rate: {np.round(1e-3 * 0.5 ** 0.9, 5)}' in log
-
-
 def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
     fold = workspace.train(MEDNEXT, 0)
     before = sha256(fold / 'checkpoint_final.pth')
@@ -76,13 +57,26 @@ def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
     assert sha256(fold / 'checkpoint_final.pth') == before
 
 
-def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, tmp_path):
-    env, fold = _copy_of_trained_fold(workspace, tmp_path)
-    (fold / 'checkpoint_final.pth').rename(fold / 'checkpoint_latest.pth')  # a run stopped after epoch 1
+# The two refusals below run in-process what `nnUNetv2_train ... --c` runs after building the trainer: nnU-Net's
+# maybe_load_checkpoint, then the trainer's on_train_start. The CLI's own `--c` continues a MedNeXt (UpKern) run in
+# test_upkern.py.
+
+def _stopped_run(workspace, make_trainer, checkpoint: str):
+    """A MedNeXt-S trainer whose fold folder holds the shared fold 0's final checkpoint (epoch 1) as ``checkpoint``."""
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    fold = Path(trainer.output_folder)
+    fold.mkdir(parents=True, exist_ok=True)  # building the trainer made it
+    shutil.copy(workspace.train(MEDNEXT, 0) / 'checkpoint_final.pth', fold / checkpoint)
+    return trainer, fold
+
+
+def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, make_trainer, monkeypatch):
+    monkeypatch.setenv(settings.EPOCHS, '1')
+    trainer, fold = _stopped_run(workspace, make_trainer, 'checkpoint_latest.pth')  # a run stopped after epoch 1
     before = sha256(fold / 'checkpoint_latest.pth')
-    env.update({'nnUNet_plugins_epochs': '1', 'nnUNet_plugins_iterations': '2'})
+    maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
     with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
+        trainer.on_train_start()
     message = str(error.value)
     assert (f'checkpoint_latest.pth in {fold} is at epoch 1, but nnUNet_plugins_epochs=1 asks for 1 epochs, so `--c` '
             f'would end the run without training the epochs left') in message
@@ -91,14 +85,14 @@ def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, 
     assert not (fold / 'checkpoint_final.pth').exists()
 
 
-def test_continue_from_a_truncated_checkpoint_names_it(workspace, tmp_path):
-    env, fold = _copy_of_trained_fold(workspace, tmp_path)
+def test_continue_from_a_truncated_checkpoint_names_it(workspace, make_trainer):
+    trainer, fold = _stopped_run(workspace, make_trainer, 'checkpoint_final.pth')
     damaged = fold / 'checkpoint_final.pth'
     damaged.write_bytes(damaged.read_bytes()[:100_000])
-    with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', '--c', env=env)
+    with pytest.raises(CheckpointError) as error:
+        maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
     message = str(error.value)
-    assert f'CheckpointError: {MEDNEXT}: {damaged} cannot be read as a checkpoint: it is truncated' in message
+    assert f'{MEDNEXT}: {damaged} cannot be read as a checkpoint: it is truncated' in message
     assert f'Move it out of {fold}' in message and 'PytorchStreamReader' not in message
 
 
@@ -168,18 +162,3 @@ def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
     assert (results / workspace.results(MEDNEXT).parent.name / identifier / 'crossval_results_folds_0_1_2_3_4' /
             'summary.json').is_file()
     assert [p.name for p in (tmp_path / 'pred').glob('*.nii.gz')] == ['Tiny_010.nii.gz']
-
-
-def test_mednext_learns_the_organ_on_heldout_cases(workspace, tmp_path):
-    """A real learning check: after 100 iterations on fold 0's 8 training cases the large organ is segmented on unseen
-    cases. Fold 0 rather than all: nnUNetv2_train's closing validation then predicts 2 cases, not all 10; in a
-    results folder of its own, as the shared MedNeXt-S fold 0 is the one-epoch run."""
-    results, predictions = tmp_path / 'nnUNet_results', tmp_path / 'predictions'
-    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '5',
-           'nnUNet_plugins_iterations': '20'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu', env=env)
-    workspace.run('nnUNetv2_predict', '-i', workspace.raw / 'imagesTs', '-o', predictions, '-d', DATASET_ID,
-                  '-c', CONFIGURATION, '-f', 0, '-tr', MEDNEXT, '-device', 'cpu', '-npp', 1, '-nps', 1, env=env)
-    dice = heldout_dice(workspace.raw / 'labelsTs', predictions)
-    print('held-out Dice after 100 iterations:', dice)
-    assert dice['organ'] > 0.8

@@ -4,6 +4,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -159,43 +160,49 @@ def test_nnunetv2_train_starts_from_the_kernel_3_run_and_continues_from_its_own(
     assert f'UpKern from {source.resolve()}' in log
     assert f'{len(report["copied"])} tensors copied, 20 kernels resized' in log
 
+    # `--c` (the trainer base's, the one stock-CLI continuation in the suite): nnU-Net loads the fold's own checkpoint
+    # and trains the second epoch, its learning rate decayed from where the first run stopped
     env = {**workspace.env, settings.EPOCHS: '2', settings.ITERATIONS: '2'}
     workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', UPKERN_TRAINER, '-device', 'cpu', '--c',
                   env=env)
-    assert 'UpKern skipped: this fold already holds checkpoint_final.pth' in training_log(fold)
+    log = training_log(fold)
+    assert 'UpKern skipped: this fold already holds checkpoint_final.pth' in log
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['current_epoch'] == 2
+    assert len(checkpoint['logging']['train_losses']) == 2
+    assert 'Epoch 1' in log
+    # poly decay: lr(epoch 1 of 2) = 1e-3 * (1 - 1/2) ** 0.9
+    assert f'Current learning rate: {np.round(1e-3 * 0.5 ** 0.9, 5)}' in log
 
 
-def test_a_missing_source_names_the_path_and_the_variable(workspace, tmp_path):
-    # an empty results folder of its own: other tests train the kernel-3 trainer on every fold
-    results = tmp_path / 'nnUNet_results'
-    relative = workspace.results(SOURCE_TRAINER).relative_to(workspace.root / 'nnUNet_results')
-    expected = results / relative / 'fold_0' / 'checkpoint_final.pth'
-    with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', UPKERN_TRAINER, '-device', 'cpu',
-                      env={**workspace.env, 'nnUNet_results': str(results)})
+# Refusals before training, in-process (nnUNetv2_train builds the trainer and initialises it first); the stock CLI
+# stopping on a bad source is the truncated-source test at the end.
+
+def test_a_missing_source_names_the_path_and_the_variable(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_k5_UpKern)
+    expected = trainer.conventional_source()  # the kernel-3 trainer's fold 0 beside it: not trained here
+    with pytest.raises(FileNotFoundError) as error:
+        trainer.initialize()
     message = str(error.value)
     assert f'but {expected} does not exist' in message
     assert settings.UPKERN_SOURCE in message
-    upkern_fold = results / workspace.results(UPKERN_TRAINER).relative_to(workspace.root / 'nnUNet_results') / 'fold_0'
-    assert not list(upkern_fold.glob('checkpoint_*.pth'))
+    assert not list(Path(trainer.output_folder).glob('checkpoint_*.pth'))
 
 
-def test_a_source_of_another_size_is_refused_before_training(workspace, tmp_path):
+def test_a_source_of_another_size_is_refused_before_training(make_trainer, monkeypatch, tmp_path):
     # a MedNeXt-B checkpoint as nnUNetv2_train writes it, on the tiny plan
     other = tmp_path / 'checkpoint_final.pth'
     torch.save({'network_weights': mednext('B', 3, TINY_STRIDES, TINY_KERNELS, classes=4).state_dict(),
                 'trainer_name': 'nnUNetTrainerMedNeXtB', 'init_args': {'configuration': CONFIGURATION}}, other)
-    env = {**workspace.env, settings.UPKERN_SOURCE: str(other)}
-    with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 4, '-tr', UPKERN_TRAINER, '-device', 'cpu',
-                      env=env)
+    monkeypatch.setenv(settings.UPKERN_SOURCE, str(other))
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_k5_UpKern)
+    with pytest.raises(UpKernError) as error:
+        trainer.initialize()
     message = str(error.value)
     assert f'cannot start from {other}' in message
     assert 'tensor shapes do not fit' in message
     assert 'encoder.stages.1.0.expand.weight: source (96, 32, 1, 1, 1), target (64, 32, 1, 1, 1)' in message
-    assert not list(workspace.results(UPKERN_TRAINER).glob('fold_4/checkpoint_*.pth'))
+    assert not list(Path(trainer.output_folder).glob('checkpoint_*.pth'))
 
 
 # ---- unreadable sources: the file named, why, and what to do ----
