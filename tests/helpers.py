@@ -9,6 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
 from nnunet_plugins import settings, synthetic
@@ -86,6 +89,22 @@ class Workspace:
             np.testing.assert_array_equal(read_labels(ensemble / case),
                                           np.argmax(np.mean(probabilities, axis=0), axis=0))
         return folders
+
+
+def trained_predictor(model_folder: Path, fold=0) -> nnUNetPredictor:
+    """nnU-Net's predictor for fold ``fold`` of ``model_folder`` (a ``TRAINER__PLANS__CONFIGURATION`` folder), set up
+    as nnUNetv2_predict sets it up: the trainer found by name (nnUNet_extTrainer must name the plugin's folder), its
+    network built from the plans and the checkpoint loaded strictly. Without mirroring, on the CPU."""
+    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,))
+    return predictor
+
+
+def segment(predictor: nnUNetPredictor, images: list[Path]) -> list[np.ndarray]:
+    """Each image's segmentation on its own grid, as nnUNetv2_predict computes it (preprocessing, sliding window,
+    resampling back), in this process: no worker processes to start."""
+    reader = SimpleITKIO()
+    return [predictor.predict_single_npy_array(*reader.read_images([str(image)])) for image in images]
 
 
 def read_labels(path: Path) -> np.ndarray:

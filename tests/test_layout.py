@@ -6,7 +6,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_plugins import trainers_folder
 from nnunet_plugins.networks.layout import follow_device_layout, memory_layout
@@ -16,7 +15,7 @@ from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
 from nnunet_plugins.training import TRAINERS
 
-from helpers import TINY_KERNELS, TINY_STRIDES, read_labels
+from helpers import TINY_KERNELS, TINY_STRIDES, read_labels, segment, trained_predictor
 
 PATCH = (14, 32, 32)
 SWINUNETR_PATCH = (16, 32, 64)  # a multiple of its 1x2x2 embedding times 16, bottleneck 1x1x2 (more than one voxel)
@@ -110,16 +109,14 @@ def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout
     the same segmentation of every held-out case as in PyTorch's default layout."""
     fold = workspace.train('nnUNetTrainerMedNeXtS', 0)
     monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
-    predictor = nnUNetPredictor(use_mirroring=False, device=torch.device('cpu'), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(fold.parent), use_folds=(0,))
-    images = [[str(path)] for path in sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))]
+    predictor = trained_predictor(fold.parent)
+    images = sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))
     segmentations = {}
     for layout in ('contiguous', 'channels-last'):
         predictor.network.cpu_layout = layout
-        segmentations[layout] = predictor.predict_from_files(images, None, num_processes_preprocessing=1,
-                                                             num_processes_segmentation_export=1)
+        segmentations[layout] = segment(predictor, images)
         assert memory_layout(predictor.network) == layout
     assert len(segmentations['contiguous']) == len(images)
     for contiguous, channels_last, image in zip(segmentations['contiguous'], segmentations['channels-last'], images):
         np.testing.assert_array_equal(channels_last, contiguous)
-        assert channels_last.shape == read_labels(image[0]).shape
+        assert channels_last.shape == read_labels(image).shape

@@ -325,7 +325,7 @@ def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_e
     """A preset's own code path is the configuration it writes, the same for every preset; the 2d one runs end to
     end here, at a spacing and patch small enough for a CPU (one sliding window per image). A 3d preset's runs end to
     end as Swin UNETR's configuration (``plans --preset swinunetr``, preprocessed, trained in test_swinunetr.py,
-    predicted and ensembled in test_stock_cli.py); every preset's trainers are built on its configuration above."""
+    segmented by nnU-Net's predictor in test_stock_cli.py); every preset's trainers are built on its configuration above."""
     workspace = nnunet_env
     trainer = 'nnUNetTrainerMedNeXtS'
     name = f'{presets.load_preset("mednext-2d").configuration}_ci'

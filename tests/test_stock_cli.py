@@ -1,10 +1,10 @@
 """Every code path the plugin owns, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
 dataset: a MedNeXt trainer (train with validation export, the overwrite refusal, five folds and find_best,
-predicting held-out cases), and predict + ensemble of every network family with nnU-Net's own trainer. The other
-MedNeXt sizes and kernels differ only in the network, which is tested in-process (test_trainers.py); UpKern's path
-and ``--c`` are in test_upkern.py, the presets' in test_presets.py, and UX-Net's, UTNetV2's
-and Swin UNETR's trainings in their own files (memoised, so the ensemble here reuses them). The check that a
-plugin trainer learns is the demo's (test_package_and_cli.py).
+predicting held-out cases), and predict + ensemble with nnU-Net's own trainer. The other MedNeXt sizes and kernels
+differ only in the network, which is tested in-process (test_trainers.py); UpKern's path and ``--c`` are in
+test_upkern.py, the presets' in test_presets.py, and UX-Net's, UTNetV2's and Swin UNETR's trainings in their own
+files (memoised: nnU-Net's predictor loads and runs those folds here). The check that a plugin trainer learns is the
+demo's (test_package_and_cli.py).
 """
 import hashlib
 import json
@@ -14,15 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from nnunet_plugins import settings
+from nnunet_plugins import settings, synthetic
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.training import nnUNetTrainerMedNeXtS
 
-from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, training_log
+from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, read_labels, segment, trained_predictor, training_log
 from test_swinunetr import SWIN, SWIN_ITERATIONS, swin_configuration
 from test_utnetv2 import TRAINER as UTNETV2
 from test_uxnet import UXNET, UXNET_ITERATIONS
@@ -96,21 +97,33 @@ def test_continue_from_a_truncated_checkpoint_names_it(workspace, make_trainer):
     assert f'Move it out of {fold}' in message and 'PytorchStreamReader' not in message
 
 
-def test_every_family_predicts_and_ensembles_with_nnunets_own_trainer(workspace, tmp_path):
-    """nnUNetv2_predict loads each family's checkpoint strictly and predicts every held-out case; nnUNetv2_ensemble
-    averages them with nnU-Net's own trainer (nnUNetTrainer_1epoch with the plugin trainers' test schedule of 2
-    iterations instead of its 250: helpers.STOCK_TRAINER). Swin UNETR cannot take 3d_fullres's patch of this dataset
-    and predicts from a configuration of its preset at the same spacing, as find_best_configuration's ensembles of 2d
-    and 3d_fullres mix configurations."""
-    swin_unetr = swin_configuration(workspace)
+def test_nnunetv2_predict_and_ensemble_with_nnunets_own_trainer_and_every_family_segments(workspace, tmp_path,
+                                                                                        monkeypatch):
+    """nnUNetv2_predict loads MedNeXt-S's checkpoint and predicts every held-out case with probabilities;
+    nnUNetv2_ensemble averages it with nnU-Net's own trainer (nnUNetTrainer_1epoch with the plugin trainers' test
+    schedule of 2 iterations instead of its 250: helpers.STOCK_TRAINER).
+
+    Every other family's fold 0, trained through nnUNetv2_train in its own test file, is then set up by nnU-Net's
+    predictor exactly as nnUNetv2_predict sets it up (trainer found by name on nnUNet_extTrainer, network built from
+    the plans, checkpoint loaded strictly) and segments every held-out case, in this process: a CLI run per family
+    would add three processes of nnU-Net start-up each and run nothing of the plugin's that this does not. Swin
+    UNETR cannot take 3d_fullres's patch of this dataset and uses a configuration of its preset at the same spacing."""
     workspace.train(MEDNEXT, 0)
-    workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
-    workspace.train(UTNETV2, 0)
-    workspace.train(SWIN, 0, iterations=SWIN_ITERATIONS, configuration=swin_unetr)
     workspace.train(STOCK_TRAINER, 0)
     # mirroring off to save time: it is no trainer's business
-    workspace.predict_and_ensemble((MEDNEXT, UXNET, UTNETV2, SWIN, STOCK_TRAINER), tmp_path, '--disable_tta',
-                                   configurations={SWIN: swin_unetr})
+    workspace.predict_and_ensemble((MEDNEXT, STOCK_TRAINER), tmp_path, '--disable_tta')
+
+    monkeypatch.setenv('nnUNet_extTrainer', workspace.env['nnUNet_extTrainer'])
+    images = sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))
+    references = [workspace.raw / 'labelsTs' / image.name.replace('_0000.nii.gz', '.nii.gz') for image in images]
+    swin_unetr = swin_configuration(workspace)
+    for trainer, iterations, configuration in ((UXNET, UXNET_ITERATIONS, CONFIGURATION), (UTNETV2, 2, CONFIGURATION),
+                                               (SWIN, SWIN_ITERATIONS, swin_unetr)):
+        fold = workspace.train(trainer, 0, iterations=iterations, configuration=configuration)
+        segmentations = segment(trained_predictor(fold.parent), images)
+        for segmentation, reference in zip(segmentations, references, strict=True):
+            assert segmentation.shape == read_labels(reference).shape, trainer
+            assert set(np.unique(segmentation)) <= set(synthetic.LABELS.values()), trainer
 
 
 def readme_recipe() -> list[str]:

@@ -292,8 +292,8 @@ def swin_configuration(workspace) -> str:
 
 
 def test_nnunetv2_train(workspace):
-    """Trains fold 0 (predicted and ensembled in test_stock_cli.py) for one epoch and validates it. ``--c`` is the
-    trainer base's, the same for every family: test_stock_cli.py continues a MedNeXt run."""
+    """Trains fold 0 (segmented by nnU-Net's predictor in test_stock_cli.py) for one epoch and validates it. ``--c``
+    is the trainer base's, the same for every family: test_upkern.py continues a MedNeXt run."""
     configuration = swin_configuration(workspace)
     fold = workspace.train(SWIN, 0, iterations=SWIN_ITERATIONS, configuration=configuration)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)

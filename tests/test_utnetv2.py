@@ -431,7 +431,8 @@ def test_unusable_patch_or_plan_is_refused_before_training(make_trainer, workspa
 # ---- the stock CLIs on the tiny dataset ----
 
 def test_nnunetv2_train(workspace):
-    """Trains fold 0 (predicted and ensembled in test_stock_cli.py); ``--c`` is the base trainer's, tested there."""
+    """Trains fold 0 (segmented by nnU-Net's predictor in test_stock_cli.py); ``--c`` is the base trainer's, continued
+    once in test_upkern.py."""
     fold = workspace.train(TRAINER, 0)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (TRAINER, 1)

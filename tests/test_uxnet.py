@@ -264,7 +264,8 @@ def test_every_parameter_learns_and_a_batch_of_synthetic_cases_is_fitted(make_tr
 # ---- stock CLIs, in subprocesses ----
 
 def test_nnunetv2_train(workspace):
-    """Trains fold 0 (predicted and ensembled in test_stock_cli.py); ``--c`` is the base trainer's, tested there."""
+    """Trains fold 0 (segmented by nnU-Net's predictor in test_stock_cli.py); ``--c`` is the base trainer's, continued
+    once in test_upkern.py."""
     fold = workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (UXNET, 1)
