@@ -23,7 +23,7 @@ from nnunet_plugins.commands.plans import PRESET_KEY, add_preset
 from nnunet_plugins.presets import PresetError
 from nnunet_plugins.training import TRAINERS
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, segment, trained_predictor
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 MEDNEXT_TRAINERS = {f'nnUNetTrainerMedNeXt{v}{k}' for v in 'SBML' for k in ('', '_k5', '_k5_UpKern')}
@@ -321,11 +321,12 @@ def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second
     assert plans_file.read_bytes() == written
 
 
-def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_env, tmp_path):
+def test_stock_clis_preprocess_and_train_a_preset_configuration_that_then_predicts(nnunet_env, monkeypatch):
     """A preset's own code path is the configuration it writes, the same for every preset; the 2d one runs end to
     end here, at a spacing and patch small enough for a CPU (one sliding window per image). A 3d preset's runs end to
     end as Swin UNETR's configuration (``plans --preset swinunetr``, preprocessed, trained in test_swinunetr.py,
-    segmented by nnU-Net's predictor in test_stock_cli.py); every preset's trainers are built on its configuration above."""
+    segmented by nnU-Net's predictor in test_stock_cli.py); every preset's trainers are built on its configuration
+    above."""
     workspace = nnunet_env
     trainer = 'nnUNetTrainerMedNeXtS'
     name = f'{presets.load_preset("mednext-2d").configuration}_ci'
@@ -346,12 +347,10 @@ def test_stock_clis_preprocess_train_and_predict_a_preset_configuration(nnunet_e
     for path in validated:
         assert read_labels(path).shape == read_labels(workspace.raw / 'labelsTr' / path.name).shape
 
-    case = 'Tiny_010_0000.nii.gz'
-    (tmp_path / 'in').mkdir()
-    (tmp_path / 'in' / case).symlink_to(workspace.raw / 'imagesTs' / case)
-    workspace.run('nnUNetv2_predict', '-i', tmp_path / 'in', '-o', tmp_path / 'out', '-d', DATASET_ID, '-c', name,
-                  '-f', 0, '-tr', trainer, '-device', 'cpu', '-npp', 1, '-nps', 1, '--disable_tta')
-    prediction = read_labels(tmp_path / 'out' / 'Tiny_010.nii.gz')
+    # nnU-Net's predictor set up from the fold as nnUNetv2_predict sets it up (the 2d network built from the preset's
+    # configuration, the checkpoint loaded strictly), in this process
+    monkeypatch.setenv('nnUNet_extTrainer', workspace.env['nnUNet_extTrainer'])
+    [prediction] = segment(trained_predictor(fold.parent), [workspace.raw / 'imagesTs' / 'Tiny_010_0000.nii.gz'])
     assert prediction.shape == read_labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
     assert set(np.unique(prediction)) <= set(synthetic.LABELS.values())
 
