@@ -85,6 +85,18 @@ def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_settin
         ('nnUNetTrainer (nnUNetPlans)', None, None)]
 
 
+def test_a_prediction_is_compared_with_nnunets_own_network_unless_asked_otherwise():
+    dataset_json = synthetic_dataset_json(1, 3)
+    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS'], inference=True, baselines=None, peers=None,
+                              pretraining=False)
+    networks = networks_to_run(args, plans, configuration, dataset_json, None)
+    rows = plan_rows(networks, configuration, dataset_json, ['channels-last'], 'cpu', inference={'case': 'noise'})
+    assert [(row.network.label, row.flip_layout, row.inference['mode']) for row in rows] == [
+        ('nnUNetTrainerMedNeXtS', False, 'inference'), ('nnUNetTrainerMedNeXtS', True, 'inference'),
+        ('nnUNetTrainer (nnUNetPlans)', False, 'inference'), ('nnUNetTrainer (nnUNetPlans)', True, 'inference')]
+
+
 def test_report_table_ratios_and_chart(tiny_run):
     result, out = tiny_run
     report = (out / 'benchmark.md').read_text()
@@ -226,11 +238,12 @@ def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path):
 
 
 def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path):
-    """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows), in each layout, beside nnU-Net's
-    own network: every field, a reason for every null, and the CPU time the ratios use."""
+    """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows), in each layout: every field, a
+    reason for every null, and the CPU time the ratios use. (The baseline row beside it by default: in-process
+    below.)"""
     result = subprocess.run(
         [COMMAND, 'benchmark', *PATCH, '--classes', '3', '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
-         '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', 'channels-last', '--steps', '1',
+         '--baselines', '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', 'channels-last', '--steps', '1',
          '--warmup', '0',
          '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -239,8 +252,7 @@ def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field
     assert report['meta']['ratio_clock'].startswith('process CPU time')
     rows = report['rows']
     assert [(row['label'], row['memory_layout']) for row in rows] == [
-        ('nnUNetTrainerMedNeXtS', 'channels-last'), ('nnUNetTrainerMedNeXtS', 'contiguous'),
-        ('nnUNetTrainer (nnUNetPlans)', 'contiguous'), ('nnUNetTrainer (nnUNetPlans)', 'channels-last')]
+        ('nnUNetTrainerMedNeXtS', 'channels-last'), ('nnUNetTrainerMedNeXtS', 'contiguous')]
     for row in rows:
         assert tuple(row) == ROW_FIELDS and row['status'] == 'ok' and row['mode'] == 'inference'
         nulls = {key for key, value in row.items() if value is None}
