@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
-from nnunet_plugins import trainers_folder
+from nnunet_plugins import settings, trainers_folder
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
 from nnunet_plugins.training import (
     PRETRAINERS, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR,
@@ -29,6 +29,7 @@ from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_
 from test_swinunetr import SWIN_PATCH
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
+FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
 SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck of 4 x 2 x 2
 # nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
 RESENC = {**SMALL, 'architecture': {
@@ -271,7 +272,9 @@ def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
 
 # ---- the stock CLI: pre-train, then fine-tune with -pretrained_weights ----
 
-def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint(workspace, tmp_path):
+def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(workspace, tmp_path):
+    """RCR pre-training through nnUNetv2_train, then ``-pretrained_weights`` into a ``_Finetune`` trainer: the log
+    shows the warm-up learning rates, and the trained encoder is the pre-trained one after three small steps."""
     fold = workspace.train(PRETRAIN, 'all', epochs=1, iterations=2)
     pretrained = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert pretrained['trainer_name'] == PRETRAIN and HEADS_KEY in pretrained
@@ -287,15 +290,19 @@ def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint(workspace, tmp_p
     assert report['pretrained_tensors'] == encoder and encoder
     assert set(report['initialised_tensors']) == set(pretrained['network_weights']) - set(encoder)
 
+    # fine-tuning with the _Finetune trainer: 3 epochs x 1 iteration, warm-up over the first 2
     results = tmp_path / 'nnUNet_results'  # the shared results folder's MedNeXt-S fold 0 belongs to other tests
-    env = {**workspace.env, 'nnUNet_results': str(results), 'nnUNet_plugins_epochs': '1',
-           'nnUNet_plugins_iterations': '1'}
-    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', 'nnUNetTrainerMedNeXtS', '-device', 'cpu',
+    env = {**workspace.env, 'nnUNet_results': str(results), settings.EPOCHS: '3', settings.ITERATIONS: '1',
+           settings.WARMUP_EPOCHS: '2'}
+    workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', FINETUNE, '-device', 'cpu',
                   '-pretrained_weights', fold / 'checkpoint_final.pth', env=env)
-    tuned_fold = results / workspace.results('nnUNetTrainerMedNeXtS').relative_to(workspace.root / 'nnUNet_results')
-    tuned = torch.load(tuned_fold / 'fold_0' / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    # one AdamW step (learning rate 1e-3) from the pre-trained encoder moves no weight by more than a few 1e-3; a
-    # fresh initialisation would differ by the weights' own scale
+    tuned_fold = results / workspace.results(FINETUNE).relative_to(workspace.root / 'nnUNet_results') / 'fold_0'
+    rates = [float(line.split(': ')[-1]) for line in training_log(tuned_fold).splitlines()
+             if 'Current learning rate' in line]
+    assert rates == pytest.approx([5e-4, 1e-3, 1e-3])
+    tuned = torch.load(tuned_fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    # three AdamW steps (learning rate at most 1e-3) from the pre-trained encoder move no weight by more than a few
+    # 1e-3; a fresh initialisation would differ by the weights' own scale
     for key in encoder:
         if pretrained['network_weights'][key].is_floating_point() and pretrained['network_weights'][key].numel() > 64:
             torch.testing.assert_close(tuned['network_weights'][key], pretrained['network_weights'][key],
