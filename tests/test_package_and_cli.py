@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nnunet_plugins import trainers_folder
-from nnunet_plugins.cli import build_parser
+from nnunet_plugins.cli import build_parser, main
 from nnunet_plugins.training import PRETRAINERS, TRAINERS
 from nnunet_plugins.workspace import NNUNET_FOLDERS
 
@@ -125,12 +125,16 @@ def test_demo_pipeline_runs_end_to_end_and_mednext_learns_the_organ(tmp_path):
     (['--epochs', '0'], "nnunet-plugins demo: error: argument --epochs: '0' is not a positive whole number"),
     (['--trainer', 'Bogus'], 'nnunet-plugins demo: error: --trainer Bogus: nnU-Net finds no trainer of that name'),
 ], ids=['epochs-zero', 'unknown-trainer'])
-def test_demo_checks_its_options_before_any_work(tmp_path, option, message):
+def test_demo_checks_its_options_before_any_work(tmp_path, capsys, option, message):
+    """As the console script runs the command (``cli.main``), in this process."""
     work = tmp_path / 'demo'
-    result = run(COMMAND, 'demo', '--work', str(work), '--tiny', *option)
-    assert result.returncode != 0
-    assert result.stderr.count(message) == 1, result.stderr
-    assert 'nnUNet_plugins_epochs' not in result.stderr and 'Traceback' not in result.stderr
+    with pytest.raises(SystemExit) as stopped:
+        main(['demo', '--work', str(work), '--tiny', *option])
+    code = stopped.value.code
+    stderr = capsys.readouterr().err + (code if isinstance(code, str) else '')  # Python prints a message it exits with
+    assert code not in (0, None)
+    assert stderr.count(message) == 1, stderr
+    assert 'nnUNet_plugins_epochs' not in stderr and 'Traceback' not in stderr
     assert not work.exists()  # nothing generated or planned first
 
 
