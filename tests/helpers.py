@@ -4,6 +4,7 @@
 """
 import glob
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from torch import nn
 
 from nnunet_plugins import settings, synthetic
+from nnunet_plugins.cli import main
 from nnunet_plugins.workspace import run_stock
 
 DATASET_ID = 991
@@ -105,6 +107,22 @@ def segment(predictor: nnUNetPredictor, images: list[Path]) -> list[np.ndarray]:
     resampling back), in this process: no worker processes to start."""
     reader = SimpleITKIO()
     return [predictor.predict_single_npy_array(*reader.read_images([str(image)])) for image in images]
+
+
+def run_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """``nnunet-plugins ARGS`` as its console script runs it (``sys.exit(main(ARGS))``), in this process: the exit
+    status, stdout and stderr a user would see. A message ``main`` exits with goes to stderr with status 1, as Python
+    prints it. Saves an interpreter start (seconds with torch and nnU-Net) where the command itself is what is tested;
+    the console script itself runs in test_package_and_cli.py and the README recipe's test."""
+    capsys.readouterr()
+    try:
+        status = main([str(arg) for arg in args])
+    except SystemExit as stop:
+        status = stop.code
+    out, err = capsys.readouterr()
+    if isinstance(status, str):
+        status, err = 1, f'{err}{status}\n'
+    return subprocess.CompletedProcess(['nnunet-plugins', *args], status or 0, out, err)
 
 
 def read_labels(path: Path) -> np.ndarray:

@@ -20,7 +20,7 @@ from nnunet_plugins.commands.benchmark.report import counterpart, topology_versu
 from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, plan_rows, probe
 from nnunet_plugins.commands.benchmark.worker import measure, row_spec
 
-from helpers import CONFIGURATION, DATASET_ID, parameter_count
+from helpers import CONFIGURATION, DATASET_ID, parameter_count, run_cli
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 # MedNeXt paper, Table 3: "GFLOPs" (multiply-accumulates) for one 128^3 patch, kernel 3 and kernel 5
@@ -209,12 +209,11 @@ PATCH = ['--patch', '16', '32', '32']
     (['999', '3d_fullres'], 1, "nnunet-plugins benchmark: error: dataset '999' not found"),
 ], ids=['batch-negative', 'batch-zero', 'no-input-channels', 'no-classes', 'background-only', 'patch-zero',
         'spacing-zero', 'spacing-negative', 'no-steps', 'unknown-dataset'])
-def test_bad_arguments_fail_before_any_work_with_a_message(args, code, message, tmp_path):
+def test_bad_arguments_fail_before_any_work_with_a_message(args, code, message, tmp_path, monkeypatch, capsys):
     out = tmp_path / 'out'
-    env = {**os.environ, 'nnUNet_raw': str(tmp_path), 'nnUNet_preprocessed': str(tmp_path),
-           'nnUNet_results': str(tmp_path)}
-    result = subprocess.run([COMMAND, 'benchmark', *args, '--out', str(out)], capture_output=True, text=True, env=env,
-                            stdin=subprocess.DEVNULL)
+    for variable in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(variable, str(tmp_path))
+    result = run_cli(capsys, 'benchmark', *args, '--out', out)
     assert result.returncode == code, result.stderr
     assert message in result.stderr and result.stderr.count(message) == 1
     assert 'Traceback' not in result.stderr
@@ -227,11 +226,10 @@ def test_plans_words_the_same_mistake_the_same_way():
     assert result.returncode == 2 and "argument --batch: '0' is not a positive whole number" in result.stderr
 
 
-def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path):
+def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path, capsys):
     """On a 16^3 patch nnU-Net plans three stages, and UTNetV2 needs four: its only row is skipped."""
-    result = subprocess.run(
-        [COMMAND, 'benchmark', '--patch', '16', '16', '16', '-tr', 'nnUNetTrainerUTNetV2', '--baselines', '--peers',
-         '--device', 'cpu', '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = run_cli(capsys, 'benchmark', '--patch', '16', '16', '16', '-tr', 'nnUNetTrainerUTNetV2', '--baselines',
+                     '--peers', '--device', 'cpu', '--out', tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'no row was measured (1 skipped or failed' in result.stderr
     assert 'needs at least 4 resolution levels' in (tmp_path / 'benchmark.md').read_text()

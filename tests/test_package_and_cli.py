@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 from nnunet_plugins import trainers_folder
-from nnunet_plugins.cli import build_parser, main
+from nnunet_plugins.cli import build_parser
 from nnunet_plugins.training import PRETRAINERS, TRAINERS
 from nnunet_plugins.workspace import NNUNET_FOLDERS
+
+from helpers import run_cli
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
@@ -74,29 +76,30 @@ def test_every_subcommand_has_help():
         assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')
 
 
-def test_trainers_lists_every_trainer_with_a_description():
-    result = run(COMMAND, 'trainers')
+def test_trainers_lists_every_trainer_with_a_description(capsys):
+    result = run_cli(capsys, 'trainers')
     assert result.returncode == 0
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith('nnUNetTrainer')}
     assert sorted(lines) == sorted(t.__name__ for t in TRAINERS + PRETRAINERS)
     assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
     assert 'for nnUNetTrainerSwinUNETR' in lines['nnUNetTrainerSwinUNETR_PretrainRCR']
-    path = run(COMMAND, 'trainers', '--path').stdout.strip()
+    path = run(COMMAND, 'trainers', '--path').stdout.strip()  # the README's export line, as a shell runs it
     assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
 
 
-def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path):
-    bare = {k: v for k, v in os.environ.items() if k not in (*NNUNET_FOLDERS, 'nnUNet_extTrainer')}
-    result = run(COMMAND, 'doctor', env=bare)
+def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path, monkeypatch, capsys):
+    for variable in (*NNUNET_FOLDERS, 'nnUNet_extTrainer'):
+        monkeypatch.delenv(variable, raising=False)
+    result = run_cli(capsys, 'doctor')
     assert result.returncode == 1
     assert '[FAIL] nnUNet_results is not set' in result.stdout
     assert f'fix: export nnUNet_extTrainer={trainers_folder()}' in result.stdout
 
-    configured = {**bare, 'nnUNet_extTrainer': trainers_folder()}
+    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
     for variable in NNUNET_FOLDERS:
         (tmp_path / variable).mkdir()
-        configured[variable] = str(tmp_path / variable)
-    result = run(COMMAND, 'doctor', env=configured)
+        monkeypatch.setenv(variable, str(tmp_path / variable))
+    result = run_cli(capsys, 'doctor')
     assert result.returncode == 0, result.stdout
     assert 'nnU-Net finds the plugin trainers' in result.stdout and 'all checks passed' in result.stdout
 
@@ -126,26 +129,21 @@ def test_demo_pipeline_runs_end_to_end_and_mednext_learns_the_organ(tmp_path):
     (['--trainer', 'Bogus'], 'nnunet-plugins demo: error: --trainer Bogus: nnU-Net finds no trainer of that name'),
 ], ids=['epochs-zero', 'unknown-trainer'])
 def test_demo_checks_its_options_before_any_work(tmp_path, capsys, option, message):
-    """As the console script runs the command (``cli.main``), in this process."""
     work = tmp_path / 'demo'
-    with pytest.raises(SystemExit) as stopped:
-        main(['demo', '--work', str(work), '--tiny', *option])
-    code = stopped.value.code
-    stderr = capsys.readouterr().err + (code if isinstance(code, str) else '')  # Python prints a message it exits with
-    assert code not in (0, None)
-    assert stderr.count(message) == 1, stderr
-    assert 'nnUNet_plugins_epochs' not in stderr and 'Traceback' not in stderr
+    result = run_cli(capsys, 'demo', '--work', work, '--tiny', *option)
+    assert result.returncode != 0
+    assert result.stderr.count(message) == 1, result.stderr
+    assert 'nnUNet_plugins_epochs' not in result.stderr and 'Traceback' not in result.stderr
     assert not work.exists()  # nothing generated or planned first
 
 
-def test_doctor_says_a_file_is_not_a_folder(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in NNUNET_FOLDERS}
+def test_doctor_says_a_file_is_not_a_folder(tmp_path, monkeypatch, capsys):
     for variable in NNUNET_FOLDERS:
         (tmp_path / variable).mkdir()
-        env[variable] = str(tmp_path / variable)
+        monkeypatch.setenv(variable, str(tmp_path / variable))
     not_a_folder = tmp_path / 'results.txt'
     not_a_folder.write_text('')
-    env['nnUNet_results'] = str(not_a_folder)
-    result = run(COMMAND, 'doctor', env=env)
+    monkeypatch.setenv('nnUNet_results', str(not_a_folder))
+    result = run_cli(capsys, 'doctor')
     assert result.returncode == 1
     assert f'[FAIL] nnUNet_results={not_a_folder} is a file, not a folder' in result.stdout

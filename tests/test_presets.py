@@ -18,13 +18,12 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins import presets, synthetic
-from nnunet_plugins.cli import main
 from nnunet_plugins.commands import plans as plans_command
 from nnunet_plugins.commands.plans import PRESET_KEY, add_preset
 from nnunet_plugins.presets import PresetError
 from nnunet_plugins.training import TRAINERS
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, segment, trained_predictor
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, run_cli, segment, trained_predictor
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 MEDNEXT_TRAINERS = {f'nnUNetTrainerMedNeXt{v}{k}' for v in 'SBML' for k in ('', '_k5', '_k5_UpKern')}
@@ -316,12 +315,10 @@ def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second
     assert after['configurations'][name]['patch_size'] == [64, 64, 64]
 
     written = plans_file.read_bytes()
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as again:  # the same command again, as the console script runs it, in-process
-        main(command[1:])
-    assert again.value.code == (f"nnunet-plugins plans: error: the plans already have a configuration '{name}'; pass "
-                                f"--overwrite to replace it, or name the new one with -c NAME.")
-    assert capsys.readouterr().out == ''
+    again = run_cli(capsys, *command[1:])  # the same command again, in-process
+    assert again.returncode == 1 and again.stdout == ''
+    assert again.stderr == (f"nnunet-plugins plans: error: the plans already have a configuration '{name}'; pass "
+                            f"--overwrite to replace it, or name the new one with -c NAME.\n")
     assert plans_file.read_bytes() == written
 
 
@@ -372,19 +369,17 @@ def test_a_3d_preset_on_a_2d_dataset_names_the_2d_preset(nnunet_env, plans_copy)
     assert plans_copy.read_bytes() == before
 
 
-def test_a_truncated_plans_file_is_named_by_plans_and_benchmark(nnunet_env):
-    """Both commands as the console script runs them (``cli.main``), in this process."""
+def test_a_truncated_plans_file_is_named_by_plans_and_benchmark(nnunet_env, capsys):
     workspace = nnunet_env
     damaged = workspace.preprocessed / 'nnUNetPlansTruncated.json'
     damaged.write_text((workspace.preprocessed / 'nnUNetPlans.json').read_text()[:500])
     try:
         for command in (['plans', str(DATASET_ID), '--preset', 'mednext'],
                         ['benchmark', str(DATASET_ID), CONFIGURATION, '--out', str(workspace.root / 'bench_bad')]):
-            with pytest.raises(SystemExit) as stopped:  # a message: Python prints it and exits with status 1
-                main([*command, '-p', damaged.stem])
-            message = stopped.value.code
-            assert isinstance(message, str) and message.startswith(f'nnunet-plugins {command[0]}: error: '), message
-            assert f'{damaged} cannot be read as JSON (JSONDecodeError' in message
+            result = run_cli(capsys, *command, '-p', damaged.stem)
+            assert result.returncode == 1, result.stderr
+            assert f'{damaged} cannot be read as JSON (JSONDecodeError' in result.stderr
+            assert 'Traceback' not in result.stderr
         assert damaged.read_text() == (workspace.preprocessed / 'nnUNetPlans.json').read_text()[:500]
         assert not (workspace.root / 'bench_bad').exists()
     finally:
