@@ -29,13 +29,13 @@ PAPER_GMACS = {'S': (130, 169), 'B': (170, 208), 'M': (248, 308), 'L': (500, 564
 
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
-    """The command on a 16x32x32 patch: MedNeXt-S with checkpointing off and on, nnUNetTrainer and MONAI's
-    MedNeXt-S, one step each (which trainer gets which checkpointing rows: in-process below)."""
+    """The command on a 16x32x32 patch: MedNeXt-S with checkpointing off and on and MONAI's MedNeXt-S, one step each
+    (which trainer gets which checkpointing rows, and nnU-Net's own trainer's row: in-process below)."""
     out = tmp_path_factory.mktemp('benchmark')
     env = {name: value for name, value in os.environ.items() if name not in settings.VARIABLES}
     result = subprocess.run(
         [COMMAND, 'benchmark', '--patch', '16', '32', '32', '--classes', '3', '--batch', '1', '--device', 'cpu',
-         '-tr', 'nnUNetTrainerMedNeXtS', '--baselines', 'nnUNetTrainer', '--peers', 'MedNeXtS',
+         '-tr', 'nnUNetTrainerMedNeXtS', '--baselines', '--peers', 'MedNeXtS',
          '--steps', '1', '--warmup', '0', '--out', str(out)],
         capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -47,7 +47,7 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
     rows = json.loads((out / 'benchmark.json').read_text())['rows']
     assert [(row['label'], row['gradient_checkpointing']) for row in rows] == [
         ('nnUNetTrainerMedNeXtS', False), ('nnUNetTrainerMedNeXtS', True),  # S: off by default, then flipped
-        ('nnUNetTrainer (nnUNetPlans)', None), ('MONAI MedNeXtS', None)]
+        ('MONAI MedNeXtS', None)]
     for row in rows:
         assert tuple(row) == ROW_FIELDS
         assert row['status'] == 'ok'
@@ -63,11 +63,21 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
     # checkpointing on and off train the same network on the same batch: the same first loss, bit for bit
     first, second = by_label['nnUNetTrainerMedNeXtS']
     assert first['first_loss'] == second['first_loss'] and first['parameters'] == second['parameters']
-    # each as its trainer runs it: the plugin trainers (and the peer, trained with their recipe) channels-last
-    # on a CPU, nnU-Net's own trainer in the default layout
+    # each as its trainer runs it: the plugin trainers (and the peer, trained with their recipe) channels-last on a CPU
     assert {row['label']: (row['network_class'], row['memory_layout']) for row in rows} == {
-        'nnUNetTrainerMedNeXtS': ('MedNeXt', 'channels-last'),
-        'nnUNetTrainer (nnUNetPlans)': ('PlainConvUNet', 'contiguous'), 'MONAI MedNeXtS': ('MedNeXt', 'channels-last')}
+        'nnUNetTrainerMedNeXtS': ('MedNeXt', 'channels-last'), 'MONAI MedNeXtS': ('MedNeXt', 'channels-last')}
+
+
+def test_nnunets_own_trainer_is_measured_in_pytorchs_default_layout():
+    """A baseline row as the row's process measures it (the worker's function, here in-process): nnU-Net's own
+    network and trainer, one training step, PyTorch's default layout."""
+    dataset_json = synthetic_dataset_json(1, 3)
+    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    network = Network('nnUNetTrainer', 'baseline', 'nnUNetTrainer (nnUNetPlans)', 'nnUNetTrainer', plans)
+    assert probe(network, configuration, dataset_json)['network_class'] == 'PlainConvUNet'
+    result = measure(row_spec(Row(network), configuration, dataset_json, 'cpu', steps=1, warmup=0))
+    assert result['status'] == 'ok' and len(result['step_times_s']) == 1 and result['first_loss'] > 0
+    assert result['memory_layout'] == 'contiguous'
 
 
 def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_setting():
@@ -103,7 +113,7 @@ def test_report_table_ratios_and_chart(tiny_run):
     assert report in result.stdout
     assert ('| network | setting | parameters | GMAC/patch | step (s) | step, CPU time (s) | memory (GiB) '
             '| voxels/s |') in report
-    assert '| nnUNetTrainer (nnUNetPlans) | contiguous, fp32 |' in report
+    assert '| nnUNetTrainerMedNeXtS | checkpointing on, channels-last, fp32 |' in report
     ratios = json.loads((out / 'benchmark.json').read_text())['ratios']
     # on this plan our MedNeXt-S has 4 levels (the plans' strides), MONAI's always 5: reported, not hidden
     assert [(r['ours'], r['monai']) for r in ratios] == [('nnUNetTrainerMedNeXtS', 'MONAI MedNeXtS')] * 2
