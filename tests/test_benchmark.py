@@ -15,7 +15,7 @@ from nnunet_plugins import settings
 from nnunet_plugins.cli import main
 from nnunet_plugins.commands.benchmark.peers import default_trainers, trainer_class
 from nnunet_plugins.commands.benchmark.plans import resenc_l_plans, synthetic_dataset_json, synthetic_plans
-from nnunet_plugins.commands.benchmark.command import networks_to_run
+from nnunet_plugins.commands.benchmark.command import inference_case, networks_to_run
 from nnunet_plugins.commands.benchmark.report import counterpart, topology_versus_monai
 from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, plan_rows, probe
 from nnunet_plugins.commands.benchmark.worker import measure, row_spec
@@ -95,16 +95,22 @@ def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_settin
         ('nnUNetTrainer (nnUNetPlans)', None, None)]
 
 
-def test_a_prediction_is_compared_with_nnunets_own_network_unless_asked_otherwise():
+def test_a_prediction_is_compared_with_nnunets_own_network_and_the_other_layout_is_measured():
+    """The inference rows the command plans by default with ``--variants channels-last``; the flipped row measured by
+    the worker's function (in-process): one prediction of the same noise volume in PyTorch's default layout."""
     dataset_json = synthetic_dataset_json(1, 3)
     plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS'], inference=True, baselines=None, peers=None,
-                              pretraining=False)
+                              pretraining=False, volume=[16, 32, 48], disable_tta=True, case=None)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
-    rows = plan_rows(networks, configuration, dataset_json, ['channels-last'], 'cpu', inference={'case': 'noise'})
+    inference = inference_case(args, plans, configuration, dataset_json, None)
+    rows = plan_rows(networks, configuration, dataset_json, ['channels-last'], 'cpu', inference=inference)
     assert [(row.network.label, row.flip_layout, row.inference['mode']) for row in rows] == [
         ('nnUNetTrainerMedNeXtS', False, 'inference'), ('nnUNetTrainerMedNeXtS', True, 'inference'),
         ('nnUNetTrainer (nnUNetPlans)', False, 'inference'), ('nnUNetTrainer (nnUNetPlans)', True, 'inference')]
+    result = measure(row_spec(rows[1], configuration, dataset_json, 'cpu', steps=1, warmup=0))
+    assert result['status'] == 'ok' and result['memory_layout'] == 'contiguous'
+    assert len(result['step_times_s']) == 1 and result['step_cpu_times_s'][0] > 0
 
 
 def test_report_table_ratios_and_chart(tiny_run):
@@ -246,21 +252,19 @@ def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path, capsys):
 
 
 def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path):
-    """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows), in each layout: every field, a
-    reason for every null, and the CPU time the ratios use. (The baseline row beside it by default: in-process
+    """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows): every field, a reason for every
+    null, and the CPU time the ratios use. (The other layout's row and the baseline beside it by default: in-process
     below.)"""
     result = subprocess.run(
         [COMMAND, 'benchmark', *PATCH, '--classes', '3', '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
-         '--baselines', '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', 'channels-last', '--steps', '1',
-         '--warmup', '0',
-         '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+         '--baselines', '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', '--steps', '1',
+         '--warmup', '0', '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / 'benchmark.json').read_text())
     assert report['meta']['mode'] == 'inference' and report['meta']['case'] == 'noise 16x32x48'
     assert report['meta']['ratio_clock'].startswith('process CPU time')
     rows = report['rows']
-    assert [(row['label'], row['memory_layout']) for row in rows] == [
-        ('nnUNetTrainerMedNeXtS', 'channels-last'), ('nnUNetTrainerMedNeXtS', 'contiguous')]
+    assert [(row['label'], row['memory_layout']) for row in rows] == [('nnUNetTrainerMedNeXtS', 'channels-last')]
     for row in rows:
         assert tuple(row) == ROW_FIELDS and row['status'] == 'ok' and row['mode'] == 'inference'
         nulls = {key for key, value in row.items() if value is None}
