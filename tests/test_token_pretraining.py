@@ -1,6 +1,7 @@
 """Token-level pre-training trainers (paper 004): the DDP gather of eq. 3, BYOL's target in a trainer, the heads in
 the optimiser and the checkpoint, the class settings for ablations, pre-training through the stock CLI, and
-nnU-Net's ``-pretrained_weights`` loading of the result. (One TokenCL step per network family is in test_pretraining.py, beside RCR's.)"""
+nnU-Net's ``-pretrained_weights`` loading of the result. (One TokenCL step per network family is in
+test_pretraining.py, beside RCR's.)"""
 import json
 import math
 
