@@ -62,18 +62,16 @@ class Workspace:
             self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
         return self._trained[key]
 
-    def predict_and_ensemble(self, trainers, out: Path, *extra, configurations: dict | None = None) -> list[Path]:
-        """``nnUNetv2_predict`` fold 0 of each trainer (on its configuration in ``configurations``, default
-        ``CONFIGURATION``) on the held-out images with probabilities, then ``nnUNetv2_ensemble``; asserts that every
-        held-out case is predicted and that the ensemble is the argmax of the mean probabilities, and that each
-        trainer's prediction has every case's shape and valid labels.
+    def predict_and_ensemble(self, trainers, out: Path, *extra) -> list[Path]:
+        """``nnUNetv2_predict`` fold 0 of each trainer (``CONFIGURATION``) on the held-out images with probabilities,
+        then ``nnUNetv2_ensemble``; asserts that every held-out case is predicted and that the ensemble is the argmax of
+        the mean probabilities, and that each trainer's prediction has every case's shape and valid labels.
         Returns the trainers' prediction folders; the ensemble is ``out/ensemble``."""
         folders = []
         for trainer in trainers:
             folders.append(out / trainer)
-            configuration = (configurations or {}).get(trainer, CONFIGURATION)
             self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
-                     '-c', configuration, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
+                     '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
                      '-npp', 1, '-nps', 1, *extra)
         ensemble = out / 'ensemble'
         self.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
