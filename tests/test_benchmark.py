@@ -27,6 +27,14 @@ COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 PAPER_GMACS = {'S': (130, 169), 'B': (170, 208), 'M': (248, 308), 'L': (500, 564)}
 
 
+def tiny_synthetic_plans() -> tuple[dict, dict, str]:
+    """The benchmark's synthetic dataset.json, plans and configuration for the tiny run's patch (16x32x32, 3 classes),
+    for the tests that plan or measure rows in-process."""
+    dataset_json = synthetic_dataset_json(1, 3)
+    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    return dataset_json, plans, configuration
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """The command on a 16x32x32 patch: MedNeXt-S with checkpointing off and on and MONAI's MedNeXt-S, one step each
@@ -71,8 +79,7 @@ def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run
 def test_nnunets_own_trainer_is_measured_in_pytorchs_default_layout():
     """A baseline row as the row's process measures it (the worker's function, here in-process): nnU-Net's own
     network and trainer, one training step, PyTorch's default layout."""
-    dataset_json = synthetic_dataset_json(1, 3)
-    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    dataset_json, plans, configuration = tiny_synthetic_plans()
     network = Network('nnUNetTrainer', 'baseline', 'nnUNetTrainer (nnUNetPlans)', 'nnUNetTrainer', plans)
     assert probe(network, configuration, dataset_json)['network_class'] == 'PlainConvUNet'
     result = measure(row_spec(Row(network), configuration, dataset_json, 'cpu', steps=1, warmup=0))
@@ -83,8 +90,7 @@ def test_nnunets_own_trainer_is_measured_in_pytorchs_default_layout():
 def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_setting():
     """MedNeXt-S checkpoints off by default, -M on: each default row comes first, then the flipped one; nnU-Net's own
     network has no switch and gets one row."""
-    dataset_json = synthetic_dataset_json(1, 3)
-    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    dataset_json, plans, configuration = tiny_synthetic_plans()
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtM'], inference=False,
                               baselines=['nnUNetTrainer'], peers=[], pretraining=False)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
@@ -98,8 +104,7 @@ def test_a_checkpointing_row_follows_each_trainers_default_with_the_other_settin
 def test_a_prediction_is_compared_with_nnunets_own_network_and_the_other_layout_is_measured():
     """The inference rows the command plans by default with ``--variants channels-last``; the flipped row measured by
     the worker's function (in-process): one prediction of the same noise volume in PyTorch's default layout."""
-    dataset_json = synthetic_dataset_json(1, 3)
-    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    dataset_json, plans, configuration = tiny_synthetic_plans()
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS'], inference=True, baselines=None, peers=None,
                               pretraining=False, volume=[16, 32, 48], disable_tta=True, case=None)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
@@ -279,8 +284,7 @@ def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field
 def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
     """--pretraining adds, after each trainer's row, its network's pre-training trainers on the same plans (nnU-Net's
     own network and ResEnc L included); such a row times one pre-training step and is not paired with MONAI."""
-    dataset_json = synthetic_dataset_json(1, 3)
-    plans, configuration = synthetic_plans([16, 32, 32], [1.0, 1.0, 1.0], 1, dataset_json)
+    dataset_json, plans, configuration = tiny_synthetic_plans()
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerUXNet'], inference=False,
                               baselines=['nnUNetTrainer', 'ResEncL'], peers=['MedNeXtS'], pretraining=True)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
