@@ -20,6 +20,7 @@ A plugin trainer adds:
   without naming it.
 """
 import os
+from enum import Enum
 
 import numpy as np
 import torch
@@ -44,6 +45,14 @@ CLASS_SETTINGS = ('initial_lr', 'weight_decay', 'oversample_foreground_percent',
                   'enable_deep_supervision', 'save_every')
 
 
+class Role(str, Enum):
+    """What a trainer class is for; ``nnunet-plugins trainers``, the benchmark and the tests select trainers by it."""
+    SUPERVISED = 'supervised'  # trains a network from scratch
+    UPKERN = 'upkern'  # trains a network started from another trained run (MedNeXt's UpKern)
+    FINETUNE = 'fine-tune'  # a supervised trainer with the fine-tuning schedule, for -pretrained_weights
+    PRETRAINING = 'pre-training'  # self-supervised pre-training of a network's encoder
+
+
 class nnUNetTrainerPlugin(nnUNetTrainer):
     """Base of the plugin trainers; a network family supplies :meth:`network_from_plan` and its optimiser settings.
 
@@ -56,6 +65,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     parameters of ``network.encoder`` get no optimiser step in the first epochs), for fine-tuning.
     """
 
+    role: Role = Role.SUPERVISED
     initial_lr: float = 1e-3
     weight_decay: float = 3e-5
     adam_eps: float = 1e-8

@@ -14,7 +14,7 @@ from torch import nn
 from nnunet_plugins import settings
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.mednext import mednext_from_plan
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint
 
 UPKERN_REPORT_FILE = 'upkern_report.json'
@@ -92,6 +92,7 @@ class MedNeXtUpKernTrainer(MedNeXtTrainer):
     checkpoint (``--c``, ``--val``) skips UpKern, since nnU-Net loads that checkpoint next.
     """
 
+    role = Role.UPKERN
     source_trainer: str
 
     def conventional_source(self) -> Path:

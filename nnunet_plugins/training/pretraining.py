@@ -31,6 +31,7 @@ from torch.optim.lr_scheduler import _LRScheduler
 
 from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.layout import follow_device_layout
+from nnunet_plugins.training.base import Role
 from nnunet_plugins.training.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 
 matplotlib.use('agg')
@@ -141,6 +142,7 @@ class SelfSupervisedPretraining:
     loss_terms: tuple[str, ...]  # the terms :meth:`_losses` returns, whose sum ('total') is minimised
     readings: tuple[str, ...] = ()  # values :meth:`_losses` also returns, logged and drawn but not minimised
     readings_label: str = ''
+    role = Role.PRETRAINING
     initial_lr = 4e-4
     weight_decay = 1e-5
     warmup_epochs = 2
