@@ -30,7 +30,7 @@ LAYOUTS = {
 # The Swin UNETR authors' released self-supervised encoder (MONAI's SwinUNETR.load_from format): {'state_dict': {...}}
 # with keys 'module.patch_embed.proj.weight', 'module.layers1.0.blocks.0.mlp.fc1.weight', ...; MONAI's SwinTransformer,
 # our SwinUNETR's ``encoder``, names the MLP's layers linear1/linear2
-SWIN_AUTHORS_PREFIX = 'module.'
+_SWIN_AUTHORS_PREFIX = 'module.'
 _SWIN_AUTHORS_RENAMES = (('.mlp.fc1.', '.mlp.linear1.'), ('.mlp.fc2.', '.mlp.linear2.'))
 ENCODER_PREFIX = 'encoder.'  # by this package's convention every network's encoder, stem included, is network.encoder
 
@@ -90,17 +90,17 @@ def strip_wrapper_prefixes(key: str) -> str:
     return key
 
 
-def is_swin_authors_layout(state: Mapping[str, object]) -> bool:
+def _is_swin_authors_layout(state: Mapping[str, object]) -> bool:
     """Whether a state dict's keys are those of the Swin UNETR authors' released encoder (``module.patch_embed...``,
     ``module.layers1...``)."""
-    return any(key.startswith((f'{SWIN_AUTHORS_PREFIX}patch_embed.', f'{SWIN_AUTHORS_PREFIX}layers1.'))
+    return any(key.startswith((f'{_SWIN_AUTHORS_PREFIX}patch_embed.', f'{_SWIN_AUTHORS_PREFIX}layers1.'))
                for key in state)
 
 
 def swin_authors_name_to_ours(key: str) -> str:
     """The name in our Swin UNETR's ``network.encoder`` of a tensor of the authors' released encoder, e.g.
     ``module.layers1.0.blocks.0.mlp.fc1.weight`` -> ``layers1.0.blocks.0.mlp.linear1.weight``."""
-    name = key.removeprefix(SWIN_AUTHORS_PREFIX)
+    name = key.removeprefix(_SWIN_AUTHORS_PREFIX)
     for old, new in _SWIN_AUTHORS_RENAMES:
         name = name.replace(old, new)
     return name
@@ -142,7 +142,7 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
         raise CheckpointError(
             f'{name} holds no network weights (found {found}); expected an nnU-Net checkpoint (a "network_weights" '
             f'entry), a "state_dict" of tensors, or a state dict of tensors.')
-    if layout == 'state_dict' and is_swin_authors_layout(state):
+    if layout == 'state_dict' and _is_swin_authors_layout(state):
         renamed = {ENCODER_PREFIX + swin_authors_name_to_ours(key): value for key, value in state.items()}
         return NetworkWeights(renamed, 'swinunetr-authors')
     return NetworkWeights({strip_wrapper_prefixes(key): value for key, value in state.items()}, layout, trainer,
