@@ -15,6 +15,8 @@ from torch import nn
 from nnunet_plugins.networks.utnetv2 import MAX_LEVELS, UTNetV2
 from nnunet_plugins.networks.utnetv2_blocks import BMHABlock, ResidualConvBlock, SemanticMapFusion
 from nnunet_plugins.weights.files import read_network_weights
+
+
 def _heads_first(tensor: torch.Tensor, heads: int, dim: int = 0) -> torch.Tensor:
     """Reorder the channels along ``dim`` from the authors' head layout (channel ``d * heads + h`` is channel ``d``
     of head ``h``) to ours (``h * head_dim + d``); other axes and the shape are unchanged."""
