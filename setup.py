@@ -9,7 +9,8 @@ setup(
     python_requires='>=3.10',
     packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.commands',
               'nnunet_plugins.commands.benchmark', 'nnunet_plugins.commands.evaluate', 'nnunet_plugins.trainers',
-              'nnunet_plugins.plans'],
+              'nnunet_plugins.plans',
+              'nnunet_plugins.weights'],
     # the shim folder for nnUNet_extTrainer and the plans presets live at the top of the repository and are
     # installed inside the package
     package_dir={'nnunet_plugins.trainers': 'trainers', 'nnunet_plugins.plans': 'plans'},

@@ -11,7 +11,6 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.cli import main
 from nnunet_plugins.commands.adapt_weights import adapt_weights, target_network
 from nnunet_plugins.commands.benchmark.worker import random_batch
@@ -19,7 +18,7 @@ from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.networks.swinunetr import swinunetr_from_plan
 from nnunet_plugins.training.finetune import nnUNetTrainerMedNeXtS_Finetune
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler, warmup_poly_lr
-from nnunet_plugins.transfer import WeightTransferError, adapt_checkpoint, transfer_weights
+from nnunet_plugins.weights import CheckpointError, WeightTransferError, adapt_checkpoint, transfer_weights
 
 from helpers import CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, training_log
 from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
@@ -233,7 +232,7 @@ def test_files_that_cannot_start_the_network_are_refused_naming_file_and_keys(tm
         adapt_checkpoint(target, text, 1)
     no_weights = tmp_path / 'epoch.pth'
     torch.save({'epoch': 3}, no_weights)
-    with pytest.raises(WeightTransferError, match=rf"{no_weights} holds no network weights \(found \['epoch'\]\)"):
+    with pytest.raises(CheckpointError, match=rf"{no_weights} holds no network weights \(found \['epoch'\]\)"):
         adapt_checkpoint(target, no_weights, 1)
     assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())  # nothing half-loaded
 

@@ -13,7 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.checkpoints import CheckpointError
+from nnunet_plugins.weights import CheckpointError
 from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.swinunetr import (
     VARIANTS, PretrainedEncoderError, SwinUNETR, load_pretrained_encoder, swinunetr_from_plan)

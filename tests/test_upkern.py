@@ -10,10 +10,9 @@ import torch
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.mednext import VARIANTS, mednext_from_plan
 from nnunet_plugins.training.mednext import UPKERN_REPORT_FILE, nnUNetTrainerMedNeXtS_k5_UpKern
-from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint, upkern_state_dict
+from nnunet_plugins.weights import CheckpointError, UpKernError, upkern_from_checkpoint, upkern_state_dict
 
 from helpers import CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, training_log
 from test_mednext_network import (ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES,

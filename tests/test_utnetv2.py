@@ -14,7 +14,7 @@ from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.utnetv2 import VARIANTS, utnetv2_from_plan
 from nnunet_plugins.networks.utnetv2_blocks import BidirectionalAttention, PreActConv
-from nnunet_plugins.networks.utnetv2_authors import convert_authors_state_dict
+from nnunet_plugins.networks.utnetv2_authors import convert_authors_state_dict, load_authors_checkpoint
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
 from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
@@ -267,6 +267,22 @@ def test_converting_the_authors_layout_gives_back_our_state_dict():
     for key, tensor in expected.items():
         torch.testing.assert_close(converted[key], tensor, rtol=0, atol=0, msg=key)
     network.load_state_dict(converted, strict=True)
+
+
+def test_an_authors_checkpoint_file_loads_through_the_weights_reader(tmp_path):
+    """Their file as DDP saves it (``module.`` keys, here under ``state_dict``) loads strictly into a network of their
+    setting; one of another setting is refused naming the file."""
+    source = small_network()
+    path = tmp_path / 'fold_0_best.pth'
+    torch.save({'state_dict': {f'module.{key}': tensor for key, tensor in authors_state_dict(source).items()}}, path)
+    torch.manual_seed(1)
+    network = utnetv2_from_plan(1, 3, BCV_STRIDES, BCV_KERNELS, SMALL)
+    load_authors_checkpoint(network, path)
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(network.state_dict()[key], tensor), key
+    wider = utnetv2_from_plan(1, 3, BCV_STRIDES, BCV_KERNELS, replace(SMALL, features_per_level=(8, 16, 32, 32, 32)))
+    with pytest.raises(ValueError, match=f"{path} is not a checkpoint of this network's setting: .* does not fit"):
+        load_authors_checkpoint(wider, path)
 
 
 def test_every_authors_tensor_element_is_used_once():

@@ -2,7 +2,7 @@
 ``nnUNetv2_train -pretrained_weights`` loads, for a trainer on a dataset's plans.
 
 The target network is built as ``nnUNetv2_train`` builds it (the trainer's ``build_network_architecture`` on the
-dataset's plans, input channels and labels); what fits is copied in (:mod:`nnunet_plugins.transfer`), the rest
+dataset's plans, input channels and labels); what fits is copied in (:mod:`nnunet_plugins.weights.transfer`), the rest
 keeps that network's own initialisation; the file holds the whole state dict under ``network_weights``, and a
 report of loaded, adapted and freshly initialised tensors is printed and written beside it (``OUT`` with
 ``.json``).
@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
 from nnunet_plugins.commands.demo import find_trainer
-from nnunet_plugins.transfer import ENCODER_PREFIX, TransferReport, adapt_checkpoint
+from nnunet_plugins.weights import ENCODER_PREFIX, TransferReport, adapt_checkpoint
 
 
 def target_network(dataset: str, configuration: str, trainer: str, plans: str) -> tuple[nn.Module, int, str]:

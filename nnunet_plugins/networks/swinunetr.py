@@ -43,8 +43,8 @@ from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, get_window_size
 from torch import nn
 
-from nnunet_plugins.checkpoints import load_checkpoint_file
 from nnunet_plugins.networks.topology import ShallowPlanError, kernels_from_plan
+from nnunet_plugins.weights.files import read_checkpoint, swin_authors_name_to_ours
 
 LEVELS = 6  # full resolution, the patch embedding (level 1), four patch mergings (levels 2-5, down to 1/32)
 SWIN_STAGES = 4  # Swin blocks at levels 1-4; level 5 is the bottleneck after the last merging
@@ -231,29 +231,7 @@ def _swin_transformer(**kwargs) -> SwinTransformer:
     return encoder.to('meta')
 
 
-# ---- the authors' pre-trained encoder ----
-
-# MONAI's SwinUNETR.load_from format (the authors' released self-supervised encoder): {'state_dict': {...}} with
-# keys 'module.patch_embed.proj.weight', 'module.layers1.0.blocks.0.mlp.fc1.weight', ...; MONAI names the MLP's
-# layers linear1/linear2
-PRETRAINED_PREFIX = 'module.'
-PRETRAINED_RENAMES = (('.mlp.fc1.', '.mlp.linear1.'), ('.mlp.fc2.', '.mlp.linear2.'))
-
-
-def is_authors_format(state: Mapping[str, object]) -> bool:
-    """Whether a state dict's keys are those of the authors' released encoder (``module.patch_embed...``,
-    ``module.layers1...``)."""
-    return any(key.startswith((f'{PRETRAINED_PREFIX}patch_embed.', f'{PRETRAINED_PREFIX}layers1.')) for key in state)
-
-
-def authors_name_to_ours(key: str) -> str:
-    """The name in our ``network.encoder`` of a tensor of the authors' released encoder, e.g.
-    ``module.layers1.0.blocks.0.mlp.fc1.weight`` -> ``layers1.0.blocks.0.mlp.linear1.weight``."""
-    name = key.removeprefix(PRETRAINED_PREFIX)
-    for old, new in PRETRAINED_RENAMES:
-        name = name.replace(old, new)
-    return name
-
+# ---- the authors' pre-trained encoder (its layout and renaming: nnunet_plugins.weights.files) ----
 
 class PretrainedEncoderError(ValueError):
     """A pre-trained encoder file that cannot initialise the network's encoder; the message says why."""
@@ -282,14 +260,14 @@ def load_pretrained_encoder(network: SwinUNETR, weights: str | Path | Mapping[st
     input channels or patch embedding), and a ``CheckpointError`` naming a file that cannot be read.
     """
     source = str(weights) if isinstance(weights, (str, Path)) else 'the given state dict'
-    content = load_checkpoint_file(weights) if isinstance(weights, (str, Path)) else weights
+    content = read_checkpoint(weights) if isinstance(weights, (str, Path)) else weights
     state = content.get('state_dict') if isinstance(content, Mapping) else None
     if not isinstance(state, Mapping):
         found = list(content)[:5] if isinstance(content, Mapping) else type(content).__name__
         raise PretrainedEncoderError(f'{source} has no "state_dict" entry (found {found}); the pre-trained encoder '
                                      f'format is {{"state_dict": {{"module.layers1.0.blocks.0.mlp.fc1.weight": ...}}}}')
     ours = network.encoder.state_dict()
-    renamed = {authors_name_to_ours(key): (key, value) for key, value in state.items()}
+    renamed = {swin_authors_name_to_ours(key): (key, value) for key, value in state.items()}
     loaded = [name for name in ours if name in renamed]
     if not loaded:
         raise PretrainedEncoderError(

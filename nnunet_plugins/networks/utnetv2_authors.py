@@ -3,15 +3,20 @@
 Their state dict and ours hold the same function in another weight layout: attention heads interleaved
 instead of consecutive, the fusion transformer's attention input projection without bias, and a value
 projection in the last decoder B-MHA block that their code computes and discards (ours does not have it).
+Their files are read by :mod:`nnunet_plugins.weights` (:func:`load_authors_checkpoint`).
 """
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from nnunet_plugins.networks.utnetv2 import MAX_LEVELS, UTNetV2
 from nnunet_plugins.networks.utnetv2_blocks import BMHABlock, ResidualConvBlock, SemanticMapFusion
+from nnunet_plugins.weights.files import read_network_weights
+
+
 def _heads_first(tensor: torch.Tensor, heads: int, dim: int = 0) -> torch.Tensor:
     """Reorder the channels along ``dim`` from the authors' head layout (channel ``d * heads + h`` is channel ``d``
     of head ``h``) to ours (``h * head_dim + d``); other axes and the shape are unchanged."""
@@ -161,3 +166,21 @@ def convert_authors_state_dict(authors_state: Mapping[str, torch.Tensor], networ
         converted.update({key: tensor.clone() for key, tensor in ours.items()
                           if key.startswith('decoder.seg_layers.1.')})
     return converted
+
+
+def load_authors_checkpoint(network: UTNetV2, path: Path | str) -> None:
+    """Load the authors' checkpoint file at ``path`` into ``network``, strictly (:func:`convert_authors_state_dict`).
+
+    The file holds their ``model.state_dict()``, bare or under ``state_dict``, with or without DDP's ``module.``.
+
+    Raises:
+        CheckpointError: the file cannot be read or holds no network weights.
+        ValueError: its tensors do not fit ``network``; the message names the file and the tensors.
+    """
+    authors_state = read_network_weights(path).state_dict
+    try:
+        converted = convert_authors_state_dict(authors_state, network)
+    except ValueError as error:
+        raise ValueError(f'{path} is not a checkpoint of this network\'s setting: {error}. Build the network with the '
+                         f'setting the authors trained (utnetv2_from_plan on their plan and variant).') from None
+    network.load_state_dict(converted)

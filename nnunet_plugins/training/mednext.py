@@ -12,10 +12,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
-from nnunet_plugins.upkern import UpKernError, upkern_from_checkpoint
+from nnunet_plugins.weights import CheckpointError, UpKernError, upkern_from_checkpoint
 
 UPKERN_REPORT_FILE = 'upkern_report.json'
 

@@ -15,28 +15,18 @@ makes such a file (:func:`transfer_weights` on the target network, then save its
 - Any other shape difference, and a source of which nothing fits, is a :class:`WeightTransferError` naming the
   file and the first offending tensors: never a silent random start.
 """
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nnunet_plugins.checkpoints import load_checkpoint_file
-from nnunet_plugins.networks.swinunetr import authors_name_to_ours, is_authors_format
-from nnunet_plugins.upkern import sha256_of, strip_wrapper_prefixes
+from nnunet_plugins.weights.files import ENCODER_PREFIX, LAYOUTS, read_network_weights, sha256_of
+from nnunet_plugins.weights.report import WeightsReport
 
-ENCODER_PREFIX = 'encoder.'
 SKIPPED = '.seg_layers.'  # nnU-Net's segmentation heads, which depend on the labels; -pretrained_weights skips them too
 NAMED = 5  # how many tensor names an error or report line shows
-
-FORMATS = {
-    'nnunet': 'nnU-Net checkpoint (network_weights)',
-    'swinunetr-authors': "Swin UNETR authors' released encoder (state_dict, module.* keys)",
-    'state_dict': 'checkpoint with a state_dict entry',
-    'tensors': 'bare state dict',
-}
 
 
 class WeightTransferError(ValueError):
@@ -44,11 +34,11 @@ class WeightTransferError(ValueError):
 
 
 @dataclass
-class TransferReport:
+class TransferReport(WeightsReport):
     """What :func:`transfer_weights` did, by state-dict name of the target network."""
 
     source: str
-    source_format: str
+    source_format: str  # a key of LAYOUTS
     source_sha256: str = ''
     target: str = ''
     prefixes: list[str] = field(default_factory=list)
@@ -59,7 +49,7 @@ class TransferReport:
 
     def lines(self) -> list[str]:
         """A summary and, per group, the count and the first names."""
-        lines = [f'weights for {self.target} from {self.source} ({FORMATS[self.source_format]}, sha256 '
+        lines = [f'weights for {self.target} from {self.source} ({LAYOUTS[self.source_format]}, sha256 '
                  f'{self.source_sha256[:12]}...), tensors under {" or ".join(p or "(all)" for p in self.prefixes)}:']
         for title, names in (('loaded', self.loaded), ('adapted to the input channels', self.channel_adapted),
                              ('freshly initialised (the target network\'s own initialisation)', self.fresh),
@@ -67,39 +57,6 @@ class TransferReport:
             more = f', ... ({len(names) - NAMED} more)' if len(names) > NAMED else ''
             lines.append(f'  {len(names)} {title}' + (f': {", ".join(names[:NAMED])}{more}' if names else ''))
         return lines
-
-    def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + '\n')
-
-
-def read_weights(path: Path | str) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of a checkpoint file under the names our networks use, and its format (a key of :data:`FORMATS`).
-
-    nnU-Net checkpoints give ``network_weights``; the authors' released Swin UNETR encoder is renamed to
-    ``encoder.*`` names of :class:`~nnunet_plugins.networks.swinunetr.SwinUNETR`; other ``state_dict`` checkpoints and
-    bare state dicts are taken as they are. torch.compile/DDP prefixes are removed.
-
-    Raises:
-        CheckpointError: the file is missing, empty, truncated or corrupt.
-        WeightTransferError: the file is readable but holds no network weights.
-    """
-    content = load_checkpoint_file(path)
-    if isinstance(content, Mapping) and isinstance(content.get('network_weights'), Mapping):
-        state, source_format = content['network_weights'], 'nnunet'
-    elif isinstance(content, Mapping) and isinstance(content.get('state_dict'), Mapping):
-        state, source_format = content['state_dict'], 'state_dict'
-    elif isinstance(content, Mapping) and content:
-        state, source_format = content, 'tensors'
-    else:
-        state, source_format = {}, ''
-    if not state or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        found = list(content)[:NAMED] if isinstance(content, Mapping) else type(content).__name__
-        raise WeightTransferError(
-            f'{path} holds no network weights (found {found}); expected an nnU-Net checkpoint (a "network_weights" '
-            f'entry), a "state_dict" of tensors, or a state dict of tensors.')
-    if source_format == 'state_dict' and is_authors_format(state):
-        return {ENCODER_PREFIX + authors_name_to_ours(key): value for key, value in state.items()}, 'swinunetr-authors'
-    return {strip_wrapper_prefixes(key): value for key, value in state.items()}, source_format
 
 
 def input_layers(network: nn.Module, input_channels: int) -> set[str]:
@@ -130,7 +87,7 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
 
     Args:
         network: the target network, at its own initialisation; it takes ``input_channels`` image channels.
-        source: tensors by target-network name (:func:`read_weights`).
+        source: tensors by target-network name (:func:`~nnunet_plugins.weights.files.read_network_weights`).
         prefixes: names of the target's tensors that take part ('' for all but the segmentation heads).
         source_name: what messages and the report call the source (its file).
 
@@ -176,9 +133,14 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
 
 def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
                      prefixes: tuple[str, ...] = (ENCODER_PREFIX,)) -> TransferReport:
-    """:func:`transfer_weights` from the checkpoint file ``path``; the report records the file and its SHA-256."""
+    """:func:`transfer_weights` from the weight file ``path``; the report records the file and its SHA-256.
+
+    Raises:
+        CheckpointError: the file cannot be read or holds no network weights (:func:`read_network_weights`).
+        WeightTransferError: as :func:`transfer_weights`.
+    """
     path = Path(path).resolve()
-    source, source_format = read_weights(path)
-    report = transfer_weights(network, source, input_channels, prefixes, str(path), source_format)
+    weights = read_network_weights(path)
+    report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout)
     report.source_sha256 = sha256_of(path)
     return report

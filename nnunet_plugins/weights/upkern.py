@@ -7,19 +7,16 @@ of them equal or grown (a size-1 axis staying 1), is resized with ``interpolate(
 else (a missing or extra tensor, different channels, a shrinking kernel, a 1 that becomes larger) is an
 error that names the offending tensors, so nothing is silently left at its random initialisation.
 """
-import hashlib
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from nnunet_plugins.checkpoints import load_checkpoint_file
+from nnunet_plugins.weights.files import read_network_weights, sha256_of, strip_wrapper_prefixes
+from nnunet_plugins.weights.report import WeightsReport
 
-# prefixes of state-dict keys saved from a wrapped network: torch.compile's OptimizedModule, DDP
-_WRAPPER_PREFIXES = ('_orig_mod.', 'module.')
 _INTERPOLATION_MODES = {1: 'linear', 2: 'bilinear', 3: 'trilinear'}
 _NAMED_MISMATCHES = 5
 
@@ -36,7 +33,7 @@ class ResizedTensor:
 
 
 @dataclass
-class UpKernReport:
+class UpKernReport(WeightsReport):
     """What UpKern did: which tensors were copied and which were resized, from what shape to what shape."""
 
     source: str = ''
@@ -55,20 +52,6 @@ class UpKernReport:
         """The summary, then one line per resized kernel."""
         return [self.summary()] + [f'  resized {r.name}: {tuple(r.source_shape)} -> {tuple(r.target_shape)}'
                                    for r in self.resized]
-
-    def save(self, path: Path | str) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + '\n')
-
-
-def strip_wrapper_prefixes(key: str) -> str:
-    """``key`` without the prefixes torch.compile and DDP add to a wrapped network's state-dict keys."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix):], True
-    return key
 
 
 def _is_kernel_growth(source_shape: torch.Size, target_shape: torch.Size) -> bool:
@@ -134,35 +117,17 @@ def upkern_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, t
     return result, report
 
 
-def sha256_of(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as file:
-        for chunk in iter(lambda: file.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def load_source(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
-    """The network weights of an nnU-Net checkpoint (or of a bare state-dict file) on the CPU, and its metadata.
-
-    Raises :class:`~nnunet_plugins.checkpoints.CheckpointError` for a file that cannot be read at all.
-    """
-    checkpoint = load_checkpoint_file(path)
-    if isinstance(checkpoint, Mapping) and 'network_weights' in checkpoint:
-        init_args = checkpoint.get('init_args') or {}
-        metadata = {'trainer': checkpoint.get('trainer_name'), 'configuration': init_args.get('configuration')}
-        return dict(checkpoint['network_weights']), metadata
-    if isinstance(checkpoint, Mapping) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        return dict(checkpoint), {'trainer': None, 'configuration': None}
-    raise UpKernError(f'{path} is neither an nnU-Net checkpoint (no "network_weights") nor a state dict of tensors')
-
-
 def upkern_from_checkpoint(network: nn.Module, path: Path | str) -> UpKernReport:
-    """Initialise ``network`` in place by UpKern from the checkpoint at ``path``; return the report."""
+    """Initialise ``network`` in place by UpKern from the weight file at ``path``; return the report.
+
+    Raises:
+        CheckpointError: the file cannot be read or holds no network weights (:func:`read_network_weights`).
+        UpKernError: its weights cannot initialise ``network`` (:func:`upkern_state_dict`).
+    """
     path = Path(path).resolve()
-    weights, metadata = load_source(path)
-    state, report = upkern_state_dict(weights, network.state_dict())
+    weights = read_network_weights(path)
+    state, report = upkern_state_dict(weights.state_dict, network.state_dict())
     network.load_state_dict(state, strict=True)
     report.source, report.source_sha256 = str(path), sha256_of(path)
-    report.source_trainer, report.source_configuration = metadata['trainer'], metadata['configuration']
+    report.source_trainer, report.source_configuration = weights.trainer, weights.configuration
     return report
