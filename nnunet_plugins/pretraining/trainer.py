@@ -76,7 +76,8 @@ class PretrainingTrainer(PretrainingOverrides):
         method = getattr(cls, 'method', None)
         if method is None:
             return
-        misplaced = sorted({f.name for f in dataclasses.fields(method)} & set(cls.__dict__) - set(OPTIMISER_SETTINGS))
+        declared = set(cls.__dict__) - set(OPTIMISER_SETTINGS)
+        misplaced = sorted({f.name for f in dataclasses.fields(method) if f.init} & declared)
         if misplaced:
             settings = ', '.join(f'{name}={cls.__dict__[name]!r}' for name in misplaced)
             raise TypeError(f'{cls.__name__} declares {", ".join(misplaced)}, a setting of its method, on the trainer, '
