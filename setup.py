@@ -7,7 +7,8 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.commands',
+    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.pretraining',
+              'nnunet_plugins.commands',
               'nnunet_plugins.commands.benchmark', 'nnunet_plugins.commands.evaluate', 'nnunet_plugins.trainers',
               'nnunet_plugins.plans'],
     # the shim folder for nnUNet_extTrainer and the plans presets live at the top of the repository and are

@@ -26,8 +26,8 @@ from nnunet_plugins.pretraining.token_losses import CollapseReading, token_contr
 from nnunet_plugins.pretraining.trainer import REPORT_FILE
 from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.training import (
-    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL, nnUNetTrainerSwinUNETR,
-    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
+    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL,
+    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
 from nnunet_plugins.training.base import Role
 
 from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log

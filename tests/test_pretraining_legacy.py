@@ -58,8 +58,8 @@ def parameters(function) -> str:
 
 
 def test_every_override_of_nnunet_is_recorded_and_nnunet_still_has_its_signature():
-    overrides = {(base, name) for base, ours in ((nnUNetTrainer, PretrainingOverrides), (LocalLogger, PretrainingLogger))
-                 for name in vars(ours) if callable(getattr(base, name, None))}
+    pairs = ((nnUNetTrainer, PretrainingOverrides), (LocalLogger, PretrainingLogger))
+    overrides = {(base, name) for base, ours in pairs for name in vars(ours) if callable(getattr(base, name, None))}
     assert overrides == set(OVERRIDDEN), 'record the signature of a newly overridden nnU-Net method in OVERRIDDEN'
     for (base, name), expected in OVERRIDDEN.items():
         assert parameters(getattr(base, name)) == expected, (

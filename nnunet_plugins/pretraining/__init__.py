@@ -3,8 +3,8 @@
 A pre-training trainer (:class:`~nnunet_plugins.pretraining.trainer.PretrainingTrainer`) is a network trainer (whose
 network it pre-trains, e.g. ``nnUNetTrainerMedNeXtS``) and a method object (:mod:`~nnunet_plugins.pretraining.method`):
 
-- methods, one module each: :mod:`~nnunet_plugins.pretraining.rcr` (paper 003), :mod:`~nnunet_plugins.pretraining.token_cl`
-  and :mod:`~nnunet_plugins.pretraining.token_byol` (paper 004, sharing
+- methods, one module each: :mod:`~nnunet_plugins.pretraining.rcr` (paper 003),
+  :mod:`~nnunet_plugins.pretraining.token_cl` and :mod:`~nnunet_plugins.pretraining.token_byol` (paper 004, sharing
   :mod:`~nnunet_plugins.pretraining.token_method`); their views, heads and losses in ``rcr_*`` and ``token_*``;
 - written once for every method: the trainer (:mod:`~nnunet_plugins.pretraining.trainer`), nnU-Net's overridden
   methods (:mod:`~nnunet_plugins.pretraining.nnunet_overrides`), ``progress.png``

@@ -86,7 +86,7 @@ class PretrainingModel(nn.Module):
 
 @dataclass
 class PretrainingMethod:
-    """Base of the methods; a method is declared as a dataclass of its settings, e.g. ``TokenCL(same_position_weight=0)``.
+    """Base of the methods; a method is a dataclass of its settings, e.g. ``TokenCL(same_position_weight=0)``.
 
     The trainer copies its class's method object per run (``dataclasses.replace``), then calls :meth:`prepare`
     once the model is built; what :meth:`prepare` derives (a token grid, the rotations drawn) is the copy's.
