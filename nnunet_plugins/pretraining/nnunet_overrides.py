@@ -22,6 +22,7 @@ from nnunet_plugins.checkpoints import CheckpointError
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY, read_checkpoint
 from nnunet_plugins.pretraining.ddp import gather_values
+from nnunet_plugins.pretraining.method import WarmupCosineLRScheduler
 from nnunet_plugins.pretraining.progress import plot_progress
 from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
@@ -58,9 +59,9 @@ class PretrainingLogger(LocalLogger):
 
 class PretrainingOverrides(nnUNetTrainerPlugin):
     """nnU-Net's trainer with pre-training's steps, logging, checkpoints and cases; the base of
-    :class:`~nnunet_plugins.pretraining.trainer.PretrainingTrainer`, which supplies ``method`` (the run's
-    :class:`~nnunet_plugins.pretraining.method.PretrainingMethod`), :meth:`segmentation_network`,
-    :meth:`pretraining_model`, :meth:`report_file_contents` and the helpers named below."""
+    :class:`~nnunet_plugins.pretraining.trainer.PretrainingTrainer`, which supplies the composition (``method``,
+    ``network_trainer``, ``segmentation_network``, ``method_of_run``, ``optimiser_settings_of_run``,
+    ``pretraining_model``) and what the steps share (``autocast``, ``as_numpy``, ``write_report``)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -118,7 +119,8 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
         settings = self.optimiser_settings_of_run()
         optimizer = torch.optim.AdamW(self.pretraining_model().trainable_parameters(), lr=settings.initial_lr,
                                       weight_decay=settings.weight_decay, eps=settings.adam_eps)
-        return optimizer, self.lr_scheduler_for(optimizer, settings)
+        scheduler = WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs)
+        return optimizer, scheduler
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Extends nnU-Net's method of that name: the method may narrow the rotations and mirror axes of nnU-Net's

@@ -26,11 +26,10 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import autocast, nn, optim
+from torch import autocast, nn
 
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
-from nnunet_plugins.pretraining.method import (
-    OPTIMISER_SETTINGS, OptimiserSettings, PretrainingMethod, PretrainingModel, WarmupCosineLRScheduler)
+from nnunet_plugins.pretraining.method import OPTIMISER_SETTINGS, OptimiserSettings, PretrainingMethod, PretrainingModel
 from nnunet_plugins.pretraining.nnunet_overrides import PretrainingOverrides
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 
@@ -111,9 +110,6 @@ class PretrainingTrainer(PretrainingOverrides):
         """The optimiser settings this run trains with: the method's, a subclass's declarations and the short
         schedule's warm-up (``nnUNet_plugins_epochs``) applied."""
         return OptimiserSettings(**{name: getattr(self, name) for name in OPTIMISER_SETTINGS})
-
-    def lr_scheduler_for(self, optimizer: optim.Optimizer, settings: OptimiserSettings) -> WarmupCosineLRScheduler:
-        return WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs)
 
     def pretraining_model(self) -> PretrainingModel:
         """The segmentation network (``.network``) and the heads (``.heads``), without DDP and compile wrappers."""
