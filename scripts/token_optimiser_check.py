@@ -7,7 +7,8 @@ batch 2, the same seed, in one process (nnU-Net's data loader without worker pro
 
 - **paper**: SGD, learning rate 1e-4, Nesterov momentum 0.99 (paper 004, Sec. 4.2), nnU-Net's poly decay and weight
   decay 3e-5 (the paper states neither);
-- **rcr**: AdamW 4e-4, weight decay 1e-5, linear warm-up (1 epoch here) then cosine, as the RCR trainers.
+- **rcr**: AdamW 4e-4, weight decay 1e-5, linear warm-up (1 epoch here) then cosine, as the RCR trainers (eps 1e-4,
+  the pre-training default since 2026-12; the README's figures of 2026-11-29 ran with nnU-Net's network's 1e-8).
 
 Prints per recipe the training and validation loss per epoch and the collapse monitor's training readings, as JSON.
 
@@ -43,7 +44,7 @@ def run(work: Path, recipe: str, epochs: int, iterations: int) -> dict:
     import numpy as np
     import torch
 
-    from nnunet_plugins.training.pretrainers import nnUNetTrainer_PretrainTokenCL
+    from nnunet_plugins.training.nnunet_network import nnUNetTrainer_PretrainTokenCL
     from nnunet_plugins.training.schedule import WarmupPolyLRScheduler
 
     def paper_optimiser(self):

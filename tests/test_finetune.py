@@ -16,7 +16,7 @@ from nnunet_plugins.commands.adapt_weights import adapt_weights, target_network
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.networks.swinunetr import swinunetr_from_plan
-from nnunet_plugins.training.finetune import nnUNetTrainerMedNeXtS_Finetune
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_Finetune
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler, warmup_poly_lr
 from nnunet_plugins.weights import CheckpointError, WeightTransferError, adapt_checkpoint, transfer_weights
 

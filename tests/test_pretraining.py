@@ -1,6 +1,6 @@
-"""RCR pre-training (paper 003): the proxy-task views, NT-Xent and its DDP gather, one pre-training step of every
-network family in-process (RCR and token-level CL, the machinery they share), the checkpoint, and the stock CLI from
-pre-training to ``-pretrained_weights``."""
+"""RCR pre-training (paper 003): the proxy-task views, NT-Xent, the DDP gathers of both contrastive losses (one
+harness), one pre-training step of every network family in-process (RCR and token-level CL, the machinery they
+share), the checkpoint, the settings of a run, and the stock CLI from pre-training to ``-pretrained_weights``."""
 import json
 import math
 import pickle
@@ -16,14 +16,19 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
 from nnunet_plugins import settings, trainers_folder
-from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
-from nnunet_plugins.training import (
-    PRETRAINERS, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR,
-    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
-from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
-from nnunet_plugins.training.proxy_tasks import (
+from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
+from nnunet_plugins.pretraining.rcr_heads import RCRModel, upsampling_steps
+from nnunet_plugins.pretraining.rcr_views import (
     LOSS_TERMS, MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
-from nnunet_plugins.training.token_contrast import CollapseReading
+from nnunet_plugins.pretraining.token_cl import token_contrastive_loss_across_ranks
+from nnunet_plugins.pretraining.token_heads import TokenHead
+from nnunet_plugins.pretraining.token_losses import CollapseReading, token_contrastive_loss
+from nnunet_plugins.pretraining.trainer import REPORT_FILE
+from nnunet_plugins.registry import plugin_trainers
+from nnunet_plugins.training import (
+    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL,
+    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
+from nnunet_plugins.training.base import Role
 
 from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
 from test_swinunetr import SWIN_PATCH
@@ -49,6 +54,7 @@ FAMILIES = {  # test id: (supervised trainer, plans configuration override)
     'PlainConvUNet': (nnUNetTrainer, SMALL),
     'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
 }
+PRETRAINERS = plugin_trainers(Role.PRETRAINING)
 # per method: its heads and what a step returns besides the loss; both take RCR's AdamW 4e-4, weight decay 1e-5
 METHODS = {
     'RCR': (('reconstruction', 'rotation', 'contrastive'), LOSS_TERMS),
@@ -66,6 +72,7 @@ def test_nnunet_finds_each_pretraining_trainer_in_the_shim_folder(trainer_class,
     monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
     found = recursive_find_trainer_class_by_name(trainer_class.__name__)
     assert found is trainer_class and pickle.loads(pickle.dumps(found)) is trainer_class
+    assert found.__module__.startswith('nnunet_plugins.training.')  # declared beside the network it pre-trains
 
 
 # ---- the views ----
@@ -107,7 +114,7 @@ def test_2d_networks_pretrain_in_their_plane():
     """A 2d configuration: the same views and heads on (B, C, Y, X) patches."""
     network = PlainConvUNet(1, 3, [8, 16, 32], nn.Conv2d, 3, [1, 2, 2], 2, 4, [2, 2], conv_bias=True,
                             norm_op=nn.InstanceNorm2d, nonlin=nn.LeakyReLU, deep_supervision=False)
-    model = PretrainingModel(network, 1, (32, 32))
+    model = RCRModel(network, 1, (32, 32))
     assert model.bottleneck == (32, 8, 8) and model.upsampling == [[2, 2], [2, 2]]
     views = make_views(torch.randn(2, 1, 32, 32), allowed_rotations((32, 32)), np.random.default_rng(8))
     reconstruction, rotation, embedding = model(views.inputs)
@@ -142,6 +149,33 @@ def test_nt_xent_matches_the_explicit_computation():
     assert nt_xent(orthogonal, orthogonal).item() < nt_xent(orthogonal, orthogonal.roll(1, 0)).item()
 
 
+# ---- the DDP gathers: every rank's views or tokens are negatives, with gradient ----
+
+def _rank(rank: int, rendezvous: str, out: str, step) -> None:
+    """Rank ``rank`` of two: join the group, save what ``step(rank)`` returns, and leave the group even if it fails."""
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=2)
+    try:
+        torch.save(step(rank), f'{out}/rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(step, tmp_path) -> list[dict]:
+    """What ``step(rank)`` (a module-level function) returns on each of two gloo ranks: rank 1 in a spawned process,
+    rank 0 in this one (one interpreter start less)."""
+    args = (str(tmp_path / 'rendezvous'), str(tmp_path), step)
+    other = mp.get_context('spawn').Process(target=_rank, args=(1, *args))
+    other.start()
+    try:
+        _rank(0, *args)
+    finally:
+        other.join(timeout=120)
+        if other.exitcode is None:
+            other.kill()
+    assert other.exitcode == 0
+    return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
+
+
 def _inputs_and_projection() -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
     """Two views of 6 sub-volumes (3 per rank), 5 features each, and a projection to 4-d, the same everywhere."""
     generator = torch.Generator().manual_seed(4)
@@ -150,39 +184,57 @@ def _inputs_and_projection() -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
     return first, second, nn.Linear(5, 4)
 
 
-def _gather_worker(rank: int, world_size: int, rendezvous: str, out: str) -> None:
-    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world_size)
+def _nt_xent_step(rank: int) -> dict:
     first, second, projection = _inputs_and_projection()
     model = nn.parallel.DistributedDataParallel(projection)
     mine = slice(3 * rank, 3 * rank + 3)
     loss = nt_xent(model(first[mine]), model(second[mine]))
     loss.backward()  # DDP averages the gradients over the ranks
-    torch.save({'loss': loss.detach(), 'weight': projection.weight.grad, 'bias': projection.bias.grad},
-               f'{out}/rank{rank}.pt')
-    dist.destroy_process_group()
+    return {'loss': loss.detach(), 'weight': projection.weight.grad, 'bias': projection.bias.grad}
 
 
 def test_ddp_gather_gives_the_single_process_loss_and_gradients(tmp_path):
-    """Rank 1 in a spawned process, rank 0 in this one (one interpreter start less)."""
-    other = mp.get_context('spawn').Process(target=_gather_worker,
-                                            args=(1, 2, str(tmp_path / 'rendezvous'), str(tmp_path)))
-    other.start()
-    try:
-        _gather_worker(0, 2, str(tmp_path / 'rendezvous'), str(tmp_path))
-    finally:
-        other.join(timeout=120)
-        if other.exitcode is None:
-            other.kill()
-    assert other.exitcode == 0
+    ranks = on_two_ranks(_nt_xent_step, tmp_path)
     first, second, projection = _inputs_and_projection()
     loss = nt_xent(projection(first), projection(second))
     loss.backward()
-    ranks = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
     # nnU-Net logs the mean over ranks
     assert torch.stack([r['loss'] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
     for r in ranks:
         torch.testing.assert_close(r['weight'], projection.weight.grad)
         torch.testing.assert_close(r['bias'], projection.bias.grad)
+
+
+def _tokens_and_head() -> tuple[torch.Tensor, torch.Tensor, TokenHead]:
+    """Encoder tokens of two views of 4 volumes (2 per rank), 6 channels on a 1 x 2 x 3 grid, and a projection head,
+    the same everywhere."""
+    generator = torch.Generator().manual_seed(11)
+    tokens = torch.randn(4, 6, 1, 2, 3, generator=generator)
+    tokens_hat = torch.randn(4, 6, 1, 2, 3, generator=generator)
+    torch.manual_seed(12)
+    return tokens, tokens_hat, TokenHead(6, 5, 7)
+
+
+def _token_step(rank: int) -> dict:
+    tokens, tokens_hat, head = _tokens_and_head()
+    model = nn.parallel.DistributedDataParallel(head)
+    mine = slice(2 * rank, 2 * rank + 2)
+    loss = token_contrastive_loss_across_ranks(model(tokens[mine]), model(tokens_hat[mine]), 5.0, 0.5)
+    loss.backward()
+    return {'loss': loss.detach(), **{name: p.grad for name, p in head.named_parameters()}}
+
+
+def test_ddp_gather_gives_the_single_process_token_loss_and_gradients(tmp_path):
+    """Every rank's tokens are candidates of every anchor (eq. 3 of paper 004)."""
+    ranks = on_two_ranks(_token_step, tmp_path)
+    tokens, tokens_hat, head = _tokens_and_head()
+    loss = token_contrastive_loss(head(tokens), head(tokens_hat), 5.0, 0.5)
+    loss.backward()
+    assert ranks[0]['loss'].item() != pytest.approx(ranks[1]['loss'].item())  # each rank its own anchors
+    assert torch.stack([r['loss'] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    for r in ranks:
+        for name, p in head.named_parameters():
+            torch.testing.assert_close(r[name], p.grad)
 
 
 def test_losses_are_finite_and_each_term_counts():
@@ -211,8 +263,11 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
     heads, outputs = METHODS[method]
     trainer = make_trainer(pretrainer(supervised, method), configuration)
     trainer.initialize()
-    assert not trainer.enable_deep_supervision and (trainer.initial_lr, trainer.weight_decay) == (4e-4, 1e-5)
-    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    # the method's settings for every network: nothing from the network's supervised trainer (MedNeXt's eps 1e-4,
+    # UTNetV2's 1e-5 and weight decay 0.05, nnU-Net's 1e-8 ...)
+    assert not trainer.enable_deep_supervision and isinstance(trainer.optimizer, torch.optim.AdamW)
+    group = trainer.optimizer.param_groups[0]
+    assert (trainer.initial_lr, group['weight_decay'], group['eps']) == (4e-4, 1e-5, 1e-4)
     model = trainer.pretraining_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     result = one_step(trainer)
@@ -263,9 +318,31 @@ def test_a_supervised_checkpoint_is_refused_by_continue(make_trainer, tmp_path):
         make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR).load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
 
 
+class _SlowerMedNeXt(nnUNetTrainerMedNeXtS_PretrainRCR):
+    """A setting declared on a subclass, as on a supervised trainer."""
+    initial_lr = 1e-4
+
+
+def test_a_subclass_sets_the_learning_rate_and_the_log_and_report_state_every_setting(make_trainer):
+    trainer = make_trainer(_SlowerMedNeXt, SMALL)
+    trainer.initialize()
+    trainer.lr_scheduler.step(2)
+    group = trainer.optimizer.param_groups[0]
+    assert (group['lr'], group['eps'], group['weight_decay']) == (1e-4, 1e-4, 1e-5)
+    assert ('pre-training optimiser: AdamW, learning rate 0.0001, eps 0.0001, weight decay 1e-05; linear warm-up to '
+            '0.0001 over the first 2 epochs, then cosine decay over 998 epochs; gradient-norm clipping at 12') in \
+        training_log(trainer.output_folder)
+    assert trainer.report()['optimiser'] == {'initial_lr': 1e-4, 'weight_decay': 1e-5, 'adam_eps': 1e-4,
+                                             'warmup_epochs': 2}
+    with pytest.raises(TypeError, match=r'declares same_position_weight, a setting of its method, on the trainer.*'
+                                        r'declare method = TokenCL\(same_position_weight=0\) instead'):
+        type('Misplaced', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'same_position_weight': 0})
+
+
 def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
     trainer = make_trainer(nnUNetTrainerSwinUNETR_PretrainRCR, {'patch_size': SWIN_PATCH})
-    assert trainer.rotations == (0, 2)
+    trainer.initialize()
+    assert trainer.method.rotations == (0, 2) and nnUNetTrainerSwinUNETR_PretrainRCR.method.rotations == ()
     rotation, _, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     assert mirror_axes == (0,) and max(abs(r) for r in rotation) <= math.pi / 6 + 1e-9
 

@@ -20,7 +20,7 @@ import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
 from nnunet_plugins import settings, synthetic
-from nnunet_plugins.checkpoints import CheckpointError
+from nnunet_plugins.weights import CheckpointError
 from nnunet_plugins.training import nnUNetTrainerMedNeXtS
 
 from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, read_labels, segment, trained_predictor, training_log

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_plugins.networks.token_heads import EmaTarget, TokenHead
-from nnunet_plugins.training.token_contrast import byol_token_loss, collapse_monitor, token_contrastive_loss
-from nnunet_plugins.training.token_views import (
+from nnunet_plugins.pretraining.token_heads import EmaTarget, TokenHead
+from nnunet_plugins.pretraining.token_losses import byol_token_loss, collapse_monitor, token_contrastive_loss
+from nnunet_plugins.pretraining.token_views import (
     TextureSettings, allowed_transforms, apply_each, make_views, mask_patches, restore_each, texture)
 
 # (patch, token grid): cubic, anisotropic (square in y-x), non-square in y-x, 2d square and non-square, and a

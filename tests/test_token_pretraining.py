@@ -1,75 +1,36 @@
-"""Token-level pre-training trainers (paper 004): the DDP gather of eq. 3, BYOL's target in a trainer, the heads in
-the optimiser and the checkpoint, the class settings for ablations, pre-training through the stock CLI, and
-nnU-Net's ``-pretrained_weights`` loading of the result. (One TokenCL step per network family is in
-test_pretraining.py, beside RCR's.)"""
+"""Token-level pre-training trainers (paper 004): BYOL's target in a trainer, the heads in the optimiser and the
+checkpoint, the method's settings for ablations, a whole TokenCL run in-process, BYOL pre-training through the stock
+CLI and nnU-Net's ``-pretrained_weights`` loading of the result. (One TokenCL step per network family and the DDP
+gather of eq. 3 are in test_pretraining.py, beside RCR's.)"""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from nnunetv2.run.run_training import maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_plugins.networks.token_heads import TokenHead
+from nnunet_plugins import settings
+from nnunet_plugins.pretraining import TokenCL
+from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
+from nnunet_plugins.pretraining.token_cl import token_contrastive_loss_across_ranks
+from nnunet_plugins.pretraining.token_method import IDENTITY
+from nnunet_plugins.pretraining.trainer import REPORT_FILE
 from nnunet_plugins.training import (
     nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenCL)
-from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
-from nnunet_plugins.training.token_contrast import token_contrastive_loss
-from nnunet_plugins.training.token_pretraining import IDENTITY, token_contrastive_loss_across_ranks
 
 from helpers import CONFIGURATION, training_log
-from test_pretraining import SMALL, one_step
 
 READINGS = ('across_volumes', 'across_views', 'within_volume')
+SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck (token grid) of 4 x 2 x 2
 
 
-# ---- eq. 3 under DDP ----
-
-def _tokens_and_head() -> tuple[torch.Tensor, torch.Tensor, TokenHead]:
-    """Encoder tokens of two views of 4 volumes (2 per rank), 6 channels on a 1 x 2 x 3 grid, and a projection head,
-    the same everywhere."""
-    generator = torch.Generator().manual_seed(11)
-    tokens = torch.randn(4, 6, 1, 2, 3, generator=generator)
-    tokens_hat = torch.randn(4, 6, 1, 2, 3, generator=generator)
-    torch.manual_seed(12)
-    return tokens, tokens_hat, TokenHead(6, 5, 7)
-
-
-def _token_gather_worker(rank: int, world_size: int, rendezvous: str, out: str) -> None:
-    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=world_size)
-    tokens, tokens_hat, head = _tokens_and_head()
-    model = torch.nn.parallel.DistributedDataParallel(head)
-    mine = slice(2 * rank, 2 * rank + 2)
-    loss = token_contrastive_loss_across_ranks(model(tokens[mine]), model(tokens_hat[mine]), 5.0, 0.5)
-    loss.backward()  # DDP averages the gradients over the ranks
-    torch.save({'loss': loss.detach(), **{name: p.grad for name, p in head.named_parameters()}},
-               f'{out}/rank{rank}.pt')
-    dist.destroy_process_group()
-
-
-def test_ddp_gather_gives_the_single_process_token_loss_and_gradients(tmp_path):
-    """Rank 1 in a spawned process, rank 0 in this one: every rank's tokens are candidates of every anchor."""
-    other = mp.get_context('spawn').Process(target=_token_gather_worker,
-                                            args=(1, 2, str(tmp_path / 'rendezvous'), str(tmp_path)))
-    other.start()
-    try:
-        _token_gather_worker(0, 2, str(tmp_path / 'rendezvous'), str(tmp_path))
-    finally:
-        other.join(timeout=120)
-        if other.exitcode is None:
-            other.kill()
-    assert other.exitcode == 0
-    tokens, tokens_hat, head = _tokens_and_head()
-    loss = token_contrastive_loss(head(tokens), head(tokens_hat), 5.0, 0.5)
-    loss.backward()
-    ranks = [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
-    assert ranks[0]['loss'].item() != pytest.approx(ranks[1]['loss'].item())  # each rank its own anchors
-    assert torch.stack([r['loss'] for r in ranks]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
-    for r in ranks:
-        for name, p in head.named_parameters():
-            torch.testing.assert_close(r[name], p.grad)
+def one_step(trainer) -> dict:
+    """A pre-training step on a random batch of the plans' shape; returns its losses."""
+    shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
+                               'target': None})
 
 
 # ---- the trainers in-process ----
@@ -85,7 +46,7 @@ def test_byol_step_trains_online_heads_and_moves_the_target_by_its_momentum(make
     heads_before = {name: p.detach().clone() for name, p in model.heads.named_parameters()}
     result = one_step(trainer)
     assert 0 <= result['token_byol'] <= 4 and all(-1 <= result[r] <= 1 for r in READINGS)
-    m = trainer.target_momentum
+    m = trainer.method.target_momentum
     assert m == 0.996
     online_after = dict(model.online().named_parameters())
     moved = 0
@@ -123,31 +84,33 @@ def test_continue_restores_the_heads_and_the_byol_target(make_trainer, tmp_path)
 
 class _Ablation(nnUNetTrainerMedNeXtS_PretrainTokenCL):
     """Table 4's SimCLR row without the weight and without rotate-and-restore, as a user would declare it."""
-    same_position_weight = 0.0
-    rotate_and_restore = False
+    method = TokenCL(same_position_weight=0.0, rotate_and_restore=False)
 
 
 def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer, monkeypatch):
     trainer = make_trainer(_Ablation, SMALL)
     trainer.initialize()
-    assert trainer.transforms == (IDENTITY,) and trainer.token_grid == [4, 2, 2]
-    assert 'w = 0.0' in trainer.method and '(off)' in trainer.method
+    assert trainer.method.transforms == (IDENTITY,) and trainer.method.token_grid == [4, 2, 2]
+    assert 'w = 0.0' in trainer.method.describe() and '(off)' in trainer.method.describe()
+    report = trainer.report()
+    assert (report['same_position_weight'], report['rotate_and_restore']) == (0.0, False)
+    assert report['transforms'] == ['rot0']
     weights = []
 
     def recording(z, z_hat, same_position_weight, temperature):
         weights.append((same_position_weight, temperature))
         return token_contrastive_loss_across_ranks(z, z_hat, same_position_weight, temperature)
-    monkeypatch.setattr('nnunet_plugins.training.token_pretraining.token_contrastive_loss_across_ranks', recording)
+    monkeypatch.setattr('nnunet_plugins.pretraining.token_cl.token_contrastive_loss_across_ranks', recording)
     one_step(trainer)
     assert weights == [(0.0, 0.5)]
     default = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, SMALL)
     default.initialize()
-    assert len(default.transforms) == 16 and default.same_position_weight == 5.0
+    assert len(default.method.transforms) == 16 and default.method.same_position_weight == 5.0
 
 
 @pytest.mark.parametrize('ratio', [0.85, 0.9])
 def test_a_mask_ratio_the_paper_found_useless_is_refused_before_training(make_trainer, ratio):
-    masked_out = type('Masked', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'mask_ratio': ratio})
+    masked_out = type('Masked', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'method': TokenCL(mask_ratio=ratio)})
     with pytest.raises(ValueError, match='no visual information'):
         make_trainer(masked_out, SMALL)
 
@@ -155,19 +118,18 @@ def test_a_mask_ratio_the_paper_found_useless_is_refused_before_training(make_tr
 def test_a_token_grid_not_square_in_y_x_draws_half_turns_and_says_so(make_trainer):
     trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, {'patch_size': [8, 16, 32]})
     trainer.initialize()
-    assert trainer.token_grid == [4, 2, 4]
-    assert {t.quarter_turns for t in trainer.transforms} == {0, 2} and len(trainer.transforms) == 8
-    lines = trainer.method_log()
+    assert trainer.method.token_grid == [4, 2, 4]
+    assert {t.quarter_turns for t in trainer.method.transforms} == {0, 2} and len(trainer.method.transforms) == 8
+    lines = trainer.method.log_lines(trainer.configuration_manager.patch_size)
     assert 'draws from 8 transforms of the [4, 2, 4] token grid' in lines[0] and 'only half turns' in lines[1]
     assert math.isfinite(one_step(trainer)['token_contrastive'])
 
 
-# ---- the stock CLI: pre-train, then fine-tune with -pretrained_weights ----
+# ---- whole runs: TokenCL in-process, BYOL through the stock CLI, then fine-tuning with -pretrained_weights ----
 
-def _pretrain_and_check(workspace, trainer: str, term: str) -> tuple[dict, list[str]]:
-    """Pre-train ``trainer`` (1 epoch x 2 iterations) through nnUNetv2_train; check its log, progress.png and report;
-    return its final checkpoint and the encoder's keys."""
-    fold = workspace.train(trainer, 'all', epochs=1, iterations=2)
+def check_run(fold, trainer: str, term: str) -> tuple[dict, list[str]]:
+    """Check a finished one-epoch pre-training run's log, progress.png and report in ``fold``; return its final
+    checkpoint and the encoder's keys."""
     pretrained = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert pretrained['trainer_name'] == trainer and HEADS_KEY in pretrained
     log = training_log(fold)
@@ -184,18 +146,24 @@ def _pretrain_and_check(workspace, trainer: str, term: str) -> tuple[dict, list[
     return pretrained, encoder
 
 
-def test_stock_cli_token_cl_pretrains_mednext(workspace):
-    """Fine-tuning from a pre-training checkpoint is nnU-Net's ``-pretrained_weights`` reading the same
-    ``network_weights`` for every method: RCR's test (test_pretraining.py) runs it for MedNeXt, the BYOL test below for
-    nnU-Net's own network and trainer."""
-    _pretrain_and_check(workspace, 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
+def test_token_cl_pretrains_mednext_through_nnunets_training_loop(make_trainer, monkeypatch):
+    """What ``nnUNetv2_train D 3d_fullres 0 -tr nnUNetTrainerMedNeXtS_PretrainTokenCL`` runs after building the trainer
+    (nnU-Net's run_training and the closing validation), in this process, one epoch of one step: the CLI's own path
+    is the one test_pretraining.py (RCR) and the BYOL test below run."""
+    for variable, value in ((settings.EPOCHS, '1'), (settings.ITERATIONS, '1'), ('nnUNet_n_proc_DA', '0')):
+        monkeypatch.setenv(variable, value)
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL)
+    trainer.run_training()
+    trainer.perform_actual_validation()
+    check_run(Path(trainer.output_folder), 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
 
 
 def test_stock_cli_token_byol_pretrains_nnunets_network_that_nnunets_own_trainer_starts_from(workspace, make_trainer):
     """BYOL pre-training of nnU-Net's own network through nnUNetv2_train; then what ``nnUNetv2_train -tr
     nnUNetTrainer -pretrained_weights FILE`` does before training (nnU-Net's maybe_load_checkpoint), in this process:
     nnU-Net's trainer takes every pre-trained encoder tensor as it is."""
-    pretrained, encoder = _pretrain_and_check(workspace, 'nnUNetTrainer_PretrainTokenBYOL', 'token_byol')
+    fold = workspace.train('nnUNetTrainer_PretrainTokenBYOL', 'all', epochs=1, iterations=2)
+    pretrained, encoder = check_run(fold, 'nnUNetTrainer_PretrainTokenBYOL', 'token_byol')
     assert any(key.startswith('target.module.encoder.') for key in pretrained[HEADS_KEY])
     trainer = make_trainer(nnUNetTrainer)
     maybe_load_checkpoint(trainer, continue_training=False, validation_only=False, pretrained_weights_file=str(

@@ -10,9 +10,8 @@ from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_plugins.cli import main
 from nnunet_plugins.commands.unlabeled import UnlabeledImagesError, add_unlabeled
-from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
-from nnunet_plugins.training.pretrainers import nnUNetTrainerMedNeXtS_PretrainRCR
-from nnunet_plugins.training.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_folder, unlabeled_identifiers
+from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_folder, unlabeled_identifiers
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR
 
 from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME
 

@@ -13,8 +13,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.training.finetune import nnUNetTrainerMedNeXtS_Finetune
-from nnunet_plugins.training.mednext import UPKERN_REPORT_FILE, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_k5_UpKern
+from nnunet_plugins.training.mednext import (
+    UPKERN_REPORT_FILE, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_Finetune, nnUNetTrainerMedNeXtS_k5_UpKern)
 from nnunet_plugins.weights import (
     CheckpointError, UpKernReport, read_checkpoint, read_network_weights, sha256_of, strip_wrapper_prefixes)
 from nnunet_plugins.weights.transfer import TransferReport

@@ -4,8 +4,8 @@ The images are named as nnU-Net's ``imagesTr`` (``CASE_0000.nii.gz``, one file p
 checked, names and headers, before any is preprocessed. Preprocessing is nnU-Net's own: the plans' preprocessor
 class (``DefaultPreprocessor`` unless the plans name another) with the configuration's spacing, normalisation and
 resampling, and the dataset's intensity statistics, exactly as ``nnUNetv2_preprocess`` treats a case, without a
-label. The cases go to :func:`~nnunet_plugins.training.unlabeled.unlabeled_folder`, where only pre-training trainers
-look (see :mod:`nnunet_plugins.training.unlabeled`).
+label. The cases go to :func:`~nnunet_plugins.pretraining.unlabeled.unlabeled_folder`, where only pre-training trainers
+look (see :mod:`nnunet_plugins.pretraining.unlabeled`).
 """
 import re
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from tqdm import tqdm
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
-from nnunet_plugins.training.unlabeled import unlabeled_folder, unlabeled_identifiers
+from nnunet_plugins.pretraining.unlabeled import unlabeled_folder, unlabeled_identifiers
 
 NAMED = 5  # how many offending files an error names
 

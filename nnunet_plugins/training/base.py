@@ -31,7 +31,7 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 
 from nnunet_plugins import settings
-from nnunet_plugins.checkpoints import CheckpointError, check_readable
+from nnunet_plugins.weights import CheckpointError, check_readable
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.presets import preset_for

@@ -13,7 +13,9 @@ from torch import nn
 
 from nnunet_plugins import settings
 from nnunet_plugins.networks.mednext import mednext_from_plan
+from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
+from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 from nnunet_plugins.weights import CheckpointError, UpKernError, upkern_from_checkpoint
 
 UPKERN_REPORT_FILE = 'upkern_report.json'
@@ -155,3 +157,86 @@ class nnUNetTrainerMedNeXtM_k5_UpKern(MedNeXtUpKernTrainer):
 class nnUNetTrainerMedNeXtL_k5_UpKern(MedNeXtUpKernTrainer):
     """MedNeXt-L, kernel 5, started by UpKern from nnUNetTrainerMedNeXtL of the same fold."""
     variant, kernel_size, source_trainer = 'L', 5, 'nnUNetTrainerMedNeXtL'
+
+
+# ---- fine-tuning and pre-training (declared here, with the network they train; `nnunet-plugins trainers` lists them)
+
+
+class nnUNetTrainerMedNeXtS_Finetune(nnUNetTrainerMedNeXtS):
+    """MedNeXt-S k3, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerMedNeXtB_Finetune(nnUNetTrainerMedNeXtB):
+    """MedNeXt-B k3, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerMedNeXtM_Finetune(nnUNetTrainerMedNeXtM):
+    """MedNeXt-M k3, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerMedNeXtL_Finetune(nnUNetTrainerMedNeXtL):
+    """MedNeXt-L k3, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerMedNeXtS_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of MedNeXt-S k3, for nnUNetTrainerMedNeXtS."""
+    network_trainer, method = nnUNetTrainerMedNeXtS, RCR()
+
+
+class nnUNetTrainerMedNeXtS_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of MedNeXt-S k3, for nnUNetTrainerMedNeXtS."""
+    network_trainer, method = nnUNetTrainerMedNeXtS, TokenCL()
+
+
+class nnUNetTrainerMedNeXtS_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of MedNeXt-S k3, for nnUNetTrainerMedNeXtS."""
+    network_trainer, method = nnUNetTrainerMedNeXtS, TokenBYOL()
+
+
+class nnUNetTrainerMedNeXtB_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
+    network_trainer, method = nnUNetTrainerMedNeXtB, RCR()
+
+
+class nnUNetTrainerMedNeXtB_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
+    network_trainer, method = nnUNetTrainerMedNeXtB, TokenCL()
+
+
+class nnUNetTrainerMedNeXtB_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
+    network_trainer, method = nnUNetTrainerMedNeXtB, TokenBYOL()
+
+
+class nnUNetTrainerMedNeXtM_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of MedNeXt-M k3, for nnUNetTrainerMedNeXtM."""
+    network_trainer, method = nnUNetTrainerMedNeXtM, RCR()
+
+
+class nnUNetTrainerMedNeXtM_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of MedNeXt-M k3, for nnUNetTrainerMedNeXtM."""
+    network_trainer, method = nnUNetTrainerMedNeXtM, TokenCL()
+
+
+class nnUNetTrainerMedNeXtM_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of MedNeXt-M k3, for nnUNetTrainerMedNeXtM."""
+    network_trainer, method = nnUNetTrainerMedNeXtM, TokenBYOL()
+
+
+class nnUNetTrainerMedNeXtL_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
+    network_trainer, method = nnUNetTrainerMedNeXtL, RCR()
+
+
+class nnUNetTrainerMedNeXtL_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
+    network_trainer, method = nnUNetTrainerMedNeXtL, TokenCL()
+
+
+class nnUNetTrainerMedNeXtL_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
+    network_trainer, method = nnUNetTrainerMedNeXtL, TokenBYOL()

@@ -7,6 +7,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 POLY_EXPONENT = 0.9  # nnU-Net's
+FINETUNE_WARMUP_EPOCHS = 50  # the _Finetune trainers' warm-up: the nnU-Net team's default for 1000-epoch fine-tuning
 
 
 def warmup_poly_lr(epoch: int, initial_lr: float, num_epochs: int, warmup_epochs: int = 0) -> float:

@@ -18,7 +18,9 @@ from torch import nn
 
 from nnunet_plugins import settings
 from nnunet_plugins.networks.swinunetr import swinunetr_from_plan
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
+from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
 
 class nnUNetTrainerSwinUNETR(nnUNetTrainerPlugin):
@@ -46,3 +48,26 @@ class nnUNetTrainerSwinUNETR(nnUNetTrainerPlugin):
     @classmethod
     def network_name(cls) -> str:
         return 'Swin UNETR'
+
+
+# ---- fine-tuning and pre-training (declared here, with the network they train; `nnunet-plugins trainers` lists them)
+
+
+class nnUNetTrainerSwinUNETR_Finetune(nnUNetTrainerSwinUNETR):
+    """Swin UNETR, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerSwinUNETR_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of Swin UNETR (paper 003's recipe), for nnUNetTrainerSwinUNETR."""
+    network_trainer, method = nnUNetTrainerSwinUNETR, RCR()
+
+
+class nnUNetTrainerSwinUNETR_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of Swin UNETR (paper 004's recipe), for nnUNetTrainerSwinUNETR."""
+    network_trainer, method = nnUNetTrainerSwinUNETR, TokenCL()
+
+
+class nnUNetTrainerSwinUNETR_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of Swin UNETR, for nnUNetTrainerSwinUNETR."""
+    network_trainer, method = nnUNetTrainerSwinUNETR, TokenBYOL()

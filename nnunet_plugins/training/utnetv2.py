@@ -11,7 +11,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
+from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
 AUX_LOSS_WEIGHTS = (0.5, 0.5)  # main and auxiliary output, the authors' aux_weight
 
@@ -38,3 +40,26 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
 
     def deep_supervision_weights(self) -> list[float]:
         return list(AUX_LOSS_WEIGHTS)
+
+
+# ---- fine-tuning and pre-training (declared here, with the network they train; `nnunet-plugins trainers` lists them)
+
+
+class nnUNetTrainerUTNetV2_Finetune(nnUNetTrainerUTNetV2):
+    """UTNetV2, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerUTNetV2_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of UTNetV2, for nnUNetTrainerUTNetV2."""
+    network_trainer, method = nnUNetTrainerUTNetV2, RCR()
+
+
+class nnUNetTrainerUTNetV2_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of UTNetV2, for nnUNetTrainerUTNetV2."""
+    network_trainer, method = nnUNetTrainerUTNetV2, TokenCL()
+
+
+class nnUNetTrainerUTNetV2_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of UTNetV2, for nnUNetTrainerUTNetV2."""
+    network_trainer, method = nnUNetTrainerUTNetV2, TokenBYOL()

@@ -20,7 +20,9 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
-from nnunet_plugins.training.base import nnUNetTrainerPlugin
+from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
+from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
 
 class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
@@ -40,3 +42,26 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
     @classmethod
     def network_name(cls) -> str:
         return '3D UX-Net'
+
+
+# ---- fine-tuning and pre-training (declared here, with the network they train; `nnunet-plugins trainers` lists them)
+
+
+class nnUNetTrainerUXNet_Finetune(nnUNetTrainerUXNet):
+    """3D UX-Net, fine-tuning: 50-epoch linear warm-up, then poly decay."""
+    role, warmup_epochs = Role.FINETUNE, FINETUNE_WARMUP_EPOCHS
+
+
+class nnUNetTrainerUXNet_PretrainRCR(PretrainingTrainer):
+    """RCR pre-training of 3D UX-Net, for nnUNetTrainerUXNet."""
+    network_trainer, method = nnUNetTrainerUXNet, RCR()
+
+
+class nnUNetTrainerUXNet_PretrainTokenCL(PretrainingTrainer):
+    """Token-level contrastive pre-training of 3D UX-Net, for nnUNetTrainerUXNet."""
+    network_trainer, method = nnUNetTrainerUXNet, TokenCL()
+
+
+class nnUNetTrainerUXNet_PretrainTokenBYOL(PretrainingTrainer):
+    """Token-level BYOL pre-training of 3D UX-Net, for nnUNetTrainerUXNet."""
+    network_trainer, method = nnUNetTrainerUXNet, TokenBYOL()

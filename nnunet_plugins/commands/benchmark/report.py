@@ -8,7 +8,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from nnunet_plugins.commands.benchmark.peers import PEERS, MONAIMedNeXtPeer, MONAISwinUNETRPeer, trainer_class
 from nnunet_plugins.commands.benchmark.rows import Row, setting_text
 from nnunet_plugins.training.mednext import MedNeXtTrainer
-from nnunet_plugins.training.pretraining import SelfSupervisedPretraining
+from nnunet_plugins.pretraining import PretrainingTrainer
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
 # a CPU row's peak memory is its process's peak RSS above the RSS after the imports; below this it is allocator
@@ -33,7 +33,7 @@ def step_clock(rec: dict) -> str:
 def counterpart(cls: type) -> tuple | None:
     """What one of our trainers and a MONAI peer share when they build the same network (MedNeXt of a size and
     kernel, or Swin UNETR), or None (also for a pre-training trainer: MONAI's networks do not pre-train)."""
-    if issubclass(cls, SelfSupervisedPretraining):
+    if issubclass(cls, PretrainingTrainer):
         return None
     if issubclass(cls, (MedNeXtTrainer, MONAIMedNeXtPeer)):
         return 'MedNeXt', cls.variant, cls.kernel_size

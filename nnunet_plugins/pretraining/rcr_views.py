@@ -15,9 +15,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
+
+from nnunet_plugins.pretraining.ddp import gather_rows
 
 MAX_CUTOUT_FRACTION = 0.3
 BOX_SIDE_FRACTION = 0.4  # a cutout box's side along an axis: 1 voxel up to this share of the axis
@@ -76,19 +76,6 @@ def make_views(batch: torch.Tensor, rotations: Sequence[int], rng: np.random.Gen
                             device=batch.device)
     inputs = targets.masked_fill(masks[:, None], 0)
     return Views(inputs, targets, quarter_turns.to(batch.device), masks)
-
-
-def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every DDP rank's rows of ``x`` ``(N_rank, D)`` in rank order, with gradient to each rank's own rows, and the
-    index of this rank's first row. Ranks may hold different numbers of rows (nnU-Net splits a batch unevenly)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([len(x)], device=x.device))
-    sizes = [int(s) for s in sizes]
-    padded = F.pad(x, (0, 0, 0, max(sizes) - len(x)))
-    gathered = all_gather(padded)
-    return torch.cat([rows[:n] for rows, n in zip(gathered, sizes)]), sum(sizes[:dist.get_rank()])
 
 
 def nt_xent(view1: torch.Tensor, view2: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:

@@ -5,9 +5,9 @@
 a segmentation that is nnU-Net's cropping mask only (0 inside the image, -1 outside; no label), and empty
 foreground locations, so nnU-Net's data loader samples their patches at random. Supervised trainers never see
 them: nnU-Net lists a configuration's cases from its ``data_identifier`` folder, and ``splits_final.json`` is made
-from that folder too. The pre-training trainers (``training.pretraining.SelfSupervisedPretraining``) take them in:
-they load with :class:`nnUNetDatasetWithUnlabeled` and add :func:`unlabeled_identifiers` to the training cases of
-their split.
+from that folder too. The pre-training trainer (:mod:`~nnunet_plugins.pretraining.nnunet_overrides`) takes them in:
+its cases load with :class:`nnUNetDatasetWithUnlabeled`, and :func:`unlabeled_identifiers` join the training cases of
+its split.
 """
 from pathlib import Path
 

@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from nnunet_plugins.networks.pretraining_heads import encoder_stage, stage_shape
+from nnunet_plugins.pretraining.encoder import encoder_stage, stage_shape
+from nnunet_plugins.pretraining.method import PretrainingModel
 
 PROJECTION_SIZE = 128  # SimCLR's projection output
 HIDDEN_SIZE = 512
@@ -78,7 +79,7 @@ class TokenPath(nn.Module):
     ``forward``: ``(B, C_in, *S) -> (tokens (B, C, *grid), projections (B, D, *grid))``.
 
     Args:
-        encoder: a network's ``encoder`` submodule (:func:`~nnunet_plugins.networks.pretraining_heads.encoder_stage`).
+        encoder: a network's ``encoder`` submodule (:func:`~nnunet_plugins.pretraining.encoder.encoder_stage`).
         projection: the per-token projection ``g``.
         stage: which of the encoder's outputs are the tokens, -1 the deepest.
     """
@@ -92,7 +93,7 @@ class TokenPath(nn.Module):
         return tokens, self.projection(tokens)
 
 
-class TokenPretrainingModel(nn.Module):
+class TokenPretrainingModel(PretrainingModel):
     """A segmentation network and the token heads on one stage of its encoder (paper 004's SimCLR form); only the
     encoder runs.
 
@@ -104,15 +105,17 @@ class TokenPretrainingModel(nn.Module):
         input_channels: channels of its input.
         patch_size: the input's spatial shape ``S``.
         stage: which of the encoder's outputs are the tokens, -1 (the bottleneck) by default.
+        projection_size, hidden_size: ``D`` of the projection and the width of its hidden layer.
 
-    ``forward``: ``(B, C_in, *S) -> (tokens (B, C, *grid), projections (B, 128, *grid))``.
+    ``forward``: ``(B, C_in, *S) -> (tokens (B, C, *grid), projections (B, D, *grid))``.
     """
 
-    def __init__(self, network: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1):
+    def __init__(self, network: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1,
+                 projection_size: int = PROJECTION_SIZE, hidden_size: int = HIDDEN_SIZE):
         super().__init__()
         self.network, self.stage = network, stage
         channels, *self.grid = stage_shape(network.encoder, input_channels, patch_size, stage)
-        self.heads = nn.ModuleDict({'projection': TokenHead(channels)})
+        self.heads = nn.ModuleDict({'projection': TokenHead(channels, projection_size, hidden_size)})
 
     def online(self) -> TokenPath:
         """The encoder and projection as one module (not a submodule of this model: no second key for them)."""
@@ -137,13 +140,14 @@ class TokenBYOLModel(TokenPretrainingModel):
     """:class:`TokenPretrainingModel` with paper 004's BYOL form (eq. 2): a per-token predictor on the online path
     and an EMA target of encoder and projection (``heads['target']``, saved with the heads).
 
-    ``forward``: ``(B, C_in, *S) -> (tokens (B, C, *grid), predictions (B, 128, *grid), target projections (B, 128,
+    ``forward``: ``(B, C_in, *S) -> (tokens (B, C, *grid), predictions (B, D, *grid), target projections (B, D,
     *grid))``, the target's without gradient.
     """
 
-    def __init__(self, network: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1):
-        super().__init__(network, input_channels, patch_size, stage)
-        self.heads['predictor'] = TokenHead(PROJECTION_SIZE, PROJECTION_SIZE)
+    def __init__(self, network: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1,
+                 projection_size: int = PROJECTION_SIZE, hidden_size: int = HIDDEN_SIZE):
+        super().__init__(network, input_channels, patch_size, stage, projection_size, hidden_size)
+        self.heads['predictor'] = TokenHead(projection_size, projection_size, hidden_size)
         self.heads['target'] = EmaTarget(self.online())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,8 +1,5 @@
-"""The heads of paper 003's self-supervised pre-training (Sec. 4), on the bottleneck of any segmentation network.
-
-Every network here and nnU-Net's own (PlainConvUNet, ResidualEncoderUNet) keeps its encoder in the submodule
-``network.encoder`` (state-dict keys ``encoder.*``); :func:`encoder_stage` runs it and returns one stage's output,
-:func:`encoder_bottleneck` the deepest. On that bottleneck (``C_b`` channels, shape ``S_b``):
+"""The heads of paper 003's self-supervised pre-training (Sec. 4), on the bottleneck of any segmentation network's
+encoder (:mod:`~nnunet_plugins.pretraining.encoder`). On that bottleneck (``C_b`` channels, shape ``S_b``):
 
 - reconstruction: transposed convolutions (the paper's head), one per factor of 2 (or other integer factor) the
   encoder downsampled each axis by, halving the channels, then a 1x1 conv to the input channels: ``(B, C_in, *S)``;
@@ -13,52 +10,20 @@ The authors' code feeds the rotation and contrastive heads tokens 0 and 1 of the
 pooled vector (MONAI research-contributions #87, #167: two corner voxels, not the sub-volume); the paper describes
 a representation of the sub-volume, so here both heads take the spatial mean.
 """
-import copy
 from typing import Sequence
 
 import torch
 from dynamic_network_architectures.building_blocks.helper import (
     convert_dim_to_conv_op, get_matching_convtransp, get_matching_instancenorm)
-from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
+
+from nnunet_plugins.pretraining.encoder import encoder_bottleneck, stage_shape
+from nnunet_plugins.pretraining.method import PretrainingModel
 
 ROTATION_CLASSES = 4  # quarter turns: 0, 90, 180, 270 degrees
 EMBEDDING_SIZE = 512  # the paper's contrastive feature size (Sec. 5.2)
 ROTATION_HIDDEN = 512
 MIN_RECONSTRUCTION_CHANNELS = 16
-
-
-def encoder_stage(encoder: nn.Module, x: torch.Tensor, stage: int = -1) -> torch.Tensor:
-    """The feature map of stage ``stage`` of ``encoder`` (a network's ``encoder`` submodule) on ``x``: an index into
-    the encoder's outputs, shallowest first, so -1 is the bottleneck.
-
-    ``(B, C_in, *S) -> (B, C_stage, *S_stage)``. Swin UNETR's encoder (MONAI's ``SwinTransformer``) is called with
-    ``normalize=True`` as its network does; UTNetV2's returns ``(skips, semantic maps)``; the others return their
-    skips, deepest last.
-    """
-    features = encoder(x, normalize=True) if isinstance(encoder, SwinTransformer) else encoder(x)
-    if isinstance(features, tuple):
-        features = features[0]
-    return features[stage]
-
-
-def encoder_bottleneck(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The deepest feature map of ``encoder`` on ``x``: ``(B, C_in, *S) -> (B, C_b, *S_b)``."""
-    return encoder_stage(encoder, x, -1)
-
-
-def stage_shape(encoder: nn.Module, input_channels: int, patch_size: Sequence[int], stage: int = -1) -> tuple[int, ...]:
-    """``(C_stage, *S_stage)`` of ``encoder``'s stage ``stage`` (:func:`encoder_stage`) on a ``(1, input_channels,
-    *patch_size)`` input, found on the meta device (no memory, no compute)."""
-    meta_encoder = copy.deepcopy(encoder).to('meta')
-    with torch.no_grad():
-        features = encoder_stage(meta_encoder, torch.empty(1, input_channels, *patch_size, device='meta'), stage)
-    return tuple(features.shape[1:])
-
-
-def bottleneck_shape(encoder: nn.Module, input_channels: int, patch_size: Sequence[int]) -> tuple[int, ...]:
-    """``(C_b, *S_b)`` of ``encoder`` on a ``(1, input_channels, *patch_size)`` input (:func:`stage_shape`)."""
-    return stage_shape(encoder, input_channels, patch_size, -1)
 
 
 def upsampling_steps(factors: Sequence[int]) -> list[list[int]]:
@@ -108,7 +73,7 @@ class RCRHeads(nn.Module):
         return self.reconstruction(bottleneck), self.rotation(pooled), self.contrastive(pooled)
 
 
-class PretrainingModel(nn.Module):
+class RCRModel(PretrainingModel):
     """A segmentation network and the pre-training heads on its encoder; only the encoder runs.
 
     ``network`` keeps exactly the keys the matching supervised trainer's network has (its decoder stays at its
@@ -125,7 +90,7 @@ class PretrainingModel(nn.Module):
     def __init__(self, network: nn.Module, input_channels: int, patch_size: Sequence[int]):
         super().__init__()
         self.network = network
-        channels, *spatial = bottleneck_shape(network.encoder, input_channels, patch_size)
+        channels, *spatial = stage_shape(network.encoder, input_channels, patch_size, -1)
         if any(p % s for p, s in zip(patch_size, spatial)):
             raise ValueError(f'the encoder turns patch {list(patch_size)} into a bottleneck of {spatial} voxels, '
                              f'which does not divide it; the reconstruction head cannot upsample back')

@@ -1,0 +1,112 @@
+"""What both token-level methods of paper 004 (Sec. 3.2-3.3) share: the views, the token grid, rotate-and-restore
+and the collapse monitor; the losses are :mod:`~nnunet_plugins.pretraining.token_cl`'s and
+:mod:`~nnunet_plugins.pretraining.token_byol`'s.
+
+Per iteration:
+
+- two views of every patch (:mod:`~nnunet_plugins.pretraining.token_views`): texture transforms on both, token-block
+  masking (75%) on one, a random symmetry of the token grid (quarter turns in y-x, flips) on the other;
+- the tokens are the encoder's feature map at :attr:`TokenMethod.token_stage` (the bottleneck), projected per
+  token (:mod:`~nnunet_plugins.pretraining.token_heads`); the transformed view's map is restored with the exact
+  inverse of its transform, so token ``m`` of both views covers the same block of the patch ("rotate-and-restore");
+- the collapse monitor on the encoder's tokens, logged per epoch and drawn in ``progress.png``: mean cosine
+  similarity of same-position tokens across volumes (the paper's collapse is this going to 1), of the two views'
+  matching tokens, and of different positions within a volume.
+
+Optimiser: RCR's (:class:`~nnunet_plugins.pretraining.method.OptimiserSettings`' defaults: AdamW 4e-4, weight decay
+1e-5, 2 warm-up epochs then cosine), not the paper's SGD (lr 1e-4, Nesterov momentum 0.99), which did not learn
+within a short nnU-Net schedule here. ``scripts/token_optimiser_check.py`` (2026-11-29, 2 shared CPU cores):
+nnU-Net's PlainConvUNet on the tiny synthetic dataset, patch 8 x 16 x 16 (4 x 2 x 2 tokens), batch 2, the same seed,
+10 epochs x 15 iterations; eq. 3 (w = 5) is log 68 = 4.22 when all similarities are equal. Training loss in epochs
+1 / 2 / 10: SGD (nnU-Net's poly decay, weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within
+the noise between epochs), AdamW 4.05 / 3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
+"""
+from dataclasses import asdict, dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunet_plugins.pretraining.method import PretrainingMethod
+from nnunet_plugins.pretraining.token_heads import HIDDEN_SIZE, PROJECTION_SIZE, TokenPretrainingModel
+from nnunet_plugins.pretraining.token_losses import CollapseReading, collapse_monitor
+from nnunet_plugins.pretraining.token_views import (
+    MASK_RATIO, GridTransform, TextureSettings, allowed_transforms, check_mask_ratio, make_views, restore_each)
+
+IDENTITY = GridTransform(0, ())
+
+
+@dataclass
+class TokenMethod(PretrainingMethod):
+    """Paper 004's views and tokens; a form (CL or BYOL) adds its heads and loss.
+
+    Settings: ``mask_ratio`` (share of token blocks masked in one view), ``rotate_and_restore`` (False: no spatial
+    transform, the paper's Table 4 without Gamma_s), ``token_stage`` (which encoder output, -1 the deepest),
+    ``texture_settings``, ``projection_size`` and ``hidden_size`` (the per-token heads' output and hidden widths).
+    """
+    readings = CollapseReading._fields
+    readings_label = 'collapse monitor (mean cosine)'
+    mask_ratio: float = MASK_RATIO
+    rotate_and_restore: bool = True
+    token_stage: int = -1
+    texture_settings: TextureSettings = TextureSettings()
+    projection_size: int = PROJECTION_SIZE
+    hidden_size: int = HIDDEN_SIZE
+    token_grid: list[int] = field(default_factory=list, init=False)  # from the built model (prepare)
+    transforms: tuple[GridTransform, ...] = field(default=(), init=False)  # drawn for the second view (prepare)
+    model_class = TokenPretrainingModel
+
+    def check(self) -> None:
+        check_mask_ratio(self.mask_ratio)
+
+    def build_model(self, network: nn.Module, input_channels: int, patch_size: Sequence[int]) -> TokenPretrainingModel:
+        return self.model_class(network, input_channels, patch_size, self.token_stage, self.projection_size,
+                                self.hidden_size)
+
+    def prepare(self, model: TokenPretrainingModel, patch_size: Sequence[int]) -> None:
+        self.token_grid = list(model.grid)
+        allowed = allowed_transforms(patch_size, self.token_grid)  # checks the grid too
+        self.transforms = allowed if self.rotate_and_restore else (IDENTITY,)
+
+    def views_description(self) -> str:
+        """The two views, as :meth:`describe` of each form begins."""
+        return (f'texture transforms on both views, {self.mask_ratio:.0%} of the token blocks masked on one, a '
+                f'symmetry of the token grid on the other '
+                f'{"restored on its feature map" if self.rotate_and_restore else "(off)"}')
+
+    def outputs_on_views(self, model: nn.Module, data: torch.Tensor, rng: np.random.Generator,
+                         autocast: Callable[[], ContextManager]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """The model's outputs on the two views of ``data``'s ``B`` patches, float32, each as a pair (masked view's,
+        transformed view's restored) of ``(B, C, *grid)`` maps."""
+        views = make_views(data, self.token_grid, self.transforms, rng, self.mask_ratio, self.texture_settings)
+        with autocast():
+            outputs = model(torch.cat([views.masked, views.transformed]))
+        pairs = []
+        for output in outputs:
+            masked, transformed = output.float().split(len(data))
+            pairs.append((masked, restore_each(transformed, views.transforms)))
+        return tuple(pairs)
+
+    @staticmethod
+    def monitor(tokens: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The collapse monitor's readings on the two views' encoder tokens, as scalars."""
+        reading = collapse_monitor(tokens[1], tokens[0])
+        return {name: torch.tensor(value) for name, value in reading._asdict().items()}
+
+    def log_lines(self, patch_size: Sequence[int]) -> list[str]:
+        patch, grid = list(patch_size), self.token_grid
+        if not self.rotate_and_restore:
+            return [f'rotate-and-restore is off: the second view keeps its orientation (tokens {grid}).']
+        drawn = ', '.join(map(str, self.transforms))
+        lines = [f'rotate-and-restore draws from {len(self.transforms)} transforms of the {grid} token grid: {drawn}.']
+        if not any(t.quarter_turns % 2 for t in self.transforms):
+            lines.append(f'The patch {patch} or its token grid {grid} is not square in y-x: a 90 or 270 degree turn '
+                         f'would change its shape, so only half turns and flips are drawn.')
+        return lines
+
+    def report(self) -> dict:
+        return {'token_stage': self.token_stage, 'token_grid': self.token_grid, 'mask_ratio': self.mask_ratio,
+                'rotate_and_restore': self.rotate_and_restore, 'transforms': [str(t) for t in self.transforms],
+                'texture': asdict(self.texture_settings), 'projection_size': self.projection_size,
+                'hidden_size': self.hidden_size}

@@ -1,0 +1,128 @@
+"""Pre-training against what main wrote before the ``nnunet_plugins.pretraining`` package (tests/fixtures/legacy_pretraining/, made
+by its script on the commit ``steps.json`` names): each method's checkpoint resumes with ``--c`` and its steps give
+the same losses, and nnU-Net's trainer fine-tunes from it; and the nnU-Net methods pre-training overrides still have
+the signatures it was written against."""
+import inspect
+import json
+import shutil
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+import pytest
+import torch
+from nnunetv2.run.run_training import maybe_load_checkpoint
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_plugins import settings
+from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
+from nnunet_plugins.pretraining.nnunet_overrides import PretrainingLogger, PretrainingOverrides
+from nnunet_plugins.registry import plugin_trainers
+from nnunet_plugins.training.base import Role
+
+LEGACY = Path(__file__).resolve().parent / 'fixtures' / 'legacy_pretraining'
+STEPS = json.loads((LEGACY / 'steps.json').read_text())
+# the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script)
+METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads']), 'TokenBYOL': TokenBYOL(**STEPS['token_heads'])}
+# nnU-Net 2.8's methods that nnunet_overrides.py overrides, as their parameters read there (annotations left out)
+OVERRIDDEN = {
+    (nnUNetTrainer, '__init__'): "self, plans, configuration, fold, dataset_json, device=device(type='cuda')",
+    (nnUNetTrainer, 'build_network_architecture'): 'plans_manager, configuration_manager, num_input_channels, '
+                                                   'num_output_channels, enable_deep_supervision=True',
+    (nnUNetTrainer, 'initialize'): 'self',
+    (nnUNetTrainer, 'do_split'): 'self',
+    (nnUNetTrainer, 'configure_optimizers'): 'self',
+    (nnUNetTrainer, 'configure_rotation_dummyDA_mirroring_and_inital_patch_size'): 'self',
+    (nnUNetTrainer, 'on_train_start'): 'self',
+    (nnUNetTrainer, 'train_step'): 'self, batch',
+    (nnUNetTrainer, 'validation_step'): 'self, batch',
+    (nnUNetTrainer, 'on_train_epoch_end'): 'self, train_outputs',
+    (nnUNetTrainer, 'on_validation_epoch_end'): 'self, val_outputs',
+    (nnUNetTrainer, 'on_epoch_end'): 'self',
+    (nnUNetTrainer, 'perform_actual_validation'): 'self, save_probabilities=False',
+    (nnUNetTrainer, 'save_checkpoint'): 'self, filename',
+    (nnUNetTrainer, 'load_checkpoint'): 'self, filename_or_checkpoint',
+    (nnUNetTrainer, 'on_train_end'): 'self',
+    (LocalLogger, '__init__'): 'self, verbose=False',
+    (LocalLogger, 'plot_progress_png'): 'self, output_folder',
+}
+
+
+def parameters(function) -> str:
+    """``function``'s parameters with their defaults, without annotations."""
+    return ', '.join(str(p.replace(annotation=inspect.Parameter.empty))
+                     for p in inspect.signature(function).parameters.values())
+
+
+def test_every_override_of_nnunet_is_recorded_and_nnunet_still_has_its_signature():
+    pairs = ((nnUNetTrainer, PretrainingOverrides), (LocalLogger, PretrainingLogger))
+    overrides = {(base, name) for base, ours in pairs for name in vars(ours) if callable(getattr(base, name, None))}
+    assert overrides == set(OVERRIDDEN), 'record the signature of a newly overridden nnU-Net method in OVERRIDDEN'
+    for (base, name), expected in OVERRIDDEN.items():
+        assert parameters(getattr(base, name)) == expected, (
+            f'nnU-Net changed {base.__name__}.{name}: now ({parameters(getattr(base, name))}), pre-training overrides '
+            f'it as ({expected}) in nnunet_plugins/pretraining/nnunet_overrides.py')
+
+
+def test_nnunets_methods_are_overridden_in_nnunet_overrides_only():
+    for trainer in (PretrainingTrainer, *plugin_trainers(Role.PRETRAINING)):
+        assert not [name for name in vars(trainer) if name != '__init_subclass__'
+                    and callable(getattr(nnUNetTrainer, name, None))], trainer.__name__
+
+
+def legacy_trainer(method: str, results: Path) -> PretrainingTrainer:
+    """The refactored trainer of the legacy checkpoint ``method`` (its class name and the fixtures' tiny plan), built
+    as nnUNetv2_train builds it, its fold folder holding that checkpoint as ``checkpoint_latest.pth``."""
+    cls = type(STEPS['methods'][method]['trainer'], (PretrainingTrainer,),
+               {'network_trainer': nnUNetTrainer, 'method': METHODS[method]})
+    plans = json.loads((LEGACY / 'plans.json').read_text())
+    trainer = cls({**plans, 'continue_training': True}, '3d_fullres', 0,
+                  json.loads((LEGACY / 'dataset.json').read_text()), torch.device('cpu'))
+    shutil.copy(LEGACY / f'{method}.pth', Path(trainer.output_folder) / 'checkpoint_latest.pth')
+    return trainer
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    monkeypatch.delenv('nnUNet_preprocessed', raising=False)
+    for variable in settings.VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_a_legacy_checkpoint_resumes_with_continue_and_its_steps_give_the_same_losses(results, method):
+    trainer = legacy_trainer(method, results)
+    # nothing preprocessed: the fixture's plan has no dataset, and the steps load none
+    with mock.patch.object(nnunet_trainer_module, 'infer_dataset_class', return_value=None):
+        maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
+    legacy = torch.load(LEGACY / f'{method}.pth', map_location='cpu', weights_only=False)
+    assert trainer.current_epoch == legacy['current_epoch'] == 1
+    model = trainer.pretraining_model()
+    for ours, theirs in ((model.network, legacy['network_weights']), (model.heads, legacy[HEADS_KEY])):
+        assert ours.state_dict().keys() == theirs.keys()
+        assert all(torch.equal(tensor, theirs[key]) for key, tensor in ours.state_dict().items())
+    assert trainer.optimizer.state_dict()['state'].keys() == legacy['optimizer_state']['state'].keys()
+    trainer.rng = np.random.default_rng(STEPS['step_views'])
+    torch.manual_seed(STEPS['step_views'])
+    for seed, expected in zip(STEPS['step_batches'], STEPS['methods'][method]['steps'], strict=True):
+        data = torch.randn(2, 1, 8, 16, 16, generator=torch.Generator().manual_seed(seed))
+        losses = {key: float(value) for key, value in trainer.train_step({'data': data, 'target': None}).items()}
+        assert losses == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_nnunets_trainer_fine_tunes_from_a_legacy_checkpoint(results, method):
+    plans = json.loads((LEGACY / 'plans.json').read_text())
+    trainer = nnUNetTrainer({**plans, 'continue_training': False}, '3d_fullres', 0,
+                            json.loads((LEGACY / 'dataset.json').read_text()), torch.device('cpu'))
+    with mock.patch.object(nnunet_trainer_module, 'infer_dataset_class', return_value=None):
+        maybe_load_checkpoint(trainer, continue_training=False, validation_only=False,
+                              pretrained_weights_file=str(LEGACY / f'{method}.pth'))
+    pretrained = torch.load(LEGACY / f'{method}.pth', map_location='cpu', weights_only=False)['network_weights']
+    encoder = [key for key in pretrained if key.startswith('encoder.')]
+    assert encoder and all(torch.equal(trainer.network.state_dict()[key], pretrained[key]) for key in encoder)
