@@ -5,7 +5,8 @@ from monai.networks.nets.mednext import create_mednext
 from torch import nn
 
 from nnunet_plugins.networks import mednext as mednext_module
-from nnunet_plugins.networks.mednext import MedNeXt, mednext_from_plan
+from nnunet_plugins.networks.mednext import MedNeXt, mednext_from_plan, mednext_levels
+from nnunet_plugins.networks.topology import ShallowPlanError
 
 from helpers import parameter_count
 
@@ -113,6 +114,31 @@ def test_shallow_plan_uses_all_its_levels():
     outputs = network(torch.randn(1, 1, 8, 16, 16))
     assert [tuple(o.shape[2:]) for o in outputs] == [(8, 16, 16), (8, 8, 8), (4, 4, 4)]
     assert [m.out_channels for m in network.decoder.seg_layers] == [3, 3, 3]
+
+
+SHALLOW_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+SHALLOW_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+
+
+@pytest.mark.parametrize('strides,kernels,expected', [
+    (ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES[:5]),
+    (ANISOTROPIC_STRIDES, ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES[:5]),
+    (PLANS_2D_STRIDES, PLANS_2D_KERNELS, PLANS_2D_STRIDES[:5]),
+    (SHALLOW_STRIDES, SHALLOW_KERNELS, SHALLOW_STRIDES),
+], ids=['isotropic', 'anisotropic', '2d', 'shallow'])
+def test_levels_are_those_the_factory_builds(strides, kernels, expected):
+    """mednext_levels, which the trainer's patch check and deep-supervision scales read, states the built topology."""
+    levels = mednext_levels(strides, kernels)
+    with torch.device('meta'):
+        network = mednext_from_plan(1, 2, strides, kernels, 'S', 5)
+    assert [list(s) for s in levels.strides] == expected
+    assert list(levels.strides) == network.strides
+    assert [tuple(k) for k in levels.kernels(5)] == network.kernel_sizes
+
+
+def test_a_plan_without_downsampling_is_too_shallow():
+    with pytest.raises(ShallowPlanError, match=r'at least two resolution levels.*has 1 \(strides \[\[1, 1, 1\]\]\)'):
+        mednext_from_plan(1, 2, [[1, 1, 1]], [[3, 3, 3]])
 
 
 def test_without_deep_supervision_same_parameters_and_one_output():

@@ -16,7 +16,7 @@ from nnunet_plugins import settings
 from nnunet_plugins.weights import CheckpointError
 from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.swinunetr import (
-    VARIANTS, PretrainedEncoderError, SwinUNETR, load_pretrained_encoder, swinunetr_from_plan)
+    VARIANTS, PretrainedEncoderError, SwinUNETR, load_pretrained_encoder, swinunetr_from_plan, swinunetr_levels)
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
@@ -111,6 +111,22 @@ def test_windows_are_clipped_per_axis_where_the_token_grid_is_short():
                                              ((4, 7, 7), (0, 3, 3)), ((2, 4, 4), (0, 0, 0))]
     isotropic = on_meta(swinunetr_from_plan, 1, 2, ISOTROPIC_STRIDES, ISOTROPIC_KERNELS)
     assert isotropic.windows([96, 96, 96])[3] == ((6, 6, 6), (0, 0, 0))  # the paper's last stage, as MONAI runs it
+
+
+@pytest.mark.parametrize('plan_strides,plan_kernels,embedding', [
+    (ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, [2, 2, 2]),
+    (THICK_SLICE_STRIDES, THICK_SLICE_KERNELS, [1, 2, 2]),
+    (PLANS_2D_STRIDES, PLANS_2D_KERNELS, [2, 2]),
+    (THICK_SLICE_STRIDES[:2], THICK_SLICE_KERNELS[:2], [1, 2, 2]),  # two stages are enough: merging halves the rest
+], ids=['isotropic', 'anisotropic', '2d', 'shallow'])
+def test_levels_are_those_the_factory_builds(plan_strides, plan_kernels, embedding):
+    """swinunetr_levels, which the trainer's patch check reads, states the built topology."""
+    levels = swinunetr_levels(plan_strides, plan_kernels)
+    network = on_meta(swinunetr_from_plan, 1, 2, plan_strides, plan_kernels)
+    dims = len(embedding)
+    assert [list(s) for s in levels.strides] == [[1] * dims, embedding] + [[2] * dims] * 4
+    assert list(levels.strides) == network.strides
+    assert [tuple(k) for k in levels.kernels(3)] == network.kernel_sizes
 
 
 def test_a_plan_without_downsampling_is_too_shallow():
@@ -237,15 +253,16 @@ def test_optimiser_and_schedule(make_trainer):
     assert group['lr'] == pytest.approx(2.5e-3 * 0.5 ** 0.9)
 
 
-@pytest.mark.parametrize('value,expected', [(None, False), ('1', True)])
-def test_gradient_checkpointing_follows_the_variable(workspace, monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv(settings.CHECKPOINTING, raising=False)
-    else:
+@pytest.mark.parametrize('value,expected', [(None, False), ('1', True), ('0', False)])
+def test_gradient_checkpointing_follows_the_variable(make_trainer, monkeypatch, value, expected):
+    """The factory builds the variant's default whatever the environment says; the trainer gives the network it
+    trains the variable's value (in initialize(), before the first step)."""
+    if value is not None:
         monkeypatch.setenv(settings.CHECKPOINTING, value)
-    configuration = PlansManager(json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())) \
-        .get_configuration(CONFIGURATION)
-    network = on_meta(nnUNetTrainerSwinUNETR.network_from_plan, configuration, 1, 4, False)
+    trainer = make_trainer(nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH})
+    network = on_meta(nnUNetTrainerSwinUNETR.network_from_plan, trainer.configuration_manager, 1, 4, False)
+    assert network.gradient_checkpointing is False
+    trainer.switch_gradient_checkpointing(network)
     assert network.gradient_checkpointing is expected
     assert {block.use_checkpoint for block in network.encoder.modules() if isinstance(block, SwinTransformerBlock)} \
         == {expected}

@@ -1,4 +1,5 @@
 """The plugin trainers in-process, on the tiny dataset planned by the stock CLI (see conftest.py)."""
+import dataclasses
 import json
 import pickle
 
@@ -12,8 +13,11 @@ from nnunet_plugins import settings, trainers_folder
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.training import TRAINERS, VARIANT_SUFFIXES
 from nnunet_plugins.training.base import MAX_NONFINITE_STEPS
+from nnunet_plugins.settings import PluginSettings
 from nnunet_plugins.training.mednext import (MedNeXtTrainer, nnUNetTrainerMedNeXtL,
                                              nnUNetTrainerMedNeXtS)
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
 from helpers import CONFIGURATION, training_log
 
@@ -117,6 +121,67 @@ def test_checkpointing_switch(make_trainer, monkeypatch, value, trainer_class, e
     trainer.initialize()
     assert trainer.network.gradient_checkpointing is expected
     assert trainer.network.encoder.gradient_checkpointing is expected
+
+
+def test_settings_are_read_once_when_the_trainer_is_made(make_trainer, monkeypatch, tmp_path):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+    monkeypatch.setenv(settings.EPOCHS, '2')
+    monkeypatch.setenv(settings.CHECKPOINTING, '1')
+    monkeypatch.setenv(settings.UPKERN_SOURCE, str(tmp_path / 'elsewhere.pth'))
+    trainer.initialize()
+    assert trainer.plugin_settings == PluginSettings()
+    assert (trainer.num_epochs, trainer.lr_scheduler.num_epochs) == (1000, 1000)
+    assert trainer.network.gradient_checkpointing is False
+    # a trainer made now reads the new values
+    assert make_trainer(nnUNetTrainerMedNeXtS).plugin_settings.checkpointing is True
+
+
+def test_settings_from_an_environment():
+    read = PluginSettings.from_environment({settings.EPOCHS: ' 3 ', settings.WARMUP_EPOCHS: '0',
+                                            settings.CHECKPOINTING: 'off', settings.ITERATIONS: '',
+                                            settings.UPKERN_SOURCE: '~/k5.pth', 'nnUNet_results': '/results'})
+    assert (read.epochs, read.iterations, read.warmup_epochs, read.checkpointing) == (3, None, 0, False)
+    assert read.upkern_source.name == 'k5.pth' and '~' not in str(read.upkern_source)
+    assert read.as_set(settings.EPOCHS, settings.ITERATIONS) == "nnUNet_plugins_epochs='3'"
+    assert read.value(settings.CHECKPOINTING) == 'off' and read.value(settings.ITERATIONS) is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        read.epochs = 5
+
+
+@pytest.mark.parametrize('variable,value,message', [
+    (settings.ITERATIONS, '0', "nnUNet_plugins_iterations='0' is not a positive integer; set it to e.g. 5 or unset"),
+    (settings.WARMUP_EPOCHS, '-1', "nnUNet_plugins_warmup_epochs='-1' is not an integer >= 0"),
+    (settings.CHECKPOINTING, 'maybe', "nnUNet_plugins_checkpointing='maybe' is not a switch; set it to 0 or 1"),
+])
+def test_a_bad_value_is_refused_naming_the_variable_and_the_fix(variable, value, message):
+    with pytest.raises(ValueError) as error:
+        PluginSettings.from_environment({variable: value})
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize('trainer_class,name', [(nnUNetTrainerUXNet, '3D UX-Net'), (nnUNetTrainerUTNetV2, 'UTNetV2')])
+def test_checkpointing_is_said_in_the_log_where_the_network_has_none(make_trainer, monkeypatch, trainer_class, name):
+    monkeypatch.setenv(settings.CHECKPOINTING, '1')
+    trainer = make_trainer(trainer_class)
+    with torch.device('meta'):
+        network = trainer_class.network_from_plan(trainer.configuration_manager, 1, 4, False)
+    trainer.switch_gradient_checkpointing(network)
+    assert not hasattr(network, 'gradient_checkpointing')
+    assert (f"nnUNet_plugins_checkpointing='1' is not applied: {name} has no gradient checkpointing to switch"
+            in training_log(trainer.output_folder))
+
+
+def test_patch_check_and_scales_read_the_levels_without_building_the_network(make_trainer, monkeypatch):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError('the network was built')
+    monkeypatch.setattr(MedNeXtTrainer, 'network_from_plan', classmethod(no_build))
+    trainer.check_patch_size(trainer.configuration_manager)
+    # the tiny plan's strides 1x1x1, 1x2x2, 2x2x2, 1x2x2
+    assert trainer.deep_supervision_scales(trainer.configuration_manager) == \
+        [[1, 1, 1], [1, 0.5, 0.5], [0.5, 0.25, 0.25], [0.5, 0.125, 0.125]]
+    assert trainer.deep_supervision_weights() == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
 
 
 def test_training_stops_when_the_loss_stays_non_finite(make_trainer):

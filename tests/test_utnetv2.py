@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.utnetv2 import VARIANTS, utnetv2_from_plan
+from nnunet_plugins.networks.topology import ShallowPlanError
+from nnunet_plugins.networks.utnetv2 import VARIANTS, utnetv2_from_plan, utnetv2_levels
 from nnunet_plugins.networks.utnetv2_blocks import BidirectionalAttention, PreActConv
 from nnunet_plugins.networks.utnetv2_authors import convert_authors_state_dict, load_authors_checkpoint
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -146,6 +147,27 @@ def test_anisotropic_plan_with_four_levels_drops_the_deepest_bmha_level():
     assert network.transformer_blocks == [2, 4]
     assert [len(stage.blocks) for stage in network.encoder.bmha_stages] == [2, 4]
     assert [len(stage.blocks) for stage in network.decoder.bmha_stages] == [2]
+
+
+@pytest.mark.parametrize('plan_strides,plan_kernels', [
+    ([[1, 1, 1]] + [[2, 2, 2]] * 5, [[3, 3, 3]] * 6),
+    (BCV_STRIDES, BCV_KERNELS),
+    ([[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]], [[3, 3]] * 6),
+    (TINY_STRIDES, TINY_KERNELS),
+], ids=['isotropic', 'anisotropic', '2d', 'four-levels'])
+def test_levels_are_those_the_factory_builds(plan_strides, plan_kernels):
+    """utnetv2_levels, which the trainer's patch check and deep-supervision scales read, states the built topology."""
+    levels = utnetv2_levels(plan_strides, plan_kernels)
+    with torch.device('meta'):
+        network = utnetv2_from_plan(1, 2, plan_strides, plan_kernels)
+    assert [list(s) for s in levels.strides] == plan_strides[:5]
+    assert list(levels.strides) == network.strides
+    assert [tuple(k) for k in levels.kernels(3)] == network.kernel_sizes
+
+
+def test_a_plan_of_three_stages_is_too_shallow():
+    with pytest.raises(ShallowPlanError, match=r'at least 4 resolution levels.*has 3'):
+        utnetv2_levels(TINY_STRIDES[:3], TINY_KERNELS[:3])
 
 
 def test_block_counts_and_map_size_are_arguments():

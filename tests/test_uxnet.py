@@ -14,7 +14,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.networks.uxnet import VARIANTS, UXNet, uxnet_from_plan
+from nnunet_plugins.networks.uxnet import VARIANTS, UXNet, uxnet_from_plan, uxnet_levels
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
 from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
@@ -139,6 +139,22 @@ def test_decoder_equals_the_references_monai_blocks():
             y = reference['decoders'][level](y, skips[level])
         expected = reference['out'](reference['last'](y))
         torch.testing.assert_close(ours(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('plan_strides,plan_kernels,expected', [
+    (ISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES[:5]),
+    (THICK_SLICE_STRIDES, THICK_SLICE_KERNELS, THICK_SLICE_STRIDES[:5]),
+    (PLANS_2D_STRIDES, PLANS_2D_KERNELS, PLANS_2D_STRIDES[:5]),
+    (TINY_STRIDES[:3], TINY_KERNELS[:3], TINY_STRIDES[:3] + [[1, 1, 1]] * 2),  # continued without downsampling
+], ids=['isotropic', 'anisotropic', '2d', 'shallow'])
+def test_levels_are_those_the_factory_builds(plan_strides, plan_kernels, expected):
+    """uxnet_levels, which the trainer's patch check reads, states the built topology."""
+    levels = uxnet_levels(plan_strides, plan_kernels)
+    network = on_meta(uxnet_from_plan, 1, 2, plan_strides, plan_kernels)
+    assert [list(s) for s in levels.strides] == expected
+    assert list(levels.strides) == network.strides
+    assert [tuple(k) for k in levels.kernels(3)] == network.kernel_sizes
+    assert [tuple(k) for k in levels.kernels(7)[1:]] == network.large_kernel_sizes
 
 
 @pytest.mark.parametrize('strides,message', [

@@ -24,7 +24,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_dim_to_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_plugins.networks.topology import kernels_from_plan, same_padding
+from nnunet_plugins.networks.topology import Levels, ShallowPlanError, levels_of, same_padding
 
 MAX_LEVELS = 5  # four downsamplings, as in the paper
 STEM_FEATURES = 32  # level l has STEM_FEATURES * 2 ** l channels
@@ -269,6 +269,16 @@ class MedNeXt(nn.Module):
                 f'gradient checkpointing {"on" if self.gradient_checkpointing else "off"}')
 
 
+def mednext_levels(plan_strides: Sequence[Sequence[int]], plan_kernel_sizes: Sequence[Sequence[int]]) -> Levels:
+    """MedNeXt's levels on an nnU-Net plans configuration: its first :data:`MAX_LEVELS` stages, their strides and
+    kernels. A plan of a single stage raises :class:`ShallowPlanError` (MedNeXt needs a downsampling)."""
+    n_levels = min(MAX_LEVELS, len(plan_strides))
+    if n_levels < 2:
+        raise ShallowPlanError(f'MedNeXt needs at least two resolution levels, but the plans configuration has '
+                               f'{n_levels} (strides {[list(s) for s in plan_strides]})')
+    return levels_of(plan_strides[:n_levels], plan_kernel_sizes[:n_levels])
+
+
 def mednext_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
                       plan_kernel_sizes: Sequence[Sequence[int]], variant: str | MedNeXtVariant = 'S',
                       kernel_size: int = 3, deep_supervision: bool = True,
@@ -276,23 +286,22 @@ def mednext_from_plan(input_channels: int, num_classes: int, plan_strides: Seque
     """Build a MedNeXt size (a name of :data:`VARIANTS` or a :class:`MedNeXtVariant`) on the topology of an
     nnU-Net plans configuration.
 
-    Uses the first :data:`MAX_LEVELS` stages of the plan: their strides, and their kernels with every
-    axis of nnU-Net kernel 1 kept at 1 and every other axis set to ``kernel_size``.
-    ``gradient_checkpointing=None`` takes the variant's default (on for M and L, as in the reference).
+    The levels are :func:`mednext_levels`: their strides, and their kernels with every axis of nnU-Net kernel 1
+    kept at 1 and every other axis set to ``kernel_size``. ``gradient_checkpointing=None`` takes the variant's
+    default (on for M and L, as in the reference).
     """
     if isinstance(variant, str):
         if variant not in VARIANTS:
             raise ValueError(f'unknown MedNeXt variant {variant!r}; choose one of {sorted(VARIANTS)}')
         variant = VARIANTS[variant]
-    n_levels = min(MAX_LEVELS, len(plan_strides))
-    strides = [list(s) for s in plan_strides[:n_levels]]
-    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], kernel_size)
+    levels = mednext_levels(plan_strides, plan_kernel_sizes)
+    n_levels = len(levels.strides)
     if gradient_checkpointing is None:
         gradient_checkpointing = variant.gradient_checkpointing
     return MedNeXt(
-        input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])),
+        input_channels, num_classes, convert_dim_to_conv_op(len(levels.strides[0])),
         features_per_level=[STEM_FEATURES * 2 ** level for level in range(n_levels)],
-        strides=strides, kernel_sizes=kernels,
+        strides=levels.strides, kernel_sizes=levels.kernels(kernel_size),
         encoder_expansion=variant.encoder_expansion[:n_levels],
         decoder_expansion=variant.decoder_expansion[:n_levels - 1],
         encoder_blocks=variant.encoder_blocks[:n_levels],

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from monai.networks.blocks.dynunet_block import UnetOutBlock
 from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
-from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, get_window_size
+from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, SwinTransformerBlock, get_window_size
 from torch import nn
 
-from nnunet_plugins.networks.topology import ShallowPlanError, kernels_from_plan
+from nnunet_plugins.networks.topology import Levels, ShallowPlanError, levels_of
 from nnunet_plugins.weights.files import read_checkpoint, swin_authors_name_to_ours
 
 LEVELS = 6  # full resolution, the patch embedding (level 1), four patch mergings (levels 2-5, down to 1/32)
@@ -162,7 +162,6 @@ class SwinUNETR(nn.Module):
         self.strides = [tuple(s) for s in strides]
         self.kernel_sizes = [tuple(k) for k in kernel_sizes]
         self.window_size = (window_size,) * dims
-        self.gradient_checkpointing = gradient_checkpointing
         self.encoder = _swin_transformer(
             in_chans=input_channels, embed_dim=feature_size, window_size=self.window_size, patch_size=self.strides[1],
             depths=tuple(depths), num_heads=tuple(num_heads), mlp_ratio=mlp_ratio, qkv_bias=True, drop_rate=0.0,
@@ -170,6 +169,19 @@ class SwinUNETR(nn.Module):
             spatial_dims=dims, downsample=PatchMerging)
         self.decoder = SwinUNETRDecoder(input_channels, num_classes, dims, self.strides, self.kernel_sizes,
                                         feature_size)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        """Whether the Swin blocks recompute their activations in the backward pass; can be switched by setting it."""
+        return all(block.use_checkpoint for block in self._swin_blocks())
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        for block in self._swin_blocks():
+            block.use_checkpoint = enabled
+
+    def _swin_blocks(self) -> list[SwinTransformerBlock]:
+        return [module for module in self.encoder.modules() if isinstance(module, SwinTransformerBlock)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(x, self.encoder(x, normalize=True))
@@ -191,34 +203,43 @@ class SwinUNETR(nn.Module):
                 f'gradient checkpointing {"on" if self.gradient_checkpointing else "off"}, no deep supervision')
 
 
+def swinunetr_levels(plan_strides: Sequence[Sequence[int]], plan_kernel_sizes: Sequence[Sequence[int]],
+                     variant: str | SwinUNETRVariant = 'paper') -> Levels:
+    """Swin UNETR's :data:`LEVELS` levels on an nnU-Net plans configuration (2d or 3d from its strides), for a
+    variant (a name of :data:`VARIANTS` or a :class:`SwinUNETRVariant`).
+
+    Level 1 is the patch embedding: the variant's ``patch_size`` along every axis the plan's stage 1 downsamples, 1
+    along the others; levels 2-5 are the patch mergings, which halve every axis whatever the plan's later stages do.
+    Level 0 keeps the kernel pattern of plan stage 0, levels 1-5 that of stage 1 (patch merging keeps the spacing
+    ratios of level 1). A plan without a downsampling stage raises :class:`ShallowPlanError`.
+    """
+    if len(plan_strides) < 2:
+        raise ShallowPlanError(f'Swin UNETR takes its patch embedding from the plan\'s first downsampling, but the '
+                               f'plans configuration has none (strides {[list(s) for s in plan_strides]})')
+    patch_size = (VARIANTS[variant] if isinstance(variant, str) else variant).patch_size
+    dims = len(plan_strides[0])
+    embedding = [patch_size if s > 1 else 1 for s in plan_strides[1]]
+    return levels_of([[1] * dims, embedding] + [[MERGE_STRIDE] * dims] * (LEVELS - 2),
+                     [plan_kernel_sizes[0]] + [plan_kernel_sizes[1]] * (LEVELS - 1))
+
+
 def swinunetr_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
                         plan_kernel_sizes: Sequence[Sequence[int]], variant: str | SwinUNETRVariant = 'paper',
                         gradient_checkpointing: bool | None = None) -> SwinUNETR:
     """Build Swin UNETR (a name of :data:`VARIANTS` or a :class:`SwinUNETRVariant`) on the topology of an nnU-Net
-    plans configuration (2d or 3d from its strides).
-
-    The patch embedding takes the plan's first downsampling: the variant's ``patch_size`` along every axis the
-    plan's stage 1 downsamples, 1 along the others. The four patch mergings halve every axis, whatever the
-    plan's later stages do. The decoder's kernels keep the plan's 1s: level 0 those of stage 0, levels 1-5
-    those of stage 1 (patch merging keeps the spacing ratios of level 1). A plan without a downsampling
-    stage raises :class:`ShallowPlanError`. ``gradient_checkpointing=None`` takes the variant's default.
+    plans configuration, on the levels of :func:`swinunetr_levels`; the decoder's kernels are the variant's
+    ``decoder_kernel`` where the plan's are not 1. ``gradient_checkpointing`` (of the Swin blocks) None takes the
+    variant's default.
     """
     if isinstance(variant, str):
         variant = VARIANTS[variant]
-    if len(plan_strides) < 2:
-        raise ShallowPlanError(f'Swin UNETR takes its patch embedding from the plan\'s first downsampling, but the '
-                               f'plans configuration has none (strides {[list(s) for s in plan_strides]})')
-    dims = len(plan_strides[0])
-    embedding = [variant.patch_size if s > 1 else 1 for s in plan_strides[1]]
-    strides = [[1] * dims, embedding] + [[MERGE_STRIDE] * dims] * (LEVELS - 2)
-    kernel_sizes = kernels_from_plan([plan_kernel_sizes[0]] + [plan_kernel_sizes[1]] * (LEVELS - 1),
-                                     variant.decoder_kernel)
+    levels = swinunetr_levels(plan_strides, plan_kernel_sizes, variant)
     hyperparameters = asdict(variant)
     for name in ('patch_size', 'decoder_kernel', 'gradient_checkpointing'):
         hyperparameters.pop(name)
-    return SwinUNETR(input_channels, num_classes, strides, kernel_sizes, **hyperparameters,
-                     gradient_checkpointing=variant.gradient_checkpointing if gradient_checkpointing is None
-                     else gradient_checkpointing)
+    return SwinUNETR(input_channels, num_classes, levels.strides, levels.kernels(variant.decoder_kernel),
+                     **hyperparameters, gradient_checkpointing=variant.gradient_checkpointing
+                     if gradient_checkpointing is None else gradient_checkpointing)
 
 
 def _swin_transformer(**kwargs) -> SwinTransformer:

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim, convert_dim_to_conv_op
 from torch import nn
 
-from nnunet_plugins.networks.topology import ShallowPlanError, kernels_from_plan, same_padding
+from nnunet_plugins.networks.topology import Levels, ShallowPlanError, levels_of, same_padding
 from nnunet_plugins.networks.utnetv2_blocks import (BMHABlock, PatchMerging, ResidualConvBlock, SemanticMapFusion,
                                                     SemanticMapGeneration)
 
@@ -250,12 +250,7 @@ class UTNetV2(nn.Module):
                  fusion_depth: int, deep_supervision: bool = True):
         super().__init__()
         n_levels, dim = len(strides), convert_conv_op_to_dim(conv_op)
-        if n_levels < MIN_LEVELS:
-            raise ShallowPlanError(
-                f'UTNetV2 needs at least {MIN_LEVELS} resolution levels (full resolution, the stem\'s second level, '
-                f'a B-MHA level and the bottleneck), but the plans configuration has {n_levels} (strides '
-                f'{[list(s) for s in strides]})')
-        if n_levels > MAX_LEVELS:
+        if not MIN_LEVELS <= n_levels <= MAX_LEVELS:
             raise ValueError(f'UTNetV2 takes {MIN_LEVELS} to {MAX_LEVELS} resolution levels, got {n_levels} strides')
         map_size = [map_size] * dim if isinstance(map_size, int) else list(map_size)
         for name, value, expected in (('kernel_sizes', kernel_sizes, n_levels),
@@ -296,20 +291,28 @@ class UTNetV2(nn.Module):
                 f'{self.transformer_blocks} from level {FIRST_BMHA_LEVEL}, semantic map {self.map_size}')
 
 
+def utnetv2_levels(plan_strides: Sequence[Sequence[int]], plan_kernel_sizes: Sequence[Sequence[int]]) -> Levels:
+    """UTNetV2's levels on an nnU-Net plans configuration: its first :data:`MAX_LEVELS` stages, their strides and
+    kernels. A plan with fewer stages drops the deepest B-MHA levels; one with fewer than :data:`MIN_LEVELS` raises
+    :class:`ShallowPlanError`."""
+    n_levels = min(MAX_LEVELS, len(plan_strides))
+    if n_levels < MIN_LEVELS:
+        raise ShallowPlanError(
+            f'UTNetV2 needs at least {MIN_LEVELS} resolution levels (full resolution, the stem\'s second level, '
+            f'a B-MHA level and the bottleneck), but the plans configuration has {n_levels} (strides '
+            f'{[list(s) for s in plan_strides]})')
+    return levels_of(plan_strides[:n_levels], plan_kernel_sizes[:n_levels])
+
+
 def utnetv2_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
                       plan_kernel_sizes: Sequence[Sequence[int]], variant: str | UTNetV2Variant = 'bcv',
                       deep_supervision: bool = True) -> UTNetV2:
     """Build UTNetV2 (a name of :data:`VARIANTS` or a :class:`UTNetV2Variant`) on the topology of an nnU-Net plans
-    configuration.
-
-    Uses the first :data:`MAX_LEVELS` stages of the plan (their strides; their kernels with every axis of
-    nnU-Net kernel 1 kept at 1 and every other axis :data:`KERNEL`). A plan with fewer stages drops the
-    deepest B-MHA levels; one with fewer than :data:`MIN_LEVELS` raises :class:`ShallowPlanError`.
+    configuration, on the levels of :func:`utnetv2_levels`: their strides, and their kernels with every axis of
+    nnU-Net kernel 1 kept at 1 and every other axis :data:`KERNEL`. The network has no gradient checkpointing.
     """
     if isinstance(variant, str):
         variant = VARIANTS[variant]
-    n_levels = min(MAX_LEVELS, len(plan_strides))
-    strides = [list(s) for s in plan_strides[:n_levels]]
-    kernels = kernels_from_plan(plan_kernel_sizes[:n_levels], KERNEL)
-    return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides, kernels,
-                   deep_supervision=deep_supervision, **asdict(variant))
+    levels = utnetv2_levels(plan_strides, plan_kernel_sizes)
+    return UTNetV2(input_channels, num_classes, convert_dim_to_conv_op(len(levels.strides[0])), levels.strides,
+                   levels.kernels(KERNEL), deep_supervision=deep_supervision, **asdict(variant))

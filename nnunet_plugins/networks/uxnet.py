@@ -36,7 +36,7 @@ from dynamic_network_architectures.building_blocks.helper import (
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from torch import nn
 
-from nnunet_plugins.networks.topology import kernels_from_plan, same_padding
+from nnunet_plugins.networks.topology import Levels, levels_of, same_padding
 
 LEVELS = 5  # full resolution + stem (1/2) + three downsamplings (down to 1/16)
 LAYER_NORM_EPS = 1e-6
@@ -222,29 +222,37 @@ class UXNet(nn.Module):
                 f'{self.kernel_sizes}, no deep supervision')
 
 
+def uxnet_levels(plan_strides: Sequence[Sequence[int]], plan_kernel_sizes: Sequence[Sequence[int]]) -> Levels:
+    """3D UX-Net's :data:`LEVELS` levels on an nnU-Net plans configuration: level ``l`` takes the plan's stage ``l``.
+
+    A plan with more stages has its deeper ones left out (the network stops at 1/16, as in the paper); a plan with
+    fewer is continued with levels that downsample no axis and keep the deepest stage's kernels, so no plan is too
+    shallow.
+    """
+    n_plan = min(LEVELS, len(plan_strides))
+    no_stride = [1] * len(plan_strides[0])
+    return levels_of([list(s) for s in plan_strides[:n_plan]] + [no_stride] * (LEVELS - n_plan),
+                     [list(k) for k in plan_kernel_sizes[:n_plan]] + [list(plan_kernel_sizes[n_plan - 1])] *
+                     (LEVELS - n_plan))
+
+
 def uxnet_from_plan(input_channels: int, num_classes: int, plan_strides: Sequence[Sequence[int]],
                     plan_kernel_sizes: Sequence[Sequence[int]], variant: str | UXNetVariant = 'paper') -> UXNet:
     """Build 3D UX-Net (a name of :data:`VARIANTS` or a :class:`UXNetVariant`) on the topology of an nnU-Net
-    plans configuration (2d or 3d from its strides).
+    plans configuration (2d or 3d from its strides), on the levels of :func:`uxnet_levels`.
 
-    Level ``l`` takes the plan's stage ``l``. A plan with more stages has its deeper ones left out (the
-    network stops at 1/16, as in the paper); a plan with fewer is continued with levels that downsample
-    no axis and keep the deepest stage's kernels, so the network keeps its :data:`LEVELS` levels. Every
-    axis whose nnU-Net kernel is 1 at a level gets kernel 1 there, every other axis the variant's large
-    kernel in the stem and encoder and its decoder kernel in the decoder's residual blocks.
+    Every axis whose nnU-Net kernel is 1 at a level gets kernel 1 there, every other axis the variant's large
+    kernel in the stem and encoder and its decoder kernel in the decoder's residual blocks. The network has no
+    gradient checkpointing.
     """
     if isinstance(variant, str):
         variant = VARIANTS[variant]
-    n_plan = min(LEVELS, len(plan_strides))
-    no_stride = [1] * len(plan_strides[0])
-    strides = [list(s) for s in plan_strides[:n_plan]] + [no_stride] * (LEVELS - n_plan)
-    plan_kernels = [list(k) for k in plan_kernel_sizes[:n_plan]] + \
-        [list(plan_kernel_sizes[n_plan - 1])] * (LEVELS - n_plan)
+    levels = uxnet_levels(plan_strides, plan_kernel_sizes)
     hyperparameters = asdict(variant)
     large_kernel, decoder_kernel = hyperparameters.pop('large_kernel'), hyperparameters.pop('decoder_kernel')
-    return UXNet(input_channels, num_classes, convert_dim_to_conv_op(len(strides[0])), strides,
-                 large_kernel_sizes=kernels_from_plan(plan_kernels[1:], large_kernel),
-                 kernel_sizes=kernels_from_plan(plan_kernels, decoder_kernel), **hyperparameters)
+    return UXNet(input_channels, num_classes, convert_dim_to_conv_op(len(levels.strides[0])), levels.strides,
+                 large_kernel_sizes=levels.kernels(large_kernel)[1:], kernel_sizes=levels.kernels(decoder_kernel),
+                 **hyperparameters)
 
 
 def _residual_block(conv_op: type[nn.Module], in_channels: int, out_channels: int,

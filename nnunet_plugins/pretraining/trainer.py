@@ -111,6 +111,11 @@ class PretrainingTrainer(PretrainingOverrides):
         schedule's warm-up (``nnUNet_plugins_epochs``) applied."""
         return OptimiserSettings(**{name: getattr(self, name) for name in OPTIMISER_SETTINGS})
 
+    def switch_gradient_checkpointing(self, model: PretrainingModel) -> None:
+        """The run's ``nnUNet_plugins_checkpointing`` goes to the segmentation network inside the model, which has
+        the switch."""
+        super().switch_gradient_checkpointing(model.network)
+
     def pretraining_model(self) -> PretrainingModel:
         """The segmentation network (``.network``) and the heads (``.heads``), without DDP and compile wrappers."""
         return self.plain_network()

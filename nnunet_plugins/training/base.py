@@ -12,8 +12,10 @@ A plugin trainer adds:
 - AdamW with poly decay per epoch, after a linear warm-up of ``warmup_epochs`` (``--c`` resumes it
   exactly, the learning rate being a function of the epoch);
 - for fine-tuning, an encoder held fixed for the first ``freeze_encoder_epochs`` epochs;
-- short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations`` (the warm-up keeps its share
-  of the epochs, or takes ``nnUNet_plugins_warmup_epochs``), announced loudly;
+- the plugin's environment variables, read once when the trainer is made (:class:`PluginSettings`, kept as
+  ``plugin_settings``): short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations`` (the
+  warm-up keeps its share of the epochs, or takes ``nnUNet_plugins_warmup_epochs``), announced loudly, and
+  gradient checkpointing from ``nnUNet_plugins_checkpointing``, said in the log where the network has none;
 - a clear error instead of training on when the loss stays non-finite;
 - refusals, before training, to start from scratch over a fold that already holds checkpoints, to
   ``--c`` with a shorter schedule than the checkpoint has trained, and to read a damaged checkpoint
@@ -33,8 +35,9 @@ from torch._dynamo import OptimizedModule
 from nnunet_plugins import settings
 from nnunet_plugins.weights import CheckpointError, check_readable
 from nnunet_plugins.networks.layout import follow_device_layout
-from nnunet_plugins.networks.topology import ShallowPlanError
+from nnunet_plugins.networks.topology import Levels, ShallowPlanError
 from nnunet_plugins.presets import preset_for
+from nnunet_plugins.settings import PluginSettings
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler
 
 MAX_NONFINITE_STEPS = 25
@@ -54,7 +57,8 @@ class Role(str, Enum):
 
 
 class nnUNetTrainerPlugin(nnUNetTrainer):
-    """Base of the plugin trainers; a network family supplies :meth:`network_from_plan` and its optimiser settings.
+    """Base of the plugin trainers; a network family supplies :meth:`network_from_plan`, :meth:`network_levels` and its
+    optimiser settings.
 
     Any of :data:`CLASS_SETTINGS` declared on a subclass takes effect, e.g. a 300-epoch variant::
 
@@ -81,6 +85,8 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        # the environment is read here, once: a variable changed later changes nothing for this trainer
+        self.plugin_settings = PluginSettings.from_environment()
         for name in CLASS_SETTINGS:
             if hasattr(type(self), name):
                 setattr(self, name, getattr(type(self), name))
@@ -93,9 +99,8 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                              f'than num_epochs={self.num_epochs}, so that the poly decay follows the warm-up')
 
     def _apply_schedule_override(self) -> None:
-        epochs = settings.positive_int(settings.EPOCHS)
-        iterations = settings.positive_int(settings.ITERATIONS)
-        warmup = settings.non_negative_int(settings.WARMUP_EPOCHS)
+        epochs, iterations = self.plugin_settings.epochs, self.plugin_settings.iterations
+        warmup = self.plugin_settings.warmup_epochs
         if epochs is None and iterations is None and warmup is None:
             return
         default = f'{self.num_epochs} x {self.num_iterations_per_epoch}, warm-up {self.warmup_epochs}'
@@ -108,9 +113,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         if iterations is not None:
             self.num_iterations_per_epoch = iterations
             self.num_val_iterations_per_epoch = max(1, round(iterations / 5))
-        asked = ', '.join(f'{name}={os.environ[name]!r}' for name in (settings.EPOCHS, settings.ITERATIONS,
-                                                                       settings.WARMUP_EPOCHS)
-                          if os.environ.get(name, '').strip())
+        asked = self.plugin_settings.as_set(settings.EPOCHS, settings.ITERATIONS, settings.WARMUP_EPOCHS)
         self.print_to_log_file(
             f'!!!!! SHORT SCHEDULE ({asked}): {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations '
             f'({self.num_val_iterations_per_epoch} validation), warm-up {self.warmup_epochs}, instead of {default}. '
@@ -119,6 +122,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     def initialize(self):
         super().initialize()
         network = self.plain_network()
+        self.switch_gradient_checkpointing(network)
         self.print_to_log_file(f'{self.network_name()}: {network.extra_repr()}, '
                                f'{sum(p.numel() for p in network.parameters()):,} parameters')
         if self.warmup_epochs and hasattr(self.lr_scheduler, 'describe'):  # a subclass may bring its own scheduler
@@ -139,15 +143,43 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
         network = self.network.module if self.is_ddp else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
+    def switch_gradient_checkpointing(self, network: nn.Module) -> None:
+        """Give the network this run's ``nnUNet_plugins_checkpointing``, before its first step; say in the training
+        log when the network has no gradient checkpointing to switch (3D UX-Net, UTNetV2, nnU-Net's own).
+
+        nnU-Net's ``initialize()`` builds the network with the classmethod :meth:`build_network_architecture`, which
+        nnU-Net's predictor, ``adapt-weights`` and the benchmark call too: it knows the plans, not the trainer, and
+        builds the family's default (where checkpointing changes nothing at inference). The trainer then sets its
+        own value on the network it trains: the ``gradient_checkpointing`` attribute a network that supports it
+        exposes (MedNeXt: every block; Swin UNETR: the Swin blocks).
+        """
+        wanted = self.plugin_settings.checkpointing
+        if wanted is None:
+            return
+        if hasattr(network, 'gradient_checkpointing'):
+            network.gradient_checkpointing = wanted
+        else:
+            self.print_to_log_file(
+                f'!!!!! {settings.CHECKPOINTING}={self.plugin_settings.value(settings.CHECKPOINTING)!r} is not '
+                f'applied: {self.network_name()} has no gradient checkpointing to switch (MedNeXt and Swin UNETR '
+                f'have). Unset it for this trainer. !!!!!')
+
     # ---- the network, from the family's factory ----
 
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                           num_output_channels: int, deep_supervision: bool) -> nn.Module:
-        """The family's network on the configuration's topology (its factory decides how many stages it uses).
+        """The family's network on the configuration's topology, built by its factory on :meth:`network_levels`,
+        with the family's default gradient checkpointing (see :meth:`switch_gradient_checkpointing`).
 
         The network has ``strides`` (per level, the stride into it) and ``kernel_sizes`` attributes.
         """
+        raise NotImplementedError
+
+    @classmethod
+    def network_levels(cls, configuration_manager: ConfigurationManager) -> Levels:
+        """The levels the family's factory builds on this configuration, from its levels function (e.g.
+        ``mednext_levels``), without building the network; raises ShallowPlanError when the plan is too shallow."""
         raise NotImplementedError
 
     @classmethod
@@ -182,10 +214,8 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
     @classmethod
     def network_strides(cls, configuration_manager: ConfigurationManager) -> list[list[int]]:
         """Strides of the network's resolution levels, one list per level, level 0 first, as its factory builds
-        it on this configuration (on the meta device: no memory, no compute)."""
-        with torch.device('meta'):
-            network = cls.network_from_plan(configuration_manager, 1, 2, deep_supervision=False)
-        return [list(stride) for stride in network.strides]
+        it on this configuration (:meth:`network_levels`); the patch check and the deep-supervision scales use it."""
+        return [list(stride) for stride in cls.network_levels(configuration_manager).strides]
 
     @classmethod
     def check_patch_size(cls, configuration_manager: ConfigurationManager) -> None:
@@ -334,7 +364,7 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                     f'the folder to train anew.')
         elif self.current_epoch > self.num_epochs or (self.current_epoch == self.num_epochs
                                                       and self._loaded_checkpoint != 'checkpoint_final.pth'):
-            asked = os.environ.get(settings.EPOCHS, '').strip()
+            asked = self.plugin_settings.value(settings.EPOCHS)
             cause, fix = ((f'{settings.EPOCHS}={asked} asks for {self.num_epochs} epochs',
                            f'Unset {settings.EPOCHS} to continue {type(self).__name__}\'s own schedule, or set it to '
                            f'more than {self.current_epoch}.') if asked else

@@ -12,7 +12,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.networks.mednext import mednext_from_plan
+from nnunet_plugins.networks.mednext import mednext_from_plan, mednext_levels
+from nnunet_plugins.networks.topology import Levels
 from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
@@ -37,8 +38,11 @@ class MedNeXtTrainer(nnUNetTrainerPlugin):
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                           num_output_channels: int, deep_supervision: bool) -> nn.Module:
         return mednext_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager),
-                                 variant=cls.variant, kernel_size=cls.kernel_size, deep_supervision=deep_supervision,
-                                 gradient_checkpointing=settings.flag(settings.CHECKPOINTING))
+                                 variant=cls.variant, kernel_size=cls.kernel_size, deep_supervision=deep_supervision)
+
+    @classmethod
+    def network_levels(cls, configuration_manager: ConfigurationManager) -> Levels:
+        return mednext_levels(*cls.plan_topology(configuration_manager))
 
     @classmethod
     def network_name(cls) -> str:
@@ -110,8 +114,8 @@ class MedNeXtUpKernTrainer(MedNeXtTrainer):
         if own:
             self.print_to_log_file(f'UpKern skipped: this fold already holds {own[0]}, which nnU-Net loads instead')
             return
-        override = os.environ.get(settings.UPKERN_SOURCE, '').strip()
-        source = Path(override).expanduser() if override else self.conventional_source()
+        override = self.plugin_settings.value(settings.UPKERN_SOURCE)
+        source = self.plugin_settings.upkern_source or self.conventional_source()
         if override and not source.is_file():
             raise FileNotFoundError(
                 f'{settings.UPKERN_SOURCE}={override!r} names no file. Set it to the checkpoint file to start from, '

@@ -16,8 +16,8 @@ the authors' MONAI fine-tuning setting (1e-4), with the same iterations (README,
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins import settings
-from nnunet_plugins.networks.swinunetr import swinunetr_from_plan
+from nnunet_plugins.networks.swinunetr import swinunetr_from_plan, swinunetr_levels
+from nnunet_plugins.networks.topology import Levels
 from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
@@ -42,8 +42,11 @@ class nnUNetTrainerSwinUNETR(nnUNetTrainerPlugin):
     @classmethod
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                           num_output_channels: int, deep_supervision: bool) -> nn.Module:
-        return swinunetr_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager),
-                                   gradient_checkpointing=settings.flag(settings.CHECKPOINTING))
+        return swinunetr_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager))
+
+    @classmethod
+    def network_levels(cls, configuration_manager: ConfigurationManager) -> Levels:
+        return swinunetr_levels(*cls.plan_topology(configuration_manager))
 
     @classmethod
     def network_name(cls) -> str:

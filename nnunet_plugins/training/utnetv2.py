@@ -10,7 +10,8 @@ configuration; both against the full-resolution labels.
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
+from nnunet_plugins.networks.topology import Levels
+from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan, utnetv2_levels
 from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
@@ -31,6 +32,10 @@ class nnUNetTrainerUTNetV2(nnUNetTrainerPlugin):
                           num_output_channels: int, deep_supervision: bool) -> nn.Module:
         return utnetv2_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager),
                                  deep_supervision=deep_supervision)
+
+    @classmethod
+    def network_levels(cls, configuration_manager: ConfigurationManager) -> Levels:
+        return utnetv2_levels(*cls.plan_topology(configuration_manager))
 
     @classmethod
     def deep_supervision_scales(cls, configuration_manager: ConfigurationManager) -> list[list[float]]:

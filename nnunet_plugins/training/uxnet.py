@@ -19,7 +19,8 @@ Optimiser: AdamW with poly decay per epoch and nnU-Net's gradient-norm clipping 
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.networks.uxnet import uxnet_from_plan
+from nnunet_plugins.networks.topology import Levels
+from nnunet_plugins.networks.uxnet import uxnet_from_plan, uxnet_levels
 from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
@@ -38,6 +39,10 @@ class nnUNetTrainerUXNet(nnUNetTrainerPlugin):
     def network_from_plan(cls, configuration_manager: ConfigurationManager, num_input_channels: int,
                           num_output_channels: int, deep_supervision: bool) -> nn.Module:
         return uxnet_from_plan(num_input_channels, num_output_channels, *cls.plan_topology(configuration_manager))
+
+    @classmethod
+    def network_levels(cls, configuration_manager: ConfigurationManager) -> Levels:
+        return uxnet_levels(*cls.plan_topology(configuration_manager))
 
     @classmethod
     def network_name(cls) -> str:

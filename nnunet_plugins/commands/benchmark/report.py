@@ -2,7 +2,6 @@
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_plugins.commands.benchmark.peers import PEERS, MONAIMedNeXtPeer, MONAISwinUNETRPeer, trainer_class
@@ -46,12 +45,11 @@ def topology_versus_monai(cls: type, configuration_manager: ConfigurationManager
     """'same' when our network (MedNeXt or Swin UNETR) has the fixed topology of MONAI's on these plans (isotropic 2x
     downsamplings, as many as MONAI's, the kernel on every axis), otherwise what differs."""
     peer = next(peer for peer in PEERS.values() if counterpart(peer) == counterpart(cls))
-    with torch.device('meta'):
-        network = cls.network_from_plan(configuration_manager, 1, 2, deep_supervision=False)
-    ours = [list(stride) for stride in network.strides]
+    levels = cls.network_levels(configuration_manager)
+    ours = [list(stride) for stride in levels.strides]
     if ours != peer.network_strides(configuration_manager):
         return f'differs: the plans give strides {ours}'
-    if any(size == 1 for kernel in network.kernel_sizes for size in kernel):
+    if any(size == 1 for kernel in levels.plan_kernels for size in kernel):
         return 'differs: the plans give kernel size 1 on some axes'
     return 'same'
 

@@ -8,10 +8,8 @@ import numpy as np
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_plugins import settings
 from nnunet_plugins.commands.benchmark.peers import trainer_class
 from nnunet_plugins.macs import forward_macs
-from nnunet_plugins.workspace import environment
 
 ROW_FIELDS = (
     'mode', 'case', 'label', 'name', 'kind', 'trainer', 'plans_name', 'configuration', 'network_class', 'device',
@@ -61,9 +59,8 @@ def probe(network: Network, configuration: str, dataset_json: dict) -> dict:
     configuration_manager = plans_manager.get_configuration(configuration)
     in_channels = determine_num_input_channels(plans_manager, configuration_manager, dataset_json)
     out_channels = plans_manager.get_label_manager(dataset_json).num_segmentation_heads
-    with environment({settings.CHECKPOINTING: None}):
-        model = cls.build_network_architecture(plans_manager, configuration_manager, in_channels, out_channels,
-                                               enable_deep_supervision=False)
+    model = cls.build_network_architecture(plans_manager, configuration_manager, in_channels, out_channels,
+                                           enable_deep_supervision=False)
     patch_size = list(configuration_manager.patch_size)
     return {'network_class': type(model).__name__, 'patch_size': patch_size,
             'batch_size': configuration_manager.batch_size, 'input_channels': in_channels,

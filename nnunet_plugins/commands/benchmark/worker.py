@@ -5,6 +5,7 @@ RESULT`` reads the row's spec (JSON), builds its trainer, times its training ste
 memory, allocator caches or compiled code.
 """
 import ctypes
+import dataclasses
 import json
 import os
 import subprocess
@@ -124,6 +125,8 @@ def _timed_steps(step, spec: dict, device: torch.device) -> dict:
 def _measure_training(spec: dict, device: torch.device) -> dict:
     cls = trainer_class(spec['trainer'])
     trainer = cls({**spec['plans'], 'continue_training': False}, spec['configuration'], 0, spec['dataset_json'], device)
+    if hasattr(trainer, 'plugin_settings'):  # the row's checkpointing; None: the trainer's default
+        trainer.plugin_settings = dataclasses.replace(trainer.plugin_settings, checkpointing=spec['checkpointing'])
     if spec['flip_compile']:
         os.environ['nnUNet_compile'] = 'f' if trainer._do_i_compile() else 't'
     # there is no preprocessed data to pick a dataset class for, and the step does not load any
@@ -199,7 +202,8 @@ def row_spec(row: Row, configuration: str, dataset_json: dict, device: str, step
     """What :func:`measure` needs to know of ``row`` (JSON-serialisable; the row's process reads it)."""
     return {'trainer': row.network.trainer, 'plans': row.network.plans, 'configuration': configuration,
             'dataset_json': dataset_json, 'device': device, 'steps': steps, 'warmup': warmup,
-            'flip_layout': row.flip_layout, 'bf16': row.bf16, 'flip_compile': row.flip_compile, **row.inference}
+            'checkpointing': row.checkpointing, 'flip_layout': row.flip_layout, 'bf16': row.bf16,
+            'flip_compile': row.flip_compile, **row.inference}
 
 
 def run_row(row: Row, configuration: str, dataset_json: dict, device: str, steps: int, warmup: int,
@@ -208,12 +212,10 @@ def run_row(row: Row, configuration: str, dataset_json: dict, device: str, steps
     spec_file, result_file = work / 'spec.json', work / 'result.json'
     spec_file.write_text(json.dumps(row_spec(row, configuration, dataset_json, device, steps, warmup)))
     result_file.unlink(missing_ok=True)
-    env = {name: value for name, value in os.environ.items() if name != 'nnUNet_wandb_enabled'}
+    # the row runs with its trainer's own settings and the row's checkpointing (passed in the spec), not the user's
+    env = {name: value for name, value in os.environ.items()
+           if name != 'nnUNet_wandb_enabled' and name not in settings.VARIABLES}
     env['PYTHONUNBUFFERED'] = '1'
-    if row.checkpointing is not None:
-        env[settings.CHECKPOINTING] = '1' if row.checkpointing else '0'
-    else:
-        env.pop(settings.CHECKPOINTING, None)
     command = [sys.executable, '-m', 'nnunet_plugins.commands.benchmark.worker', str(spec_file), str(result_file)]
     output = deque(maxlen=60)
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
