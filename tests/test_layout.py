@@ -1,6 +1,6 @@
 """The memory layout on a CPU: every network family follows its input's device (channels-last where that was measured
 faster on a CPU, PyTorch's default elsewhere), in training and in nnU-Net's prediction, and is as exact in
-channels-last as in the default layout."""
+channels-last as in the default layout where it is used."""
 import dataclasses
 
 import numpy as np
@@ -54,10 +54,11 @@ def test_channel_norm_is_exact_channels_last_where_pytorchs_group_norm_is_not():
     assert error_pytorch > 50 * error_default  # what ChannelNorm avoids (measured: 7e-4 vs 1e-6)
 
 
-@pytest.mark.parametrize('family', list(FAMILIES))
-def test_each_family_is_as_exact_channels_last_as_in_the_default_layout(family):
+@pytest.mark.parametrize('family', ['MedNeXt-L', 'MedNeXt-S'])
+def test_the_families_laid_out_channels_last_are_as_exact_as_in_the_default_layout(family):
     """Forward and gradients in each layout against a float64 run of the same weights: channels-last no more
-    than twice the default layout's error."""
+    than twice the default layout's error, for the families whose trainers run channels-last on a CPU. (The others
+    keep the default layout: UTNetV2's gradients were 500 times less exact in channels-last on an AMD EPYC CPU.)"""
     torch.manual_seed(0)
     build, patch = FAMILIES[family]
     network = build()
@@ -75,8 +76,10 @@ def test_each_family_is_as_exact_channels_last_as_in_the_default_layout(family):
         output.square().mean().backward()
         pairs = [(p.grad, g) for p, g in zip(network.parameters(), exact_gradients)]
         assert all((a is None) == (b is None) for a, b in pairs)  # the deep-supervision heads get none
-        gradient_error = max(((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                             for a, b in pairs if b is not None)
+        # relative to the network's largest gradient: a tensor whose exact gradient is zero (a bias before a
+        # normalisation) holds rounding noise only, which a per-tensor ratio would blow up to any size
+        scale = max(b.abs().max().item() for _, b in pairs if b is not None)
+        gradient_error = max((a.double() - b).abs().max().item() for a, b in pairs if b is not None) / scale
         errors[layout] = ((output.double() - exact_output).abs().max().item(), gradient_error)
         assert torch.equal(output.argmax(1), exact_output.argmax(1)), layout
     print(family, {k: f'output {v[0]:.1e}, gradient {v[1]:.1e}' for k, v in errors.items()})
