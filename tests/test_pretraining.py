@@ -15,11 +15,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
-from nnunet_plugins import settings, trainers_folder
+from nnunet_plugins import settings, ext_trainer_folder
 from nnunet_plugins.networks.pretraining_heads import PretrainingModel, upsampling_steps
-from nnunet_plugins.training import (
-    PRETRAINERS, nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR,
-    nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
+from nnunet_plugins.registry import plugin_trainers
+from nnunet_plugins.training.base import Role
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
+from nnunet_plugins.training.pretrainers import nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerSwinUNETR_PretrainRCR
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
 from nnunet_plugins.training.proxy_tasks import (
     LOSS_TERMS, MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
@@ -58,12 +62,12 @@ METHODS = {
 
 def pretrainer(supervised: type, method: str) -> type:
     """The pre-training trainer of ``method`` for the network ``supervised`` trains."""
-    return next(t for t in PRETRAINERS if t.__name__ == f'{supervised.__name__}_Pretrain{method}')
+    return next(t for t in plugin_trainers(Role.PRETRAINING) if t.__name__ == f'{supervised.__name__}_Pretrain{method}')
 
 
-@pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize('trainer_class', plugin_trainers(Role.PRETRAINING), ids=lambda c: c.__name__)
 def test_nnunet_finds_each_pretraining_trainer_in_the_shim_folder(trainer_class, monkeypatch):
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
     found = recursive_find_trainer_class_by_name(trainer_class.__name__)
     assert found is trainer_class and pickle.loads(pickle.dumps(found)) is trainer_class
 

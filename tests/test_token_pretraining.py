@@ -13,7 +13,7 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_plugins.networks.token_heads import TokenHead
-from nnunet_plugins.training import (
+from nnunet_plugins.training.pretrainers import (
     nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenCL)
 from nnunet_plugins.training.pretraining import HEADS_KEY, REPORT_FILE
 from nnunet_plugins.training.token_contrast import token_contrastive_loss
