@@ -28,6 +28,16 @@ NUM_TRAINING, NUM_HELDOUT = 10, 3
 # nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
 TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
 TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+# plans of other datasets, for the networks' topology tests
+ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for 128^3 at 1 mm
+ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
+ANISOTROPIC_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+ANISOTROPIC_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+PLANS_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
+PLANS_2D_KERNELS = [[3, 3]] * 7
+# the smallest patch Swin UNETR takes on the tiny dataset's plan (embedding 1x2x2, four 2x2x2 mergings, and a
+# bottleneck of more than one voxel for instance norm)
+SWIN_PATCH = [16, 32, 64]
 # nnU-Net's own trainer with the test schedule of 2 iterations and no closing validation (tests/stock_trainers/, on
 # the workspace's nnUNet_extTrainer): nnUNetTrainer_1epoch, nnU-Net's shortest, trains 250
 STOCK_TRAINERS = Path(__file__).resolve().parent / 'stock_trainers'

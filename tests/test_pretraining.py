@@ -29,8 +29,7 @@ from nnunet_plugins.training.proxy_tasks import (
     LOSS_TERMS, MAX_CUTOUT_FRACTION, allowed_rotations, cutout_mask, make_views, nt_xent, proxy_losses)
 from nnunet_plugins.training.token_contrast import CollapseReading
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
-from test_swinunetr import SWIN_PATCH
+from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES, training_log
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
@@ -276,6 +275,7 @@ def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
 
 # ---- the stock CLI: pre-train, then fine-tune with -pretrained_weights ----
 
+@pytest.mark.e2e
 def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(workspace, tmp_path):
     """RCR pre-training through nnUNetv2_train, then ``-pretrained_weights`` into a ``_Finetune`` trainer: the log
     shows the warm-up learning rates, and the trained encoder is the pre-trained one after three small steps."""

@@ -20,14 +20,11 @@ from nnunet_plugins.networks.swinunetr import (
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
-from helpers import (CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, assert_segments_a_heldout_case,
-                     parameter_count, train_in_process, training_log)
-from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
+from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SWIN_PATCH, TINY_KERNELS,
+                     TINY_STRIDES, assert_segments_a_heldout_case, parameter_count, train_in_process, training_log)
 
 SWIN = 'nnUNetTrainerSwinUNETR'
-# the smallest patch Swin UNETR takes on the tiny dataset's plan (embedding 1x2x2, four 2x2x2 mergings, and a
-# bottleneck of more than one voxel for instance norm), in a configuration of its own made by the swinunetr preset
-SWIN_PATCH = [16, 32, 64]
+# a configuration of the swinunetr preset with SWIN_PATCH (helpers.py) on the tiny dataset
 SWIN_CONFIGURATION = '3d_fullres_swinunetr_ci'
 # monai.networks.nets.SwinUNETR(feature_size=48), 1 input channel, 14 classes; paper 003 Table: 62.2M
 MONAI_PARAMETERS = 62_187_296

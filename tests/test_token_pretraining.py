@@ -184,6 +184,7 @@ def _pretrain_and_check(workspace, trainer: str, term: str) -> tuple[dict, list[
     return pretrained, encoder
 
 
+@pytest.mark.e2e
 def test_stock_cli_token_cl_pretrains_mednext(workspace):
     """Fine-tuning from a pre-training checkpoint is nnU-Net's ``-pretrained_weights`` reading the same
     ``network_weights`` for every method: RCR's test (test_pretraining.py) runs it for MedNeXt, the BYOL test below for
@@ -191,6 +192,7 @@ def test_stock_cli_token_cl_pretrains_mednext(workspace):
     _pretrain_and_check(workspace, 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
 
 
+@pytest.mark.e2e
 def test_stock_cli_token_byol_pretrains_nnunets_network_that_nnunets_own_trainer_starts_from(workspace, make_trainer):
     """BYOL pre-training of nnU-Net's own network through nnUNetv2_train; then what ``nnUNetv2_train -tr
     nnUNetTrainer -pretrained_weights FILE`` does before training (nnU-Net's maybe_load_checkpoint), in this process:

@@ -17,9 +17,8 @@ from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.uxnet import VARIANTS, UXNet, uxnet_from_plan
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
-from helpers import (CONFIGURATION, TINY_KERNELS, TINY_STRIDES, assert_segments_a_heldout_case, parameter_count,
-                     train_in_process, training_log)
-from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
+from helpers import (CONFIGURATION, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, TINY_KERNELS, TINY_STRIDES,
+                     assert_segments_a_heldout_case, parameter_count, train_in_process, training_log)
 
 UXNET = 'nnUNetTrainerUXNet'
 # authors' implementation (MASILab/3DUX-Net), 1 input channel, 14 classes; paper Table 1: 53.0M
