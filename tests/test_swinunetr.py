@@ -291,13 +291,14 @@ def swin_configuration(workspace) -> str:
 @pytest.mark.e2e
 def test_trains_on_the_presets_preprocessed_batches_and_nnunets_predictor_segments(workspace, make_trainer):
     """The 3d preset's configuration, written by `nnunet-plugins plans --preset swinunetr` and preprocessed by
-    nnUNetv2_preprocess (subprocesses), feeds the trainer as nnUNetv2_train builds it on that configuration: two steps
+    nnUNetv2_preprocess (subprocesses), feeds the trainer as nnUNetv2_train builds it on that configuration: a step
     on its augmented batches, then its checkpoint segments a held-out case through nnU-Net's predictor, set up as
     nnUNetv2_predict sets it up. The epoch loop, closing validation and ``--c`` are the trainer base's, shared by
     every family: they run through the stock CLI with MedNeXt (test_stock_cli.py, test_upkern.py)."""
     configuration = swin_configuration(workspace)
-    fold = train_in_process(make_trainer(nnUNetTrainerSwinUNETR, name=configuration))
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    # one step: a Swin UNETR step costs about as much as UX-Net's
+    fold = train_in_process(make_trainer(nnUNetTrainerSwinUNETR, name=configuration), steps=1)
+    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False, mmap=True)
     assert checkpoint['trainer_name'] == SWIN and checkpoint['init_args']['configuration'] == configuration
     assert 'Swin UNETR: strides [(1, 1, 1), (1, 2, 2), (2, 2, 2)' in training_log(fold)
     assert_segments_a_heldout_case(workspace.raw, fold.parent)

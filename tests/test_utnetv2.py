@@ -435,7 +435,7 @@ def test_trains_on_the_datasets_batches_and_nnunets_predictor_segments_with_its_
     """As test_uxnet.py's test of the same name: built as nnUNetv2_train builds it, two steps on the tiny dataset's
     batches, its checkpoint segmenting a held-out case through nnU-Net's predictor."""
     fold = train_in_process(make_trainer(nnUNetTrainerUTNetV2))
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False, mmap=True)
     assert checkpoint['trainer_name'] == TRAINER and checkpoint['init_args']['configuration'] == CONFIGURATION
     assert 'UTNetV2: 4 levels' in training_log(fold)
     assert_segments_a_heldout_case(workspace.raw, fold.parent)

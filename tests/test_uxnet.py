@@ -263,12 +263,13 @@ def test_every_parameter_learns_and_a_batch_of_synthetic_cases_is_fitted(make_tr
 # ---- as nnUNetv2_train and nnUNetv2_predict run it, in this process ----
 
 def test_trains_on_the_datasets_batches_and_nnunets_predictor_segments_with_its_checkpoint(workspace, make_trainer):
-    """The trainer as nnUNetv2_train builds it, two steps on the tiny dataset's augmented batches, its checkpoint;
+    """The trainer as nnUNetv2_train builds it, a step on the tiny dataset's augmented batches, its checkpoint;
     then nnU-Net's predictor, set up from the fold as nnUNetv2_predict sets it up (trainer found by name on
     nnUNet_extTrainer), segments a held-out case. The epoch loop, closing validation and ``--c`` are the trainer
     base's, shared by every family: they run through the stock CLI with MedNeXt (test_stock_cli.py, test_upkern.py)."""
-    fold = train_in_process(make_trainer(nnUNetTrainerUXNet))
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    # one step: a UX-Net step costs 11x the multiply-adds of MedNeXt-S's
+    fold = train_in_process(make_trainer(nnUNetTrainerUXNet), steps=1)
+    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False, mmap=True)
     assert checkpoint['trainer_name'] == UXNET and checkpoint['init_args']['configuration'] == CONFIGURATION
     assert '3D UX-Net: strides' in training_log(fold)
     assert_segments_a_heldout_case(workspace.raw, fold.parent)
