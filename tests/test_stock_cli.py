@@ -59,9 +59,9 @@ def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
 # test_upkern.py.
 
 def _stopped_run(make_trainer, checkpoint: str):
-    """A fresh MedNeXt-S trainer whose fold folder holds a final checkpoint saved after one epoch (of two steps, in
+    """A fresh MedNeXt-S trainer whose fold folder holds a final checkpoint saved after one epoch (of one step, in
     this process) as ``checkpoint``."""
-    fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS))
+    fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS), steps=1)
     (fold / 'checkpoint_final.pth').rename(fold / checkpoint)
     return make_trainer(nnUNetTrainerMedNeXtS), fold
 
