@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name='nnunet-plugins',
@@ -7,14 +7,9 @@ setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
-    packages=['nnunet_plugins', 'nnunet_plugins.networks', 'nnunet_plugins.training', 'nnunet_plugins.pretraining',
-              'nnunet_plugins.commands',
-              'nnunet_plugins.commands.benchmark', 'nnunet_plugins.commands.evaluate', 'nnunet_plugins.trainers',
-              'nnunet_plugins.plans',
-              'nnunet_plugins.weights'],
-    # the shim folder for nnUNet_extTrainer and the plans presets live at the top of the repository and are
-    # installed inside the package
-    package_dir={'nnunet_plugins.trainers': 'trainers', 'nnunet_plugins.plans': 'plans'},
+    # every package below nnunet_plugins; the plans presets live at the top of the repository, installed inside it
+    packages=find_packages(include=['nnunet_plugins', 'nnunet_plugins.*']) + ['nnunet_plugins.plans'],
+    package_dir={'nnunet_plugins.plans': 'plans'},
     package_data={'nnunet_plugins.plans': ['*.json', 'README.md']},
     install_requires=[
         # 2.8 brought nnUNet_extTrainer and the 2.7 trainer signature; 2.9 may change the trainer

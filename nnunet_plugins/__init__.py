@@ -4,12 +4,7 @@ import os
 __version__ = '0.1.0'
 
 
-def trainers_folder() -> str:
-    """The folder of trainer shim modules that belongs in ``nnUNet_extTrainer``.
-
-    A regular install puts the repository's ``trainers/`` inside the package; in a source checkout
-    (editable install included) it stays beside the package.
-    """
-    package = os.path.dirname(os.path.abspath(__file__))
-    installed = os.path.join(package, 'trainers')
-    return installed if os.path.isdir(installed) else os.path.join(os.path.dirname(package), 'trainers')
+def ext_trainer_folder() -> str:
+    """The folder that belongs in ``nnUNet_extTrainer``: the package's ``nnUNet_extTrainer/``, whose shim module
+    lets nnU-Net's trainer search find the plugin trainers by name."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nnUNet_extTrainer')

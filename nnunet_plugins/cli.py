@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from nnunet_plugins import __version__, trainers_folder
+from nnunet_plugins import __version__, ext_trainer_folder
 
 
 def _whole_number_of_at_least(minimum: int, words: str):
@@ -53,13 +53,14 @@ def _fail(command: str, message: str) -> SystemExit:
 
 def _trainers(args: argparse.Namespace) -> int:
     if args.path:
-        print(trainers_folder())
+        print(ext_trainer_folder())
         return 0
-    from nnunet_plugins.training import PRETRAINERS, TRAINERS
-    width = max(len(t.__name__) for t in TRAINERS + PRETRAINERS)
-    for trainer in TRAINERS + PRETRAINERS:
+    from nnunet_plugins.registry import plugin_trainers
+    trainers = plugin_trainers()
+    width = max(len(t.__name__) for t in trainers)
+    for trainer in trainers:
         print(f'{trainer.__name__:<{width}}  {trainer.__doc__.strip().splitlines()[0]}')
-    print(f'\nnnU-Net finds them once this is set:\n  export nnUNet_extTrainer={trainers_folder()}')
+    print(f'\nnnU-Net finds them once this is set:\n  export nnUNet_extTrainer={ext_trainer_folder()}')
     return 0
 
 
@@ -71,9 +72,10 @@ def _doctor(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     import torch
     from nnunet_plugins import synthetic
-    from nnunet_plugins.commands.demo import find_trainer, run_demo
+    from nnunet_plugins.commands.demo import run_demo
+    from nnunet_plugins.commands.lookup import trainer_named
     try:
-        find_trainer(args.trainer)
+        trainer_named(args.trainer, '--trainer')
     except ValueError as error:
         raise _fail('demo', str(error)) from None
     device = args.device

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-from nnunet_plugins import trainers_folder
+from nnunet_plugins import ext_trainer_folder
 
 NNUNET_FOLDERS = ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results')
 
@@ -21,8 +21,8 @@ def nnunet_environment(root: str | Path, processes: int = 1, base: Mapping[str, 
     env = dict(os.environ if base is None else base)
     for variable in NNUNET_FOLDERS:
         env[variable] = str(Path(root).resolve() / variable)
-    others = [p for p in env.get('nnUNet_extTrainer', '').split(os.pathsep) if p and p != trainers_folder()]
-    env['nnUNet_extTrainer'] = os.pathsep.join([trainers_folder(), *others])
+    others = [p for p in env.get('nnUNet_extTrainer', '').split(os.pathsep) if p and p != ext_trainer_folder()]
+    env['nnUNet_extTrainer'] = os.pathsep.join([ext_trainer_folder(), *others])
     env['nnUNet_n_proc_DA'] = str(processes)
     env['nnUNet_def_n_proc'] = str(processes)
     env['PYTHONUNBUFFERED'] = '1'

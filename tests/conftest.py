@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from nnunet_plugins import settings, synthetic, trainers_folder
+from nnunet_plugins import settings, synthetic, ext_trainer_folder
 from nnunet_plugins.workspace import nnunet_environment
 
 from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, NUM_HELDOUT, NUM_TRAINING, STOCK_TRAINERS, Workspace
@@ -37,14 +37,16 @@ def make_trainer(workspace, tmp_path, monkeypatch):
     """Build a trainer the way nnUNetv2_train does, writing its fold folder under tmp_path."""
     monkeypatch.setenv('nnUNet_preprocessed', workspace.env['nnUNet_preprocessed'])
     monkeypatch.setenv('nnUNet_results', str(tmp_path))
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
+    monkeypatch.setenv('nnUNet_n_proc_DA', '0')  # data loading in this process: no augmentation workers to start
     for variable in settings.VARIABLES:
         monkeypatch.delenv(variable, raising=False)
 
-    def make(trainer_class, configuration: dict | None = None, device: str = 'cpu'):
+    def make(trainer_class, configuration: dict | None = None, device: str = 'cpu', name: str = CONFIGURATION):
+        """``trainer_class`` on fold 0 of plans configuration ``name``, updated with ``configuration``."""
         plans = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())
-        plans['configurations'][CONFIGURATION].update(configuration or {})
+        plans['configurations'][name].update(configuration or {})
         plans['continue_training'] = False
         dataset_json = json.loads((workspace.preprocessed / 'dataset.json').read_text())
-        return trainer_class(plans, CONFIGURATION, 0, dataset_json, torch.device(device))
+        return trainer_class(plans, name, 0, dataset_json, torch.device(device))
     return make

@@ -3,6 +3,7 @@
 (Fixtures live in conftest.py.)
 """
 import glob
+import json
 import os
 import subprocess
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_plugins import settings, synthetic
@@ -26,10 +28,23 @@ NUM_TRAINING, NUM_HELDOUT = 10, 3
 # nnU-Net's 3d_fullres plan for the tiny dataset: three downsamplings, the first in-plane only
 TINY_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]]
 TINY_KERNELS = [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+# plans of other datasets, for the networks' topology tests
+ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for 128^3 at 1 mm
+ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
+ANISOTROPIC_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
+ANISOTROPIC_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
+PLANS_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
+PLANS_2D_KERNELS = [[3, 3]] * 7
+# the smallest patch Swin UNETR takes on the tiny dataset's plan (embedding 1x2x2, four 2x2x2 mergings, and a
+# bottleneck of more than one voxel for instance norm)
+SWIN_PATCH = [16, 32, 64]
 # nnU-Net's own trainer with the test schedule of 2 iterations and no closing validation (tests/stock_trainers/, on
 # the workspace's nnUNet_extTrainer): nnUNetTrainer_1epoch, nnU-Net's shortest, trains 250
 STOCK_TRAINERS = Path(__file__).resolve().parent / 'stock_trainers'
 STOCK_TRAINER = 'nnUNetTrainer_1epoch_2iterations'
+# the plugin trainer that runs through nnU-Net's CLIs (training, validation, prediction, ensembling, --c)
+MEDNEXT = 'nnUNetTrainerMedNeXtS'
+UPKERN = 'nnUNetTrainerMedNeXtS_k5_UpKern'  # started from MEDNEXT's fold 0; its fold 0 is continued with --c
 
 
 @dataclass
@@ -38,6 +53,7 @@ class Workspace:
     raw: Path
     env: dict
     _trained: dict = field(default_factory=dict)
+    _runs: dict = field(default_factory=dict)  # what each of _trained was run with
 
     @property
     def preprocessed(self) -> Path:
@@ -53,13 +69,22 @@ class Workspace:
 
     def train(self, trainer: str, fold, epochs: int = 1, iterations: int = 2, configuration: str = CONFIGURATION,
               extra: tuple = ()) -> Path:
-        """Train ``trainer`` on ``fold`` through ``nnUNetv2_train`` once per session; return the fold folder."""
+        """Train ``trainer`` on ``fold`` through ``nnUNetv2_train`` once per session; return the fold folder.
+
+        A second call with the same trainer, fold and configuration must ask for the same run (epochs, iterations,
+        extra arguments): the fold folder holds one run, so another would be refused by nnU-Net or overwrite it."""
         key = (trainer, str(fold), configuration)
+        run = (epochs, iterations, tuple(map(str, extra)))
+        if key in self._runs and self._runs[key] != run:
+            raise ValueError(f'{trainer} fold {fold} ({configuration}) was trained in this session with (epochs, '
+                             f'iterations, extra) = {self._runs[key]}, not {run}; give the test its own trainer, fold '
+                             f'or results folder')
         if key not in self._trained:
             env = {**self.env, settings.EPOCHS: str(epochs), settings.ITERATIONS: str(iterations)}
             self.run('nnUNetv2_train', DATASET_ID, configuration, fold, '-tr', trainer, '-device', 'cpu', *extra,
                      env=env)
             self._trained[key] = self.results(trainer, configuration) / f'fold_{fold}'
+            self._runs[key] = run
         return self._trained[key]
 
     def predict_and_ensemble(self, trainers, out: Path, *extra) -> list[Path]:
@@ -89,6 +114,37 @@ class Workspace:
             np.testing.assert_array_equal(read_labels(ensemble / case),
                                           np.argmax(np.mean(probabilities, axis=0), axis=0))
         return folders
+
+
+def train_in_process(trainer: nnUNetTrainer, steps: int = 2) -> Path:
+    """What ``nnUNetv2_train`` does with a trainer, in this process and cut short: ``trainer`` (built by the
+    ``make_trainer`` fixture) initialised, ``steps`` training steps on batches of its own data loader (the preprocessed
+    cases, augmented; single-threaded, as the fixture sets ``nnUNet_n_proc_DA=0``), each loss finite, then
+    ``checkpoint_final.pth`` in the fold folder and ``plans.json`` and ``dataset.json`` beside it, where nnU-Net's
+    predictor reads them. Returns the fold folder.
+
+    nnUNetv2_train's epoch loop and closing validation are nnU-Net's, run by the MedNeXt trainer through the CLI
+    (test_stock_cli.py)."""
+    trainer.initialize()
+    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
+    trainer.network.train()
+    for _ in range(steps):
+        loss = trainer.train_step(next(trainer.dataloader_train))['loss']
+        assert np.isfinite(loss), loss
+    base = Path(trainer.output_folder_base)
+    (base / 'plans.json').write_text(json.dumps(trainer.plans_manager.plans))
+    (base / 'dataset.json').write_text(json.dumps(trainer.dataset_json))
+    trainer.save_checkpoint(str(Path(trainer.output_folder) / 'checkpoint_final.pth'))
+    return Path(trainer.output_folder)
+
+
+def assert_segments_a_heldout_case(raw: Path, model_folder: Path, fold=0) -> None:
+    """nnU-Net's predictor (:func:`trained_predictor`) segments the first held-out image of ``raw`` on its own grid
+    with labels of the dataset (every case goes through nnUNetv2_predict in test_stock_cli.py)."""
+    images = sorted((raw / 'imagesTs').glob('*.nii.gz'))[:1]
+    for image, segmentation in zip(images, segment(trained_predictor(model_folder, fold), images), strict=True):
+        assert segmentation.shape == read_labels(raw / 'labelsTs' / image.name.replace('_0000', '')).shape
+        assert set(np.unique(segmentation)) <= set(synthetic.LABELS.values())
 
 
 def trained_predictor(model_folder: Path, fold=0) -> nnUNetPredictor:

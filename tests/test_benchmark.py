@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return result, out
 
 
+@pytest.mark.e2e
 def test_json_has_every_field_for_every_row_and_a_reason_for_every_null(tiny_run):
     _, out = tiny_run
     rows = json.loads((out / 'benchmark.json').read_text())['rows']
@@ -118,6 +119,7 @@ def test_a_prediction_is_compared_with_nnunets_own_network_and_the_other_layout_
     assert len(result['step_times_s']) == 1 and result['step_cpu_times_s'][0] > 0
 
 
+@pytest.mark.e2e
 def test_report_table_ratios_and_chart(tiny_run):
     result, out = tiny_run
     report = (out / 'benchmark.md').read_text()
@@ -174,11 +176,10 @@ def test_papers_setting_plans_macs_and_monai_sizes():
     assert topology_versus_monai(trainer_class('nnUNetTrainerSwinUNETR'), configuration_manager) == 'same'
 
 
-def test_default_trainers_leave_out_upkern_and_finetune_and_reach_every_other_plugin_trainer():
-    from nnunet_plugins.training import TRAINERS
+def test_default_trainers_are_the_supervised_ones_each_network_once():
     names = default_trainers()
-    assert names == [t.__name__ for t in TRAINERS if not t.__name__.endswith(('_UpKern', '_Finetune'))]
-    assert 'nnUNetTrainerMedNeXtL_k5' in names and not any(name.endswith(('_UpKern', '_Finetune')) for name in names)
+    assert names == [f'nnUNetTrainerMedNeXt{v}{k}' for k in ('', '_k5') for v in 'SBML'] + [
+        'nnUNetTrainerSwinUNETR', 'nnUNetTrainerUTNetV2', 'nnUNetTrainerUXNet']
 
 
 @pytest.mark.parametrize('args, message', [
@@ -193,6 +194,7 @@ def test_errors_say_what_is_wrong_before_anything_runs(args, message, tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.e2e
 def test_dataset_plans_are_read_and_nothing_lands_in_nnunet_results(workspace):
     """A planned dataset: the rows train at its (anisotropic) plan; ResEnc L is derived for the same patch because
     the dataset has no ResEnc L plans; the trainers' log folders go to a temporary folder, not nnUNet_results."""
@@ -241,9 +243,8 @@ def test_bad_arguments_fail_before_any_work_with_a_message(args, code, message, 
     assert not out.exists()
 
 
-def test_plans_words_the_same_mistake_the_same_way():
-    result = subprocess.run([COMMAND, 'plans', '4', '--preset', 'mednext', '--batch', '0'], capture_output=True,
-                            text=True, stdin=subprocess.DEVNULL)
+def test_plans_words_the_same_mistake_the_same_way(capsys):
+    result = run_cli(capsys, 'plans', '4', '--preset', 'mednext', '--batch', '0')
     assert result.returncode == 2 and "argument --batch: '0' is not a positive whole number" in result.stderr
 
 
@@ -256,6 +257,7 @@ def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path, capsys):
     assert 'needs at least 4 resolution levels' in (tmp_path / 'benchmark.md').read_text()
 
 
+@pytest.mark.e2e
 def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path):
     """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows): every field, a reason for every
     null, and the CPU time the ratios use. (The other layout's row and the baseline beside it by default: in-process

@@ -8,7 +8,7 @@ from nnunet_plugins.networks.mednext import mednext_from_plan
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL_k5, nnUNetTrainerMedNeXtS
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
-from test_swinunetr import SWIN_PATCH
+from helpers import SWIN_PATCH
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 

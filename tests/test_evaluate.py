@@ -23,9 +23,7 @@ from nnunet_plugins.commands.evaluate.metrics import bounding_box, case_metrics,
     region_metrics
 from nnunet_plugins.commands.evaluate.statistics import paired_test, summary
 
-from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME
-from test_stock_cli import MEDNEXT
-from test_uxnet import UXNET, UXNET_ITERATIONS
+from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, MEDNEXT, UPKERN
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 LABELS = {'background': 0, 'organ': 1, 'lesion': 2}
@@ -370,10 +368,13 @@ def test_2d_images_are_read_as_2d(tmp_path):
 
 # ---- the stock CLI on the tiny dataset's cross-validation ----
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings('ignore:invalid value encountered:RuntimeWarning')  # scipy on all-zero differences
 def test_cross_validation_of_two_trainers_through_the_stock_cli(workspace):
-    folds = {MEDNEXT: workspace.train(MEDNEXT, 0), UXNET: workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)}
-    result = subprocess.run([COMMAND, 'evaluate', str(DATASET_ID), '-tr', MEDNEXT, UXNET, '-c', CONFIGURATION,
+    """MedNeXt-S and its UpKern run, the two plugin trainers whose folds nnUNetv2_train trains and validates in the
+    suite (test_stock_cli.py, test_upkern.py; memoised, so the same runs)."""
+    folds = {MEDNEXT: workspace.train(MEDNEXT, 0), UPKERN: workspace.train(UPKERN, 0)}
+    result = subprocess.run([COMMAND, 'evaluate', str(DATASET_ID), '-tr', MEDNEXT, UPKERN, '-c', CONFIGURATION,
                              '-f', '0', '--baseline', MEDNEXT, '-np', '2'],
                             env=workspace.env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
@@ -392,17 +393,17 @@ def test_cross_validation_of_two_trainers_through_the_stock_cli(workspace):
     rows = list(csv.DictReader((out / 'evaluation.csv').open()))
     assert len(rows) == 2 * len(split) * len(names)
     for test in evaluation['tests']:  # p-values against scipy on the CSV's numbers
-        assert test['model'].startswith(UXNET) and test['baseline'].startswith(MEDNEXT)
+        assert test['model'].startswith(UPKERN) and test['baseline'].startswith(MEDNEXT)
         column = test['metric'] if test['metric'] != 'hd95' else 'hd95_mm'
         values = {trainer: [float(r[column] or 'nan') for r in rows if r['label'] == test['label']
-                                 and r['trainer'] == trainer] for trainer in (MEDNEXT, UXNET)}
-        keep = [not (math.isnan(a) or math.isnan(b)) for a, b in zip(values[UXNET], values[MEDNEXT])]
+                                 and r['trainer'] == trainer] for trainer in (MEDNEXT, UPKERN)}
+        keep = [not (math.isnan(a) or math.isnan(b)) for a, b in zip(values[UPKERN], values[MEDNEXT])]
         if any(keep):
-            pairs = np.array([values[UXNET], values[MEDNEXT]])[:, keep]
+            pairs = np.array([values[UPKERN], values[MEDNEXT]])[:, keep]
             assert test['p_value'] == pytest.approx(float(wilcoxon(pairs[0], pairs[1]).pvalue))
     assert len(evaluation['tests']) == len(names) * 3
     table = (out / 'evaluation.md').read_text()
-    assert f'| {MEDNEXT} (baseline) |' in table and f'| {UXNET} |' in table and ', p ' in table
+    assert f'| {MEDNEXT} (baseline) |' in table and f'| {UPKERN} |' in table and ', p ' in table
     assert table.count('| model | organ | vessel | lesion |') == 3 and '**' in table
     assert table in result.stdout
     assert (out / 'evaluation.png').read_bytes()[:4] == b'\x89PNG'

@@ -20,8 +20,8 @@ from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_Finetune
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler, warmup_poly_lr
 from nnunet_plugins.weights import CheckpointError, WeightTransferError, adapt_checkpoint, transfer_weights
 
-from helpers import CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, training_log
-from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
+from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, TINY_KERNELS, TINY_STRIDES,
+                     training_log)
 from test_swinunetr import SMALL, released_format, small_monai
 
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
@@ -256,6 +256,7 @@ def test_cli_refuses_to_overwrite_and_reports_errors_by_file(dataset_folders, tm
 
 # ---- the console command ----
 
+@pytest.mark.e2e
 def test_adapt_weights_command_writes_what_stock_pretrained_weights_loads(workspace, dataset_folders, tmp_path):
     """``nnunet-plugins adapt-weights`` as a user runs it; nnU-Net's own -pretrained_weights loader then takes its file
     into the network the trainer builds, the marked encoder unchanged. Fine-tuning through nnUNetv2_train with a

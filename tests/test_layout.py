@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_plugins import trainers_folder
 from nnunet_plugins.networks.layout import follow_device_layout, memory_layout
 from nnunet_plugins.networks.mednext import ChannelNorm, mednext_from_plan
 from nnunet_plugins.networks.swinunetr import VARIANTS as SWINUNETR_VARIANTS, swinunetr_from_plan
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.registry import plugin_trainers
+from nnunet_plugins.training.base import Role
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
 
-from helpers import TINY_KERNELS, TINY_STRIDES, read_labels, segment, trained_predictor
+from helpers import TINY_KERNELS, TINY_STRIDES, read_labels, segment, train_in_process, trained_predictor
 
 PATCH = (14, 32, 32)
 SWINUNETR_PATCH = (16, 32, 64)  # a multiple of its 1x2x2 embedding times 16, bottleneck 1x1x2 (more than one voxel)
@@ -98,7 +99,7 @@ def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
 
 
 def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
-    for trainer_class in TRAINERS:
+    for trainer_class in plugin_trainers(Role.SUPERVISED, Role.UPKERN, Role.FINETUNE):
         trainer = make_trainer(trainer_class, {'patch_size': list(SWINUNETR_PATCH)})  # one patch every family takes
         network = trainer_class.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4,
                                                            enable_deep_supervision=False)
@@ -107,11 +108,11 @@ def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
         assert network.cpu_layout == trainer_class.cpu_layout == expected, trainer_class.__name__
 
 
-def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace, monkeypatch):
-    """nnUNetPredictor (what nnUNetv2_predict runs) on a trained MedNeXt-S: channels-last without being asked, and
-    the same segmentation of every held-out case as in PyTorch's default layout."""
-    fold = workspace.train('nnUNetTrainerMedNeXtS', 0)
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+def test_nnunets_predictor_runs_channels_last_and_segments_as_the_default_layout(workspace, make_trainer):
+    """nnUNetPredictor (what nnUNetv2_predict runs) on a MedNeXt-S checkpoint (two steps, saved in-process):
+    channels-last without being asked, and the same segmentation of every held-out case as in PyTorch's default
+    layout."""
+    fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS))
     predictor = trained_predictor(fold.parent)
     images = sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))
     segmentations = {}

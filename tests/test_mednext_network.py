@@ -8,15 +8,10 @@ from nnunet_plugins.networks import mednext as mednext_module
 from nnunet_plugins.networks.mednext import MedNeXt, mednext_from_plan, mednext_levels
 from nnunet_plugins.networks.topology import ShallowPlanError
 
-from helpers import parameter_count
+from helpers import (ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, PLANS_2D_KERNELS,
+                     PLANS_2D_STRIDES, parameter_count)
 
-ISOTROPIC_STRIDES = [[1, 1, 1]] + [[2, 2, 2]] * 5  # what nnU-Net plans for 128^3 at 1 mm
-ISOTROPIC_KERNELS = [[3, 3, 3]] * 6
 # nnU-Net's plan for the synthetic CT-like data: in-plane pooling first, kernel 1 along z at full resolution
-ANISOTROPIC_STRIDES = [[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]]
-ANISOTROPIC_KERNELS = [[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-PLANS_2D_STRIDES = [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]]
-PLANS_2D_KERNELS = [[3, 3]] * 7
 
 # authors' implementation, 1 input channel, 14 classes, all heads; it also counts one dummy scalar
 REFERENCE_PARAMETERS = {

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunet_plugins import trainers_folder
+from nnunet_plugins import ext_trainer_folder
 from nnunet_plugins.cli import build_parser
-from nnunet_plugins.training import PRETRAINERS, TRAINERS
+from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.workspace import NNUNET_FOLDERS
 
 from helpers import run_cli
@@ -32,26 +32,29 @@ def wheel(tmp_path_factory) -> Path:
     return next(out.glob('nnunet_plugins-*.whl'))
 
 
+@pytest.mark.e2e
 def test_wheel_holds_the_package_and_the_trainer_shims(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {'nnunet_plugins/cli.py', 'nnunet_plugins/networks/mednext.py', 'nnunet_plugins/training/mednext.py',
-            'nnunet_plugins/trainers/__init__.py', 'nnunet_plugins/trainers/nnunet_plugins_trainers.py',
+            'nnunet_plugins/nnUNet_extTrainer/__init__.py',
+            'nnunet_plugins/nnUNet_extTrainer/nnunet_plugins_trainers.py',
             'nnunet_plugins/commands/plans.py', 'nnunet_plugins/commands/benchmark/worker.py',
             'nnunet_plugins/commands/evaluate/metrics.py'} <= names
     presets = ('mednext', 'mednext-2d', 'uxnet', 'utnetv2-bcv', 'swinunetr')
     assert {f'nnunet_plugins/plans/{preset}.json' for preset in presets} <= names
-    assert not any(name.startswith(('tests/', 'trainers/', 'plans/')) for name in names)
+    assert not any(name.startswith(('tests/', 'plans/')) for name in names)
 
 
+@pytest.mark.e2e
 def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
     target = tmp_path / 'site'
     result = run(sys.executable, '-m', 'pip', 'install', '--no-deps', '--target', str(target), str(wheel))
     assert result.returncode == 0, result.stderr
-    shim_folder = target / 'nnunet_plugins' / 'trainers'
+    shim_folder = target / 'nnunet_plugins' / 'nnUNet_extTrainer'
     env = {**os.environ, 'PYTHONPATH': str(target), 'nnUNet_extTrainer': str(shim_folder)}
     script = ('import nnunet_plugins; from nnunetv2.utilities.find_objects import '
               'recursive_find_trainer_class_by_name as find; '
-              'c = find("nnUNetTrainerMedNeXtL_k5"); print(nnunet_plugins.trainers_folder(), c.__module__)')
+              'c = find("nnUNetTrainerMedNeXtL_k5"); print(nnunet_plugins.ext_trainer_folder(), c.__module__)')
     result = run(sys.executable, '-c', script, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     folder, module = result.stdout.strip().splitlines()[-1].split()
@@ -66,13 +69,13 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
     assert names == ['mednext', 'mednext-2d', 'swinunetr', 'utnetv2-bcv', 'uxnet']
 
 
-def test_every_subcommand_has_help():
+def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     subcommands = parser._subparsers._group_actions[0].choices
     assert set(subcommands) == {'trainers', 'doctor', 'demo', 'plans', 'benchmark', 'evaluate', 'adapt-weights',
                                 'add-unlabeled'}
-    for name in subcommands:
-        result = run(COMMAND, name, '--help')
+    for name in subcommands:  # as the console script parses them, in-process; it runs as a script below
+        result = run_cli(capsys, name, '--help')
         assert result.returncode == 0 and result.stdout.startswith(f'usage: nnunet-plugins {name}')
 
 
@@ -80,11 +83,15 @@ def test_trainers_lists_every_trainer_with_a_description(capsys):
     result = run_cli(capsys, 'trainers')
     assert result.returncode == 0
     lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith('nnUNetTrainer')}
-    assert sorted(lines) == sorted(t.__name__ for t in TRAINERS + PRETRAINERS)
+    assert list(lines) == [t.__name__ for t in plugin_trainers()]
     assert 'MedNeXt-L, kernel 5' in lines['nnUNetTrainerMedNeXtL_k5']
     assert 'for nnUNetTrainerSwinUNETR' in lines['nnUNetTrainerSwinUNETR_PretrainRCR']
+
+
+@pytest.mark.e2e
+def test_the_console_script_prints_the_folder_for_nnunet_exttrainer():
     path = run(COMMAND, 'trainers', '--path').stdout.strip()  # the README's export line, as a shell runs it
-    assert path == trainers_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
+    assert path == ext_trainer_folder() and (Path(path) / 'nnunet_plugins_trainers.py').is_file()
 
 
 def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path, monkeypatch, capsys):
@@ -93,9 +100,9 @@ def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path, monkeypatch, cap
     result = run_cli(capsys, 'doctor')
     assert result.returncode == 1
     assert '[FAIL] nnUNet_results is not set' in result.stdout
-    assert f'fix: export nnUNet_extTrainer={trainers_folder()}' in result.stdout
+    assert f'fix: export nnUNet_extTrainer={ext_trainer_folder()}' in result.stdout
 
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
     for variable in NNUNET_FOLDERS:
         (tmp_path / variable).mkdir()
         monkeypatch.setenv(variable, str(tmp_path / variable))
@@ -104,6 +111,7 @@ def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path, monkeypatch, cap
     assert 'nnU-Net finds the plugin trainers' in result.stdout and 'all checks passed' in result.stdout
 
 
+@pytest.mark.e2e
 def test_demo_pipeline_runs_end_to_end_and_mednext_learns_the_organ(tmp_path):
     """The demo on tiny volumes, 4 epochs x 20 iterations on fold 0 (4 of 5 cases): a real learning check, the
     large organ is segmented on the unseen held-out cases."""

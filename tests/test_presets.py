@@ -21,7 +21,7 @@ from nnunet_plugins import presets, synthetic
 from nnunet_plugins.commands import plans as plans_command
 from nnunet_plugins.commands.plans import PRESET_KEY, add_preset
 from nnunet_plugins.presets import PresetError
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.registry import plugin_trainer, plugin_trainers
 
 from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, run_cli, segment, trained_predictor
 
@@ -49,13 +49,13 @@ def test_presets_hold_the_papers_settings_and_name_existing_trainers():
     assert 'Sec. 3.1' in found['mednext'].source and 'Table 4' in found['uxnet'].source
     assert 'BCV' in found['utnetv2-bcv'].source
     assert 'SwinUNETR/BTCV' in found['swinunetr'].source and 'num_samples=4' in found['swinunetr'].source
-    registered = {trainer.__name__ for trainer in TRAINERS}
+    registered = {trainer.__name__ for trainer in plugin_trainers()}
     for preset in found.values():
         assert set(preset.trainers) <= registered, f'{preset.name} names trainers that are not registered'
 
 
-def test_list_shows_every_preset_with_its_source():
-    result = subprocess.run([COMMAND, 'plans', '--list'], capture_output=True, text=True)
+def test_list_shows_every_preset_with_its_source(capsys):
+    result = run_cli(capsys, 'plans', '--list')
     assert result.returncode == 0, result.stderr
     for preset in presets.load_presets().values():
         assert f'{preset.name}: adds {preset.configuration} (inherits_from {preset.inherits_from})' in result.stdout
@@ -172,9 +172,8 @@ def test_preset_adds_its_configuration_with_nnunet_topology(nnunet_env, plans_co
     # the stock U-Net and every trainer of the preset take the configuration at the paper's full patch
     output_shape = (1, 4, *expected['patch_size'])
     assert _build_on_meta(plans, preset.configuration).shape == output_shape
-    trainers = {t.__name__: t for t in TRAINERS}
-    for trainer_name in preset.trainers:
-        assert _build_on_meta(plans, preset.configuration, trainers[trainer_name]).shape == output_shape, trainer_name
+    for name in preset.trainers:
+        assert _build_on_meta(plans, preset.configuration, plugin_trainer(name)).shape == output_shape, name
 
     text = plans_command.describe_added(added)
     assert f'nnUNetv2_preprocess -d {DATASET_ID} -c {preset.configuration} -plans_name nnUNetPlansPresetTest' in text
@@ -270,6 +269,7 @@ def _checksums(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.e2e
 def test_resenc_plans_keep_their_architecture_and_get_their_own_data(nnunet_env):
     """ResEnc planners give 3d_fullres the default plans' data folder; the preset must not reuse it."""
     workspace = nnunet_env
@@ -299,6 +299,7 @@ def test_resenc_plans_keep_their_architecture_and_get_their_own_data(nnunet_env)
     assert len(list((workspace.preprocessed / config['data_identifier']).glob('*.pkl'))) == NUM_TRAINING
 
 
+@pytest.mark.e2e
 def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second_one(nnunet_env, capsys):
     workspace = nnunet_env
     plans_file = workspace.preprocessed / 'nnUNetPlans.json'
@@ -322,11 +323,12 @@ def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second
     assert plans_file.read_bytes() == written
 
 
+@pytest.mark.e2e
 def test_stock_clis_preprocess_and_train_a_preset_configuration_that_then_predicts(nnunet_env, monkeypatch):
     """A preset's own code path is the configuration it writes, the same for every preset; the 2d one runs end to
-    end here, at a spacing and patch small enough for a CPU (one sliding window per image). A 3d preset's runs end to
-    end as Swin UNETR's configuration (``plans --preset swinunetr``, preprocessed, trained in test_swinunetr.py,
-    segmented by nnU-Net's predictor in test_stock_cli.py); every preset's trainers are built on its configuration
+    end here, at a spacing and patch small enough for a CPU (one sliding window per image). A 3d preset's goes through
+    the same commands as Swin UNETR's configuration (``plans --preset swinunetr``, preprocessed, its batches trained
+    on and segmented with in-process in test_swinunetr.py); every preset's trainers are built on its configuration
     above."""
     workspace = nnunet_env
     trainer = 'nnUNetTrainerMedNeXtS'

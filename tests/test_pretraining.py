@@ -15,7 +15,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
-from nnunet_plugins import settings, trainers_folder
+from nnunet_plugins import ext_trainer_folder, settings
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.pretraining.rcr_heads import RCRModel, upsampling_steps
 from nnunet_plugins.pretraining.rcr_views import (
@@ -25,13 +25,15 @@ from nnunet_plugins.pretraining.token_heads import TokenHead
 from nnunet_plugins.pretraining.token_losses import CollapseReading, token_contrastive_loss
 from nnunet_plugins.pretraining.trainer import REPORT_FILE
 from nnunet_plugins.registry import plugin_trainers
-from nnunet_plugins.training import (
-    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL,
-    nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR, nnUNetTrainerUTNetV2, nnUNetTrainerUXNet)
 from nnunet_plugins.training.base import Role
+from nnunet_plugins.training.mednext import (
+    nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL)
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, TINY_KERNELS, TINY_STRIDES, training_log
-from test_swinunetr import SWIN_PATCH
+from helpers import (
+    CONFIGURATION, DATASET_ID, NUM_TRAINING, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES, training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
@@ -69,7 +71,7 @@ def pretrainer(supervised: type, method: str) -> type:
 
 @pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
 def test_nnunet_finds_each_pretraining_trainer_in_the_shim_folder(trainer_class, monkeypatch):
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
     found = recursive_find_trainer_class_by_name(trainer_class.__name__)
     assert found is trainer_class and pickle.loads(pickle.dumps(found)) is trainer_class
     assert found.__module__.startswith('nnunet_plugins.training.')  # declared beside the network it pre-trains
@@ -349,6 +351,7 @@ def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
 
 # ---- the stock CLI: pre-train, then fine-tune with -pretrained_weights ----
 
+@pytest.mark.e2e
 def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(workspace, tmp_path):
     """RCR pre-training through nnUNetv2_train, then ``-pretrained_weights`` into a ``_Finetune`` trainer: the log
     shows the warm-up learning rates, and the trained encoder is the pre-trained one after three small steps."""

@@ -1,34 +1,28 @@
-"""Every code path the plugin owns, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
+"""Every code path of the trainer base, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
 dataset: a MedNeXt trainer (train with validation export, the overwrite refusal, five folds and find_best,
 predicting held-out cases), and predict + ensemble with nnU-Net's own trainer. The other MedNeXt sizes and kernels
-differ only in the network, which is tested in-process (test_trainers.py); UpKern's path and ``--c`` are in
-test_upkern.py, the presets' in test_presets.py, and UX-Net's, UTNetV2's and Swin UNETR's trainings in their own
-files (memoised: nnU-Net's predictor loads and runs those folds here). The check that a plugin trainer learns is the
-demo's (test_package_and_cli.py).
+differ only in the network, which is tested in-process (test_trainers.py); so do UX-Net, UTNetV2 and Swin UNETR, whose
+trainers train and save checkpoints that nnU-Net's predictor segments with, in-process in their own files. UpKern's
+path and ``--c`` are in test_upkern.py, the presets' in test_presets.py and test_swinunetr.py. The check that a
+plugin trainer learns is the demo's (test_package_and_cli.py).
 """
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
 
-from nnunet_plugins import settings, synthetic
+from nnunet_plugins import settings
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
 from nnunet_plugins.weights import CheckpointError
-from nnunet_plugins.training import nnUNetTrainerMedNeXtS
 
-from helpers import CONFIGURATION, DATASET_ID, STOCK_TRAINER, read_labels, segment, trained_predictor, training_log
-from test_swinunetr import SWIN, SWIN_ITERATIONS, swin_configuration
-from test_utnetv2 import TRAINER as UTNETV2
-from test_uxnet import UXNET, UXNET_ITERATIONS
+from helpers import CONFIGURATION, DATASET_ID, MEDNEXT, STOCK_TRAINER, train_in_process, training_log
 
-MEDNEXT = 'nnUNetTrainerMedNeXtS'
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +30,7 @@ def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.e2e
 def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
     fold = workspace.train(MEDNEXT, 0)
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
@@ -48,6 +43,7 @@ def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
     assert set(summary['mean']) == {'1', '2', '3'}
 
 
+@pytest.mark.e2e
 def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
     fold = workspace.train(MEDNEXT, 0)
     before = sha256(fold / 'checkpoint_final.pth')
@@ -62,18 +58,17 @@ def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
 # maybe_load_checkpoint, then the trainer's on_train_start. The CLI's own `--c` continues a MedNeXt (UpKern) run in
 # test_upkern.py.
 
-def _stopped_run(workspace, make_trainer, checkpoint: str):
-    """A MedNeXt-S trainer whose fold folder holds the shared fold 0's final checkpoint (epoch 1) as ``checkpoint``."""
-    trainer = make_trainer(nnUNetTrainerMedNeXtS)
-    fold = Path(trainer.output_folder)
-    fold.mkdir(parents=True, exist_ok=True)  # building the trainer made it
-    shutil.copy(workspace.train(MEDNEXT, 0) / 'checkpoint_final.pth', fold / checkpoint)
-    return trainer, fold
+def _stopped_run(make_trainer, checkpoint: str):
+    """A fresh MedNeXt-S trainer whose fold folder holds a final checkpoint saved after one epoch (of one step, in
+    this process) as ``checkpoint``."""
+    fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS), steps=1)
+    (fold / 'checkpoint_final.pth').rename(fold / checkpoint)
+    return make_trainer(nnUNetTrainerMedNeXtS), fold
 
 
-def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, make_trainer, monkeypatch):
+def test_continue_with_a_shorter_schedule_is_refused_before_training(make_trainer, monkeypatch):
     monkeypatch.setenv(settings.EPOCHS, '1')
-    trainer, fold = _stopped_run(workspace, make_trainer, 'checkpoint_latest.pth')  # a run stopped after epoch 1
+    trainer, fold = _stopped_run(make_trainer, 'checkpoint_latest.pth')  # a run stopped after epoch 1
     before = sha256(fold / 'checkpoint_latest.pth')
     maybe_load_checkpoint(trainer, continue_training=True, validation_only=False)
     with pytest.raises(RuntimeError) as error:
@@ -86,8 +81,8 @@ def test_continue_with_a_shorter_schedule_is_refused_before_training(workspace, 
     assert not (fold / 'checkpoint_final.pth').exists()
 
 
-def test_continue_from_a_truncated_checkpoint_names_it(workspace, make_trainer):
-    trainer, fold = _stopped_run(workspace, make_trainer, 'checkpoint_final.pth')
+def test_continue_from_a_truncated_checkpoint_names_it(make_trainer):
+    trainer, fold = _stopped_run(make_trainer, 'checkpoint_final.pth')
     damaged = fold / 'checkpoint_final.pth'
     damaged.write_bytes(damaged.read_bytes()[:100_000])
     with pytest.raises(CheckpointError) as error:
@@ -97,33 +92,16 @@ def test_continue_from_a_truncated_checkpoint_names_it(workspace, make_trainer):
     assert f'Move it out of {fold}' in message and 'PytorchStreamReader' not in message
 
 
-def test_nnunetv2_predict_and_ensemble_with_nnunets_own_trainer_and_every_family_segments(workspace, tmp_path,
-                                                                                        monkeypatch):
+@pytest.mark.e2e
+def test_nnunetv2_predict_and_ensemble_with_nnunets_own_trainer(workspace, tmp_path):
     """nnUNetv2_predict loads MedNeXt-S's checkpoint and predicts every held-out case with probabilities;
     nnUNetv2_ensemble averages it with nnU-Net's own trainer (nnUNetTrainer_1epoch with the plugin trainers' test
-    schedule of 2 iterations instead of its 250: helpers.STOCK_TRAINER).
-
-    Every other family's fold 0, trained through nnUNetv2_train in its own test file, is then set up by nnU-Net's
-    predictor exactly as nnUNetv2_predict sets it up (trainer found by name on nnUNet_extTrainer, network built from
-    the plans, checkpoint loaded strictly) and segments every held-out case, in this process: a CLI run per family
-    would add three processes of nnU-Net start-up each and run nothing of the plugin's that this does not. Swin
-    UNETR cannot take 3d_fullres's patch of this dataset and uses a configuration of its preset at the same spacing."""
+    schedule of 2 iterations instead of its 250: helpers.STOCK_TRAINER). The other families' checkpoints are loaded
+    by nnU-Net's predictor in their own files, in-process."""
     workspace.train(MEDNEXT, 0)
     workspace.train(STOCK_TRAINER, 0)
     # mirroring off to save time: it is no trainer's business
     workspace.predict_and_ensemble((MEDNEXT, STOCK_TRAINER), tmp_path, '--disable_tta')
-
-    monkeypatch.setenv('nnUNet_extTrainer', workspace.env['nnUNet_extTrainer'])
-    images = sorted((workspace.raw / 'imagesTs').glob('*.nii.gz'))
-    references = [workspace.raw / 'labelsTs' / image.name.replace('_0000.nii.gz', '.nii.gz') for image in images]
-    swin_unetr = swin_configuration(workspace)
-    for trainer, iterations, configuration in ((UXNET, UXNET_ITERATIONS, CONFIGURATION), (UTNETV2, 2, CONFIGURATION),
-                                               (SWIN, SWIN_ITERATIONS, swin_unetr)):
-        fold = workspace.train(trainer, 0, iterations=iterations, configuration=configuration)
-        segmentations = segment(trained_predictor(fold.parent), images)
-        for segmentation, reference in zip(segmentations, references, strict=True):
-            assert segmentation.shape == read_labels(reference).shape, trainer
-            assert set(np.unique(segmentation)) <= set(synthetic.LABELS.values()), trainer
 
 
 def readme_recipe() -> list[str]:
@@ -134,6 +112,7 @@ def readme_recipe() -> list[str]:
     return [line.split('  #')[0].strip() for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.e2e
 def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
     """Five folds with --npz, find_best and a five-fold prediction, as the README says, in a results folder of its
     own (its fresh runs would otherwise meet the folds other tests trained). Substituted: the tiny dataset for 4,

@@ -17,7 +17,7 @@ from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.pretraining.token_cl import token_contrastive_loss_across_ranks
 from nnunet_plugins.pretraining.token_method import IDENTITY
 from nnunet_plugins.pretraining.trainer import REPORT_FILE
-from nnunet_plugins.training import (
+from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenCL)
 
 from helpers import CONFIGURATION, training_log
@@ -158,6 +158,7 @@ def test_token_cl_pretrains_mednext_through_nnunets_training_loop(make_trainer, 
     check_run(Path(trainer.output_folder), 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
 
 
+@pytest.mark.e2e
 def test_stock_cli_token_byol_pretrains_nnunets_network_that_nnunets_own_trainer_starts_from(workspace, make_trainer):
     """BYOL pre-training of nnU-Net's own network through nnUNetv2_train; then what ``nnUNetv2_train -tr
     nnUNetTrainer -pretrained_weights FILE`` does before training (nnU-Net's maybe_load_checkpoint), in this process:

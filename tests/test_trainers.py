@@ -2,18 +2,20 @@
 import dataclasses
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_plugins import settings, trainers_folder
+from nnunet_plugins import ext_trainer_folder, registry, settings, training
 from nnunet_plugins.commands.benchmark.worker import random_batch
-from nnunet_plugins.training import TRAINERS, VARIANT_SUFFIXES
-from nnunet_plugins.training.base import MAX_NONFINITE_STEPS
+from nnunet_plugins.registry import plugin_trainer, plugin_trainers, pretrained_trainer, pretraining_trainers_of
 from nnunet_plugins.settings import PluginSettings
+from nnunet_plugins.training.base import MAX_NONFINITE_STEPS, Role
 from nnunet_plugins.training.mednext import (MedNeXtTrainer, nnUNetTrainerMedNeXtL,
                                              nnUNetTrainerMedNeXtS)
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
@@ -22,9 +24,63 @@ from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from helpers import CONFIGURATION, training_log
 
 
-@pytest.mark.parametrize('trainer_class', TRAINERS, ids=lambda c: c.__name__)
+SUPERVISED = ['nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtB', 'nnUNetTrainerMedNeXtM', 'nnUNetTrainerMedNeXtL',
+              'nnUNetTrainerMedNeXtS_k5', 'nnUNetTrainerMedNeXtB_k5', 'nnUNetTrainerMedNeXtM_k5',
+              'nnUNetTrainerMedNeXtL_k5', 'nnUNetTrainerSwinUNETR', 'nnUNetTrainerUTNetV2', 'nnUNetTrainerUXNet']
+PRETRAINING_METHODS = ('RCR', 'TokenCL', 'TokenBYOL')
+
+
+def test_the_registry_finds_every_trainer_with_its_role():
+    """Roles as the names promise them (the names are the stock CLI's; the registry reads only the roles)."""
+    assert [t.__name__ for t in plugin_trainers(Role.SUPERVISED)] == SUPERVISED
+    assert {t.__name__ for t in plugin_trainers(Role.UPKERN)} == {f'nnUNetTrainerMedNeXt{v}_k5_UpKern' for v in 'SBML'}
+    assert {t.__name__ for t in plugin_trainers(Role.FINETUNE)} == {f'{name}_Finetune' for name in SUPERVISED
+                                                                    if '_k5' not in name}
+    pretraining = {f'{name}_Pretrain{method}' for name in ('nnUNetTrainer', *SUPERVISED) if '_k5' not in name
+                   for method in PRETRAINING_METHODS}
+    assert {t.__name__ for t in plugin_trainers(Role.PRETRAINING)} == pretraining
+    everything = plugin_trainers()
+    assert len(everything) == len(set(everything)) == 11 + 4 + 7 + 24
+    assert [t.role for t in everything] == sorted((t.role for t in everything), key=list(Role).index)
+    assert plugin_trainers(Role.FINETUNE, Role.UPKERN) == plugin_trainers(Role.FINETUNE) + plugin_trainers(Role.UPKERN)
+    assert plugin_trainer('nnUNetTrainerUXNet').__name__ == 'nnUNetTrainerUXNet'
+    assert plugin_trainer('nnUNetTrainer') is None and plugin_trainer('nnUNetTrainerPlugin') is None
+
+
+def test_each_pretraining_trainer_names_the_trainer_it_pretrains_for():
+    for pretraining in plugin_trainers(Role.PRETRAINING):
+        supervised = pretrained_trainer(pretraining)
+        assert supervised is nnUNetTrainer or supervised.role is Role.SUPERVISED
+        assert pretraining.__name__ in {f'{supervised.__name__}_Pretrain{m}' for m in PRETRAINING_METHODS}
+    assert [t.__name__ for t in pretraining_trainers_of(plugin_trainer('nnUNetTrainerMedNeXtS'))] == \
+        [f'nnUNetTrainerMedNeXtS_Pretrain{method}' for method in PRETRAINING_METHODS]
+    assert len(pretraining_trainers_of(nnUNetTrainer)) == 3
+    assert pretraining_trainers_of(plugin_trainer('nnUNetTrainerMedNeXtS_k5')) == ()
+
+
+def test_a_new_module_of_the_training_package_is_found_without_being_listed(tmp_path, monkeypatch):
+    """Adding a family is a module: the registry and so the shim folder find its trainers."""
+    (tmp_path / 'zz_family.py').write_text(
+        'from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS\n'
+        'class nnUNetTrainerZZ(nnUNetTrainerMedNeXtS):\n    """A family of its own."""\n'
+        'class _Helper(nnUNetTrainerMedNeXtS):\n    pass\n')
+    monkeypatch.setattr(training, '__path__', [*training.__path__, str(tmp_path)])
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
+    registry._declared.cache_clear()
+    try:
+        added = plugin_trainers(Role.SUPERVISED)[-1]
+        assert (added.__name__, added.__module__) == ('nnUNetTrainerZZ', 'nnunet_plugins.training.zz_family')
+        assert plugin_trainers(Role.SUPERVISED)[:-1] == tuple(plugin_trainer(n) for n in SUPERVISED)
+        assert recursive_find_trainer_class_by_name('nnUNetTrainerZZ') is added
+    finally:
+        registry._declared.cache_clear()
+        sys.modules.pop('nnunet_plugins.training.zz_family', None)
+
+
+@pytest.mark.parametrize('trainer_class', plugin_trainers(Role.SUPERVISED, Role.UPKERN, Role.FINETUNE),
+                         ids=lambda c: c.__name__)
 def test_nnunet_finds_each_trainer_in_the_shim_folder(trainer_class, monkeypatch):
-    monkeypatch.setenv('nnUNet_extTrainer', trainers_folder())
+    monkeypatch.setenv('nnUNet_extTrainer', ext_trainer_folder())
     found = recursive_find_trainer_class_by_name(trainer_class.__name__)
     assert found is trainer_class
     assert found.__module__.startswith('nnunet_plugins.training.')
@@ -45,7 +101,7 @@ def test_deep_supervision_scales_match_outputs_and_every_head_is_weighted(make_t
     np.testing.assert_allclose(weights[1:] / weights[:-1], 0.5)
 
 
-MEDNEXT_TRAINERS = [t for t in TRAINERS if issubclass(t, MedNeXtTrainer) and not t.__name__.endswith(VARIANT_SUFFIXES)]
+MEDNEXT_TRAINERS = [t for t in plugin_trainers(Role.SUPERVISED) if issubclass(t, MedNeXtTrainer)]
 
 
 @pytest.mark.parametrize('trainer_class', MEDNEXT_TRAINERS, ids=lambda c: c.__name__)

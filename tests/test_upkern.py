@@ -14,9 +14,8 @@ from nnunet_plugins.networks.mednext import VARIANTS, mednext_from_plan
 from nnunet_plugins.training.mednext import UPKERN_REPORT_FILE, nnUNetTrainerMedNeXtS_k5_UpKern
 from nnunet_plugins.weights import CheckpointError, UpKernError, upkern_from_checkpoint, upkern_state_dict
 
-from helpers import CONFIGURATION, DATASET_ID, TINY_KERNELS, TINY_STRIDES, training_log
-from test_mednext_network import (ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES,
-                                  PLANS_2D_KERNELS, PLANS_2D_STRIDES)
+from helpers import (ANISOTROPIC_KERNELS, ANISOTROPIC_STRIDES, CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS,
+                     ISOTROPIC_STRIDES, PLANS_2D_KERNELS, PLANS_2D_STRIDES, TINY_KERNELS, TINY_STRIDES, training_log)
 
 SOURCE_TRAINER, UPKERN_TRAINER = 'nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtS_k5_UpKern'
 
@@ -129,6 +128,7 @@ def test_a_checkpoint_saved_on_a_gpu_loads_on_the_cpu(tmp_path, monkeypatch):
 
 # ---- the trainers ----
 
+@pytest.mark.e2e
 def test_initialize_returns_with_the_upkern_weights(workspace, make_trainer, monkeypatch):
     source = workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth'
     monkeypatch.setenv(settings.UPKERN_SOURCE, str(source))
@@ -142,6 +142,7 @@ def test_initialize_returns_with_the_upkern_weights(workspace, make_trainer, mon
     assert report['source'] == str(source.resolve())
 
 
+@pytest.mark.e2e
 def test_nnunetv2_train_starts_from_the_kernel_3_run_and_continues_from_its_own(workspace):
     source = workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth'
     fold = workspace.train(UPKERN_TRAINER, 0)
@@ -214,6 +215,7 @@ CORRUPTIONS = {  # how the file is damaged -> the word the error uses for it
 
 
 @pytest.mark.parametrize('damage', list(CORRUPTIONS))
+@pytest.mark.e2e
 def test_a_corrupt_source_named_by_the_variable_is_refused_naming_it(workspace, make_trainer, monkeypatch, tmp_path,
                                                                      damage):
     corrupt, word = CORRUPTIONS[damage]
@@ -229,6 +231,7 @@ def test_a_corrupt_source_named_by_the_variable_is_refused_naming_it(workspace, 
     assert not (Path(trainer.output_folder) / UPKERN_REPORT_FILE).exists()
 
 
+@pytest.mark.e2e
 def test_a_corrupt_source_found_by_convention_says_to_retrain_it(workspace, make_trainer):
     trainer = make_trainer(nnUNetTrainerMedNeXtS_k5_UpKern)
     source = trainer.conventional_source()
@@ -241,6 +244,7 @@ def test_a_corrupt_source_found_by_convention_says_to_retrain_it(workspace, make
     assert f'Train {SOURCE_TRAINER} on this fold again' in message and settings.UPKERN_SOURCE in message
 
 
+@pytest.mark.e2e
 def test_nnunetv2_train_with_a_truncated_source_stops_naming_it(workspace, tmp_path):
     source = tmp_path / 'truncated.pth'
     source.write_bytes((workspace.train(SOURCE_TRAINER, 0) / 'checkpoint_final.pth').read_bytes()[:200_000])

@@ -1,5 +1,5 @@
 """UTNetV2: the authors' size, cost and norms on their BCV setting, the conversion of their checkpoints, nnU-Net's
-topology on other plans, the trainer, and the stock CLIs on the tiny dataset."""
+topology on other plans, and the trainer on the tiny dataset."""
 import json
 import math
 import re
@@ -18,7 +18,8 @@ from nnunet_plugins.networks.utnetv2_blocks import BidirectionalAttention, PreAc
 from nnunet_plugins.networks.utnetv2_authors import convert_authors_state_dict, load_authors_checkpoint
 from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 
-from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
+from helpers import (CONFIGURATION, TINY_KERNELS, TINY_STRIDES, assert_segments_a_heldout_case, parameter_count,
+                     train_in_process, training_log)
 
 TRAINER = nnUNetTrainerUTNetV2.__name__
 # the paper's BCV setting (Supplementary): 32x128x128 patches at 3.0 x 0.75 x 0.75 mm
@@ -466,14 +467,13 @@ def test_unusable_patch_or_plan_is_refused_before_training(make_trainer, workspa
         trainer.initialize()
 
 
-# ---- the stock CLIs on the tiny dataset ----
+# ---- as nnUNetv2_train and nnUNetv2_predict run it, in this process ----
 
-def test_nnunetv2_train(workspace):
-    """Trains fold 0 (segmented by nnU-Net's predictor in test_stock_cli.py); ``--c`` is the base trainer's, continued
-    once in test_upkern.py."""
-    fold = workspace.train(TRAINER, 0)
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (TRAINER, 1)
+def test_trains_on_the_datasets_batches_and_nnunets_predictor_segments_with_its_checkpoint(workspace, make_trainer):
+    """As test_uxnet.py's test of the same name: built as nnUNetv2_train builds it, two steps on the tiny dataset's
+    batches, its checkpoint segmenting a held-out case through nnU-Net's predictor."""
+    fold = train_in_process(make_trainer(nnUNetTrainerUTNetV2))
+    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False, mmap=True)
+    assert checkpoint['trainer_name'] == TRAINER and checkpoint['init_args']['configuration'] == CONFIGURATION
     assert 'UTNetV2: 4 levels' in training_log(fold)
-    summary = json.loads((fold / 'validation' / 'summary.json').read_text())
-    assert set(summary['mean']) == {'1', '2', '3'}
+    assert_segments_a_heldout_case(workspace.raw, fold.parent)

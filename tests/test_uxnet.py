@@ -1,5 +1,5 @@
 """3D UX-Net: the authors' network on isotropic plans, nnU-Net's downsampling on the others; its trainer
-in-process and through the stock nnU-Net CLIs on the tiny dataset (see conftest.py)."""
+in-process on the tiny dataset (see conftest.py)."""
 import dataclasses
 import json
 
@@ -17,11 +17,10 @@ from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.uxnet import VARIANTS, UXNet, uxnet_from_plan, uxnet_levels
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
-from helpers import CONFIGURATION, TINY_KERNELS, TINY_STRIDES, parameter_count, training_log
-from test_mednext_network import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES
+from helpers import (CONFIGURATION, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, TINY_KERNELS, TINY_STRIDES,
+                     assert_segments_a_heldout_case, parameter_count, train_in_process, training_log)
 
 UXNET = 'nnUNetTrainerUXNet'
-UXNET_ITERATIONS = 1  # per epoch in the stock-CLI runs: a UX-Net step costs 11x the multiply-adds of MedNeXt-S
 # authors' implementation (MASILab/3DUX-Net), 1 input channel, 14 classes; paper Table 1: 53.0M
 REFERENCE_PARAMETERS = 53_006_510
 # multiply-adds of one forward pass of a 96^3 patch, counted on the authors' implementation and on ours
@@ -277,14 +276,16 @@ def test_every_parameter_learns_and_a_batch_of_synthetic_cases_is_fitted(make_tr
     assert np.all(after > before + 0.15)  # the small lesion too (measured: 0.01 -> 0.25)
 
 
-# ---- stock CLIs, in subprocesses ----
+# ---- as nnUNetv2_train and nnUNetv2_predict run it, in this process ----
 
-def test_nnunetv2_train(workspace):
-    """Trains fold 0 (segmented by nnU-Net's predictor in test_stock_cli.py); ``--c`` is the base trainer's, continued
-    once in test_upkern.py."""
-    fold = workspace.train(UXNET, 0, iterations=UXNET_ITERATIONS)
-    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert (checkpoint['trainer_name'], checkpoint['current_epoch']) == (UXNET, 1)
+def test_trains_on_the_datasets_batches_and_nnunets_predictor_segments_with_its_checkpoint(workspace, make_trainer):
+    """The trainer as nnUNetv2_train builds it, a step on the tiny dataset's augmented batches, its checkpoint;
+    then nnU-Net's predictor, set up from the fold as nnUNetv2_predict sets it up (trainer found by name on
+    nnUNet_extTrainer), segments a held-out case. The epoch loop, closing validation and ``--c`` are the trainer
+    base's, shared by every family: they run through the stock CLI with MedNeXt (test_stock_cli.py, test_upkern.py)."""
+    # one step: a UX-Net step costs 11x the multiply-adds of MedNeXt-S's
+    fold = train_in_process(make_trainer(nnUNetTrainerUXNet), steps=1)
+    checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False, mmap=True)
+    assert checkpoint['trainer_name'] == UXNET and checkpoint['init_args']['configuration'] == CONFIGURATION
     assert '3D UX-Net: strides' in training_log(fold)
-    summary = json.loads((fold / 'validation' / 'summary.json').read_text())
-    assert set(summary['mean']) == {'1', '2', '3'}
+    assert_segments_a_heldout_case(workspace.raw, fold.parent)

@@ -16,7 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
-from nnunet_plugins.commands.demo import find_trainer
+from nnunet_plugins.commands.lookup import trainer_named
 from nnunet_plugins.weights import ENCODER_PREFIX, TransferReport, adapt_checkpoint
 
 
@@ -30,7 +30,7 @@ def target_network(dataset: str, configuration: str, trainer: str, plans: str) -
     if configuration not in dataset_plans.plans['configurations']:
         raise PlansFileError(f'{dataset_plans.plans_file} has no configuration {configuration!r}; it has '
                              f'{", ".join(dataset_plans.plans["configurations"])}.')
-    trainer_class = find_trainer(trainer)
+    trainer_class = trainer_named(trainer, '-tr')
     plans_manager = PlansManager(dataset_plans.plans)
     configuration_manager = plans_manager.get_configuration(configuration)
     dataset_json = dataset_plans.dataset_json()

@@ -5,10 +5,7 @@ short schedule, predict the held-out cases) and reports per-label Dice on those 
 one of them. Everything lives in the work folder; the nnU-Net folder variables are set for the
 demo's own commands only.
 """
-import contextlib
-import io
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -18,8 +15,8 @@ import SimpleITK as sitk
 from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-from nnunet_plugins import settings, synthetic, trainers_folder
-from nnunet_plugins.workspace import NNUNET_FOLDERS, environment, nnunet_environment, run_stock
+from nnunet_plugins import settings, synthetic
+from nnunet_plugins.workspace import NNUNET_FOLDERS, nnunet_environment, run_stock
 
 DATASET_ID = 990
 DATASET_NAME = 'SyntheticCT'
@@ -95,19 +92,6 @@ def heldout_dice(reference_folder: Path, prediction_folder: Path, processes: int
                                         synthetic.FILE_ENDING, list(labels.values()), num_processes=processes,
                                         chill=False)
     return {name: float(summary['mean'][value]['Dice']) for name, value in labels.items()}
-
-
-def find_trainer(name: str) -> type:
-    """The trainer class ``nnUNetv2_train -tr name`` would use with the plugin's trainer folder; ValueError if none."""
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    search_path = os.pathsep.join([trainers_folder(), os.environ.get('nnUNet_extTrainer', '')]).rstrip(os.pathsep)
-    with environment({'nnUNet_extTrainer': search_path}), \
-            contextlib.redirect_stdout(io.StringIO()):  # the search narrates every module it imports
-        try:
-            return recursive_find_trainer_class_by_name(name)
-        except RuntimeError:
-            raise ValueError(f'--trainer {name}: nnU-Net finds no trainer of that name; `nnunet-plugins trainers` '
-                             f'lists the plugin\'s, and nnU-Net\'s own (e.g. nnUNetTrainer) work too') from None
 
 
 def save_case_picture(image_folder: Path, reference_folder: Path, prediction_folder: Path, path: Path) -> None:

@@ -1,12 +1,10 @@
 """``nnunet-plugins doctor``: check what breaks nnU-Net plugins, and say how to fix each problem."""
-import contextlib
-import io
 import os
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Callable
 
-from nnunet_plugins import trainers_folder
+from nnunet_plugins import ext_trainer_folder
 from nnunet_plugins.workspace import NNUNET_FOLDERS
 
 OK, WARN, FAIL = 'ok', 'warn', 'FAIL'
@@ -62,21 +60,21 @@ def check_folder_variable(variable: str) -> Finding:
 
 
 def check_ext_trainer() -> Finding:
-    folder = trainers_folder()
+    folder = ext_trainer_folder()
     entries = [p for p in os.environ.get('nnUNet_extTrainer', '').split(os.pathsep) if p]
     fix = f'export nnUNet_extTrainer={folder}'
     if not any(os.path.realpath(p) == os.path.realpath(folder) for p in entries):
         return Finding(FAIL, 'nnUNet_extTrainer does not contain the plugin\'s trainer folder, so nnU-Net '
                              'cannot find the plugin trainers', fix)
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunet_plugins.training import TRAINERS
+    from nnunet_plugins.commands.lookup import nnunet_search
+    from nnunet_plugins.registry import plugin_trainers
+    probe = plugin_trainers()[0]
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the search narrates every module it imports
-            found = recursive_find_trainer_class_by_name(TRAINERS[0].__name__)
+        found = nnunet_search(probe.__name__)  # as nnUNetv2_train searches with the user's environment
     except Exception as error:
         return Finding(FAIL, f'nnU-Net\'s trainer search fails: {type(error).__name__}: {error}', fix)
-    if found is not TRAINERS[0]:
-        return Finding(FAIL, f'nnU-Net finds another class named {TRAINERS[0].__name__} ({found.__module__}) '
+    if found is not probe:
+        return Finding(FAIL, f'nnU-Net finds another class named {probe.__name__} ({found.__module__}) '
                              f'before the plugin\'s', 'remove the other folder from nnUNet_extTrainer')
     return Finding(OK, f'nnU-Net finds the plugin trainers in {folder}')
 

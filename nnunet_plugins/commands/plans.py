@@ -40,7 +40,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, plans_files, read_dataset_plans
 from nnunet_plugins.presets import Preset, PresetError, load_preset, preset_for
-from nnunet_plugins.training import TRAINERS
+from nnunet_plugins.registry import plugin_trainer
 
 PRESET_KEY = 'nnunet_plugins_preset'  # marks configurations this module wrote; nnU-Net ignores the key
 NNUNET_MAX_NUMPOOL = 999999  # what nnU-Net's planners pass to get_pool_and_conv_props: no limit
@@ -204,15 +204,14 @@ def build_configuration(plans: dict, plans_identifier: str, name: str, preset: P
 
 def check_trainers(plans: dict, name: str, trainer_names: Sequence[str]) -> None:
     """Raise PresetError unless every named plugin trainer takes configuration ``name`` of ``plans``."""
-    by_name = {trainer.__name__: trainer for trainer in TRAINERS}
-    missing = [t for t in trainer_names if t not in by_name]
+    missing = [t for t in trainer_names if plugin_trainer(t) is None]
     if missing:
         raise PresetError(f'the preset is meant for {", ".join(missing)}, which this version of nnunet-plugins does '
                           f'not have (`nnunet-plugins trainers` lists those it has); update nnunet-plugins.')
     configuration_manager = base_configuration(plans, name)
     for trainer_name in trainer_names:
         try:
-            by_name[trainer_name].check_patch_size(configuration_manager)
+            plugin_trainer(trainer_name).check_patch_size(configuration_manager)
         except ValueError as error:
             raise PresetError(f'{error} (pass --patch to choose another patch size)') from None
 

@@ -18,7 +18,7 @@ from nnunet_plugins.commands.benchmark.plans import dataset_plans, resenc_l_plan
 from nnunet_plugins.commands.benchmark.report import chart, markdown, ratios
 from nnunet_plugins.commands.benchmark.rows import Network, plan_rows, record
 from nnunet_plugins.commands.benchmark.worker import run_row
-from nnunet_plugins.training import PRETRAINERS, TRAINERS
+from nnunet_plugins.registry import plugin_trainer, pretraining_trainers_of
 
 BASELINES = ('nnUNetTrainer', 'ResEncL')
 
@@ -36,8 +36,8 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
                          f'peers {", ".join(PEERS)}')
     for name in trainers:
         trainer_class(name)  # an unknown name stops here, before anything is measured
-    plugins = {trainer.__name__ for trainer in TRAINERS + PRETRAINERS}
-    networks = [Network(name, 'plugin' if name in plugins else 'baseline', name, name, plans) for name in trainers]
+    networks = [Network(name, 'baseline' if plugin_trainer(name) is None else 'plugin', name, name, plans)
+                for name in trainers]
     if 'nnUNetTrainer' in baselines:
         networks.append(Network('nnUNetTrainer', 'baseline', f'nnUNetTrainer ({plans["plans_name"]})',
                                 'nnUNetTrainer', plans))
@@ -54,12 +54,12 @@ def networks_to_run(args: argparse.Namespace, plans: dict, configuration: str, d
 
 
 def with_pretraining(networks: list[Network]) -> list[Network]:
-    """``networks`` with, right after each trainer's, its network's pre-training trainers (named
-    ``TRAINER_Pretrain...``) on the same plans."""
+    """``networks`` with, right after each trainer's, its network's pre-training trainers
+    (:func:`~nnunet_plugins.registry.pretraining_trainers_of`) on the same plans."""
     rows = []
     for network in networks:
         rows.append(network)
-        for pretrainer in (t.__name__ for t in PRETRAINERS if t.__name__.startswith(f'{network.trainer}_Pretrain')):
+        for pretrainer in (t.__name__ for t in pretraining_trainers_of(trainer_class(network.trainer))):
             suffix = pretrainer.removeprefix(network.trainer)
             label = network.label.replace(network.trainer, pretrainer, 1)
             rows.append(Network(network.name + suffix, network.kind, label, pretrainer, network.plans))

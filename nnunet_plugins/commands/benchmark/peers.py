@@ -1,10 +1,11 @@
 """Which trainer a benchmark row name means, and MONAI's networks as peers trained with the MedNeXt recipe."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_plugins.training import PRETRAINERS, TRAINERS, VARIANT_SUFFIXES
+from nnunet_plugins.commands.lookup import find_trainer
+from nnunet_plugins.registry import plugin_trainers
+from nnunet_plugins.training.base import Role
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import MedNeXtTrainer
 
@@ -70,22 +71,17 @@ PEERS: dict[str, type[PeerTrainer]] = {
 
 
 def default_trainers() -> list[str]:
-    """Every plugin trainer except the UpKern and fine-tuning ones, which build the networks of others."""
-    return [trainer.__name__ for trainer in TRAINERS if not trainer.__name__.endswith(VARIANT_SUFFIXES)]
+    """Every supervised plugin trainer: the UpKern, fine-tuning and pre-training ones build the networks of those."""
+    return [trainer.__name__ for trainer in plugin_trainers(Role.SUPERVISED)]
 
 
 def trainer_class(name: str) -> type[nnUNetTrainer]:
     """The trainer (or peer) class called ``name``: a peer, a plugin trainer, or any trainer nnU-Net finds."""
     if name in PEERS:
         return PEERS[name]
-    if name == nnUNetTrainer.__name__:
-        return nnUNetTrainer
-    plugins = {trainer.__name__: trainer for trainer in TRAINERS + PRETRAINERS}
-    if name in plugins:
-        return plugins[name]
-    try:
-        return recursive_find_trainer_class_by_name(name)
-    except RuntimeError:
+    found = find_trainer(name)
+    if found is None:
         raise ValueError(f'no trainer named {name!r}: it is neither a plugin trainer (`nnunet-plugins trainers` lists '
                          f'them), nor a peer ({", ".join(PEERS)}), nor a trainer nnU-Net finds in nnunetv2 or in '
-                         f'nnUNet_extTrainer') from None
+                         f'nnUNet_extTrainer')
+    return found
