@@ -2,6 +2,7 @@
 
 (Fixtures live in conftest.py.)
 """
+import dataclasses
 import glob
 import json
 import os
@@ -12,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.networks.nets import SwinUNETR as MONAISwinUNETR
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch import nn
 
 from nnunet_plugins import settings, synthetic
+from nnunet_plugins.networks.swinunetr import VARIANTS as SWINUNETR_VARIANTS
 from nnunet_plugins.cli import main
 from nnunet_plugins.workspace import run_stock
 
@@ -191,3 +194,21 @@ def parameter_count(network: nn.Module) -> int:
 def training_log(fold_folder: Path) -> str:
     """The text of every nnU-Net training log in a fold folder, oldest first."""
     return ''.join(Path(f).read_text() for f in sorted(glob.glob(os.path.join(fold_folder, 'training_log_*.txt'))))
+
+
+# Swin UNETR with the paper's layers at a quarter of the widths, and its authors' released encoder format
+SMALL = dataclasses.replace(SWINUNETR_VARIANTS['paper'], feature_size=12)
+
+
+def small_monai() -> MONAISwinUNETR:
+    """MONAI's SwinUNETR at :data:`SMALL`'s widths."""
+    return MONAISwinUNETR(in_channels=1, out_channels=14, feature_size=SMALL.feature_size)
+
+
+def released_format(monai: MONAISwinUNETR) -> dict:
+    """MONAI's encoder in the format of the authors' released file: 'module.' prefix, fc1/fc2, pre-training heads."""
+    state = {}
+    for key, value in monai.swinViT.state_dict().items():
+        state['module.' + key.replace('.mlp.linear1.', '.mlp.fc1.').replace('.mlp.linear2.', '.mlp.fc2.')] = value
+    state['module.rotation_head.weight'] = torch.zeros(4, 16 * monai.swinViT.embed_dim)  # a pre-training head
+    return {'state_dict': state}

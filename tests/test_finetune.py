@@ -20,9 +20,8 @@ from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_Finetune
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler, warmup_poly_lr
 from nnunet_plugins.weights import CheckpointError, WeightTransferError, adapt_checkpoint, transfer_weights
 
-from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, TINY_KERNELS, TINY_STRIDES,
-                     training_log)
-from test_swinunetr import SMALL, released_format, small_monai
+from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SMALL, TINY_KERNELS, TINY_STRIDES,
+                     released_format, small_monai, training_log)
 
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
 

@@ -20,8 +20,9 @@ from nnunet_plugins.networks.swinunetr import (
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
-from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SWIN_PATCH, TINY_KERNELS,
-                     TINY_STRIDES, assert_segments_a_heldout_case, parameter_count, train_in_process, training_log)
+from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SMALL, SWIN_PATCH, TINY_KERNELS,
+                     TINY_STRIDES, assert_segments_a_heldout_case, parameter_count, released_format, small_monai,
+                     train_in_process, training_log)
 
 SWIN = 'nnUNetTrainerSwinUNETR'
 # a configuration of the swinunetr preset with SWIN_PATCH (helpers.py) on the tiny dataset
@@ -148,21 +149,6 @@ def test_heads_must_divide_the_widths():
 
 
 # ---- the authors' pre-trained encoder ----
-
-SMALL = dataclasses.replace(VARIANTS['paper'], feature_size=12)  # the paper's layers, a quarter of the widths
-
-
-def small_monai() -> MONAISwinUNETR:
-    return MONAISwinUNETR(in_channels=1, out_channels=14, feature_size=SMALL.feature_size)
-
-def released_format(monai: MONAISwinUNETR) -> dict:
-    """MONAI's encoder in the format of the authors' released file: 'module.' prefix, fc1/fc2, pre-training heads."""
-    state = {}
-    for key, value in monai.swinViT.state_dict().items():
-        state['module.' + key.replace('.mlp.linear1.', '.mlp.fc1.').replace('.mlp.linear2.', '.mlp.fc2.')] = value
-    state['module.rotation_head.weight'] = torch.zeros(4, 16 * monai.swinViT.embed_dim)  # a pre-training head
-    return {'state_dict': state}
-
 
 def test_pretrained_encoder_loads_as_monais_load_from_does(tmp_path):
     torch.manual_seed(0)
