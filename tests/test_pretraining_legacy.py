@@ -1,8 +1,7 @@
 """Pre-training against what main wrote before the ``nnunet_plugins.pretraining`` package (tests/fixtures/legacy_pretraining/, made
 by its script on the commit ``steps.json`` names): each method's checkpoint resumes with ``--c`` and its steps give
-the same losses, and nnU-Net's trainer fine-tunes from it; and the nnU-Net methods pre-training overrides still have
-the signatures it was written against."""
-import inspect
+the same losses, and nnU-Net's trainer fine-tunes from it; and nnU-Net's methods are overridden in one module of
+pre-training (their signatures: test_nnunet_contract.py)."""
 import json
 import shutil
 from pathlib import Path
@@ -13,13 +12,11 @@ import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 import pytest
 import torch
 from nnunetv2.run.run_training import maybe_load_checkpoint
-from nnunetv2.training.logging.nnunet_logger import LocalLogger
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_plugins import settings
 from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
-from nnunet_plugins.pretraining.nnunet_overrides import PretrainingLogger, PretrainingOverrides
 from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.training.base import Role
 
@@ -27,44 +24,6 @@ LEGACY = Path(__file__).resolve().parent / 'fixtures' / 'legacy_pretraining'
 STEPS = json.loads((LEGACY / 'steps.json').read_text())
 # the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script)
 METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads']), 'TokenBYOL': TokenBYOL(**STEPS['token_heads'])}
-# nnU-Net 2.8's methods that nnunet_overrides.py overrides, as their parameters read there (annotations left out)
-OVERRIDDEN = {
-    (nnUNetTrainer, '__init__'): "self, plans, configuration, fold, dataset_json, device=device(type='cuda')",
-    (nnUNetTrainer, 'build_network_architecture'): 'plans_manager, configuration_manager, num_input_channels, '
-                                                   'num_output_channels, enable_deep_supervision=True',
-    (nnUNetTrainer, 'initialize'): 'self',
-    (nnUNetTrainer, 'do_split'): 'self',
-    (nnUNetTrainer, 'configure_optimizers'): 'self',
-    (nnUNetTrainer, 'configure_rotation_dummyDA_mirroring_and_inital_patch_size'): 'self',
-    (nnUNetTrainer, 'on_train_start'): 'self',
-    (nnUNetTrainer, 'train_step'): 'self, batch',
-    (nnUNetTrainer, 'validation_step'): 'self, batch',
-    (nnUNetTrainer, 'on_train_epoch_end'): 'self, train_outputs',
-    (nnUNetTrainer, 'on_validation_epoch_end'): 'self, val_outputs',
-    (nnUNetTrainer, 'on_epoch_end'): 'self',
-    (nnUNetTrainer, 'perform_actual_validation'): 'self, save_probabilities=False',
-    (nnUNetTrainer, 'save_checkpoint'): 'self, filename',
-    (nnUNetTrainer, 'load_checkpoint'): 'self, filename_or_checkpoint',
-    (nnUNetTrainer, 'on_train_end'): 'self',
-    (LocalLogger, '__init__'): 'self, verbose=False',
-    (LocalLogger, 'plot_progress_png'): 'self, output_folder',
-}
-
-
-def parameters(function) -> str:
-    """``function``'s parameters with their defaults, without annotations."""
-    return ', '.join(str(p.replace(annotation=inspect.Parameter.empty))
-                     for p in inspect.signature(function).parameters.values())
-
-
-def test_every_override_of_nnunet_is_recorded_and_nnunet_still_has_its_signature():
-    pairs = ((nnUNetTrainer, PretrainingOverrides), (LocalLogger, PretrainingLogger))
-    overrides = {(base, name) for base, ours in pairs for name in vars(ours) if callable(getattr(base, name, None))}
-    assert overrides == set(OVERRIDDEN), 'record the signature of a newly overridden nnU-Net method in OVERRIDDEN'
-    for (base, name), expected in OVERRIDDEN.items():
-        assert parameters(getattr(base, name)) == expected, (
-            f'nnU-Net changed {base.__name__}.{name}: now ({parameters(getattr(base, name))}), pre-training overrides '
-            f'it as ({expected}) in nnunet_plugins/pretraining/nnunet_overrides.py')
 
 
 def test_nnunets_methods_are_overridden_in_nnunet_overrides_only():
