@@ -212,3 +212,14 @@ def released_format(monai: MONAISwinUNETR) -> dict:
         state['module.' + key.replace('.mlp.linear1.', '.mlp.fc1.').replace('.mlp.linear2.', '.mlp.fc2.')] = value
     state['module.rotation_head.weight'] = torch.zeros(4, 16 * monai.swinViT.embed_dim)  # a pre-training head
     return {'state_dict': state}
+
+
+# pre-training tests: a patch the tiny plan's strides divide, with a bottleneck (token grid) of 4 x 2 x 2
+PRETRAINING_PATCH = {'patch_size': [8, 16, 16]}
+
+
+def pretraining_step(trainer) -> dict:
+    """A pre-training step on a random batch of the plans' shape; returns its losses."""
+    shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
+                               'target': None})

@@ -33,13 +33,13 @@ from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
 from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 
 from helpers import (
-    CONFIGURATION, DATASET_ID, NUM_TRAINING, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES, training_log)
+    CONFIGURATION, DATASET_ID, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES,
+    pretraining_step, training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
-SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck of 4 x 2 x 2
 # nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
-RESENC = {**SMALL, 'architecture': {
+RESENC = {**PRETRAINING_PATCH, 'architecture': {
     'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
     'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
                     'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
@@ -49,11 +49,11 @@ RESENC = {**SMALL, 'architecture': {
                     'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
     '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
 FAMILIES = {  # test id: (supervised trainer, plans configuration override)
-    'MedNeXt': (nnUNetTrainerMedNeXtS, SMALL),
-    'UXNet': (nnUNetTrainerUXNet, SMALL),
-    'UTNetV2': (nnUNetTrainerUTNetV2, SMALL),
+    'MedNeXt': (nnUNetTrainerMedNeXtS, PRETRAINING_PATCH),
+    'UXNet': (nnUNetTrainerUXNet, PRETRAINING_PATCH),
+    'UTNetV2': (nnUNetTrainerUTNetV2, PRETRAINING_PATCH),
     'SwinUNETR': (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
-    'PlainConvUNet': (nnUNetTrainer, SMALL),
+    'PlainConvUNet': (nnUNetTrainer, PRETRAINING_PATCH),
     'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
 }
 PRETRAINERS = plugin_trainers(Role.PRETRAINING)
@@ -251,13 +251,6 @@ def test_losses_are_finite_and_each_term_counts():
 
 # ---- the trainers in-process ----
 
-def one_step(trainer) -> dict:
-    """A pre-training step on a random batch of the plans' shape; returns its losses."""
-    shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
-    return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
-                               'target': None})
-
-
 @pytest.mark.parametrize('method', METHODS)
 @pytest.mark.parametrize('family', FAMILIES)
 def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(make_trainer, family, method, tmp_path):
@@ -272,7 +265,7 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
     assert (trainer.initial_lr, group['weight_decay'], group['eps']) == (4e-4, 1e-5, 1e-4)
     model = trainer.pretraining_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    result = one_step(trainer)
+    result = pretraining_step(trainer)
     assert all(np.isfinite(result[key]) for key in ('loss', *outputs))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     encoder_and_heads = {name for name in before if name.startswith(('network.encoder.', 'heads.'))}
@@ -292,13 +285,13 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
 
 
 def test_continue_restores_the_heads_and_the_schedule(make_trainer, tmp_path):
-    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, PRETRAINING_PATCH)
     trainer.initialize()
-    one_step(trainer)
+    pretraining_step(trainer)
     trainer.current_epoch = 3
     trainer.logger.log('lrs', 1e-4, 0)
     trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
-    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, SMALL)
+    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR, PRETRAINING_PATCH)
     resumed.load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
     assert resumed.current_epoch == 4
     for ours, theirs in zip(resumed.pretraining_model().state_dict().values(),
@@ -326,7 +319,7 @@ class _SlowerMedNeXt(nnUNetTrainerMedNeXtS_PretrainRCR):
 
 
 def test_a_subclass_sets_the_learning_rate_and_the_log_and_report_state_every_setting(make_trainer):
-    trainer = make_trainer(_SlowerMedNeXt, SMALL)
+    trainer = make_trainer(_SlowerMedNeXt, PRETRAINING_PATCH)
     trainer.initialize()
     trainer.lr_scheduler.step(2)
     group = trainer.optimizer.param_groups[0]

@@ -20,23 +20,17 @@ from nnunet_plugins.pretraining.trainer import REPORT_FILE
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenCL)
 
-from helpers import CONFIGURATION, training_log
+from helpers import CONFIGURATION, PRETRAINING_PATCH, pretraining_step, training_log
 
 READINGS = ('across_volumes', 'across_views', 'within_volume')
-SMALL = {'patch_size': [8, 16, 16]}  # the tiny plan's strides divide it, with a bottleneck (token grid) of 4 x 2 x 2
 
 
-def one_step(trainer) -> dict:
-    """A pre-training step on a random batch of the plans' shape; returns its losses."""
-    shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
-    return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
-                               'target': None})
 
 
 # ---- the trainers in-process ----
 
 def test_byol_step_trains_online_heads_and_moves_the_target_by_its_momentum(make_trainer):
-    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, SMALL)
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, PRETRAINING_PATCH)
     trainer.initialize()
     model = trainer.pretraining_model()
     target = model.heads['target'].module
@@ -44,7 +38,7 @@ def test_byol_step_trains_online_heads_and_moves_the_target_by_its_momentum(make
     target_before = {name: p.detach().clone() for name, p in target.named_parameters()}
     assert online_before.keys() == target_before.keys()
     heads_before = {name: p.detach().clone() for name, p in model.heads.named_parameters()}
-    result = one_step(trainer)
+    result = pretraining_step(trainer)
     assert 0 <= result['token_byol'] <= 4 and all(-1 <= result[r] <= 1 for r in READINGS)
     m = trainer.method.target_momentum
     assert m == 0.996
@@ -64,14 +58,14 @@ def test_byol_step_trains_online_heads_and_moves_the_target_by_its_momentum(make
 
 
 def test_continue_restores_the_heads_and_the_byol_target(make_trainer, tmp_path):
-    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, SMALL)
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, PRETRAINING_PATCH)
     trainer.initialize()
-    one_step(trainer)
+    pretraining_step(trainer)
     trainer.save_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
     checkpoint = torch.load(tmp_path / 'checkpoint_latest.pth', weights_only=False)
     assert {key.split('.')[0] for key in checkpoint[HEADS_KEY]} == {'projection', 'predictor', 'target'}
     assert not any(key.startswith('heads.') for key in checkpoint['network_weights'])
-    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, SMALL)
+    resumed = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenBYOL, PRETRAINING_PATCH)
     resumed.load_checkpoint(str(tmp_path / 'checkpoint_latest.pth'))
     ours, theirs = resumed.pretraining_model().state_dict(), trainer.pretraining_model().state_dict()
     assert ours.keys() == theirs.keys()
@@ -88,7 +82,7 @@ class _Ablation(nnUNetTrainerMedNeXtS_PretrainTokenCL):
 
 
 def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer, monkeypatch):
-    trainer = make_trainer(_Ablation, SMALL)
+    trainer = make_trainer(_Ablation, PRETRAINING_PATCH)
     trainer.initialize()
     assert trainer.method.transforms == (IDENTITY,) and trainer.method.token_grid == [4, 2, 2]
     assert 'w = 0.0' in trainer.method.describe() and '(off)' in trainer.method.describe()
@@ -101,9 +95,9 @@ def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer,
         weights.append((same_position_weight, temperature))
         return token_contrastive_loss_across_ranks(z, z_hat, same_position_weight, temperature)
     monkeypatch.setattr('nnunet_plugins.pretraining.token_cl.token_contrastive_loss_across_ranks', recording)
-    one_step(trainer)
+    pretraining_step(trainer)
     assert weights == [(0.0, 0.5)]
-    default = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, SMALL)
+    default = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, PRETRAINING_PATCH)
     default.initialize()
     assert len(default.method.transforms) == 16 and default.method.same_position_weight == 5.0
 
@@ -112,7 +106,7 @@ def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer,
 def test_a_mask_ratio_the_paper_found_useless_is_refused_before_training(make_trainer, ratio):
     masked_out = type('Masked', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'method': TokenCL(mask_ratio=ratio)})
     with pytest.raises(ValueError, match='no visual information'):
-        make_trainer(masked_out, SMALL)
+        make_trainer(masked_out, PRETRAINING_PATCH)
 
 
 def test_a_token_grid_not_square_in_y_x_draws_half_turns_and_says_so(make_trainer):
@@ -122,7 +116,7 @@ def test_a_token_grid_not_square_in_y_x_draws_half_turns_and_says_so(make_traine
     assert {t.quarter_turns for t in trainer.method.transforms} == {0, 2} and len(trainer.method.transforms) == 8
     lines = trainer.method.log_lines(trainer.configuration_manager.patch_size)
     assert 'draws from 8 transforms of the [4, 2, 4] token grid' in lines[0] and 'only half turns' in lines[1]
-    assert math.isfinite(one_step(trainer)['token_contrastive'])
+    assert math.isfinite(pretraining_step(trainer)['token_contrastive'])
 
 
 # ---- whole runs: TokenCL in-process, BYOL through the stock CLI, then fine-tuning with -pretrained_weights ----
