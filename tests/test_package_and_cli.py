@@ -52,14 +52,16 @@ def test_regular_install_lets_nnunet_find_the_trainers(wheel, tmp_path):
     assert result.returncode == 0, result.stderr
     shim_folder = target / 'nnunet_plugins' / 'nnUNet_extTrainer'
     env = {**os.environ, 'PYTHONPATH': str(target), 'nnUNet_extTrainer': str(shim_folder)}
-    script = ('import nnunet_plugins; from nnunetv2.utilities.find_objects import '
+    script = ('import sys, nnunet_plugins; from nnunetv2.utilities.find_objects import '
               'recursive_find_trainer_class_by_name as find; '
-              'c = find("nnUNetTrainerMedNeXtL_k5"); print(nnunet_plugins.ext_trainer_folder(), c.__module__)')
+              'c = find("nnUNetTrainerMedNeXtL_k5"); print(nnunet_plugins.ext_trainer_folder(), c.__module__, '
+              '"monai" in sys.modules)')
     result = run(sys.executable, '-c', script, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    folder, module = result.stdout.strip().splitlines()[-1].split()
+    folder, module, monai_imported = result.stdout.strip().splitlines()[-1].split()
     assert Path(folder) == shim_folder
     assert module == 'nnunet_plugins.training.mednext'
+    assert monai_imported == 'False'  # MONAI comes with a Swin UNETR or a token view, not with every trainer lookup
     # the plans presets come with the package
     script = 'from nnunet_plugins import presets; print(presets.presets_folder(), *presets.load_presets())'
     result = run(sys.executable, '-c', script, env=env, cwd=tmp_path)

@@ -29,22 +29,25 @@ reference, it then looks the relative position bias up as if the window had not 
 (``relative_position_index[:n, :n]``); this is the reference's function (at 96^3 its last stage runs 6x6x6
 windows that way), kept so that weights and outputs stay exchangeable with MONAI's.
 
+MONAI is imported where a network is built, not with this module: nnU-Net imports every trainer module to find a
+trainer by name, and importing MONAI would add about a second to every nnU-Net command that looks one up.
+
 As in the reference there is one output and no deep supervision.
 """
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
-from monai.networks.blocks.dynunet_block import UnetOutBlock
-from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
-from monai.networks.nets.swin_unetr import PatchMerging, SwinTransformer, SwinTransformerBlock, get_window_size
 from torch import nn
 
 from nnunet_plugins.networks.topology import Levels, ShallowPlanError, levels_of
 from nnunet_plugins.weights.files import read_checkpoint, swin_authors_name_to_ours
+
+if TYPE_CHECKING:
+    from monai.networks.nets.swin_unetr import SwinTransformer, SwinTransformerBlock
 
 LEVELS = 6  # full resolution, the patch embedding (level 1), four patch mergings (levels 2-5, down to 1/32)
 SWIN_STAGES = 4  # Swin blocks at levels 1-4; level 5 is the bottleneck after the last merging
@@ -90,6 +93,8 @@ class SwinUNETRDecoder(nn.Module):
     def __init__(self, input_channels: int, num_classes: int, spatial_dims: int, strides: Sequence[Sequence[int]],
                  kernel_sizes: Sequence[Sequence[int]], feature_size: int):
         super().__init__()
+        from monai.networks.blocks.dynunet_block import UnetOutBlock
+        from monai.networks.blocks.unetr_block import UnetrBasicBlock, UnetrUpBlock
         channels = [feature_size] + [feature_size * 2 ** (level - 1) for level in range(1, LEVELS)]
         common = dict(spatial_dims=spatial_dims, norm_name=NORM, res_block=True)
         self.skip_blocks = nn.ModuleList([
@@ -166,7 +171,7 @@ class SwinUNETR(nn.Module):
             in_chans=input_channels, embed_dim=feature_size, window_size=self.window_size, patch_size=self.strides[1],
             depths=tuple(depths), num_heads=tuple(num_heads), mlp_ratio=mlp_ratio, qkv_bias=True, drop_rate=0.0,
             attn_drop_rate=0.0, drop_path_rate=0.0, patch_norm=False, use_checkpoint=gradient_checkpointing,
-            spatial_dims=dims, downsample=PatchMerging)
+            spatial_dims=dims, downsample='merging')
         self.decoder = SwinUNETRDecoder(input_channels, num_classes, dims, self.strides, self.kernel_sizes,
                                         feature_size)
 
@@ -180,7 +185,8 @@ class SwinUNETR(nn.Module):
         for block in self._swin_blocks():
             block.use_checkpoint = enabled
 
-    def _swin_blocks(self) -> list[SwinTransformerBlock]:
+    def _swin_blocks(self) -> list['SwinTransformerBlock']:
+        from monai.networks.nets.swin_unetr import SwinTransformerBlock
         return [module for module in self.encoder.modules() if isinstance(module, SwinTransformerBlock)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,6 +196,7 @@ class SwinUNETR(nn.Module):
         """Per Swin stage (levels 1-4), the window and shift, in tokens per axis, that MONAI uses on ``patch_size``:
         the window is clipped to the token grid along every axis where the grid is not longer, and not shifted
         along it."""
+        from monai.networks.nets.swin_unetr import get_window_size
         grid = np.array(patch_size)
         windows = []
         for level in range(1, SWIN_STAGES + 1):
@@ -242,9 +249,10 @@ def swinunetr_from_plan(input_channels: int, num_classes: int, plan_strides: Seq
                      if gradient_checkpointing is None else gradient_checkpointing)
 
 
-def _swin_transformer(**kwargs) -> SwinTransformer:
+def _swin_transformer(**kwargs) -> 'SwinTransformer':
     """MONAI's ``SwinTransformer(**kwargs)``, also under ``torch.device('meta')``: its ``__init__`` reads a tensor's
     value (the drop-path schedule), which meta tensors do not have, so there it is built on the CPU and moved."""
+    from monai.networks.nets.swin_unetr import SwinTransformer
     if torch.empty(0).device.type != 'meta':
         return SwinTransformer(**kwargs)
     with torch.device('cpu'):

@@ -8,7 +8,6 @@ import copy
 from typing import Sequence
 
 import torch
-from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
 
@@ -20,6 +19,7 @@ def encoder_stage(encoder: nn.Module, x: torch.Tensor, stage: int = -1) -> torch
     ``normalize=True`` as its network does; UTNetV2's returns ``(skips, semantic maps)``; the others return their
     skips, deepest last.
     """
+    from monai.networks.nets.swin_unetr import SwinTransformer  # imported on use, as in networks/swinunetr.py
     features = encoder(x, normalize=True) if isinstance(encoder, SwinTransformer) else encoder(x)
     if isinstance(features, tuple):
         features = features[0]

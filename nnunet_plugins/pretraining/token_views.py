@@ -20,8 +20,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import GibbsNoise
-from monai.utils import convert_to_tensor
 
 MASK_RATIO = 0.75  # the paper's best (Sec. 4.4, Fig. 6)
 MAX_MASK_RATIO = 0.85  # the paper: masking over 85% of the patches leaves no visual information to learn from
@@ -50,6 +48,8 @@ class TextureSettings:
 
 def texture(batch: torch.Tensor, settings: TextureSettings, rng: np.random.Generator) -> torch.Tensor:
     """``batch`` ``(B, C, *S)`` with a random combination of the texture transforms per patch (a new tensor)."""
+    from monai.transforms import GibbsNoise  # imported on use, as in networks/swinunetr.py
+    from monai.utils import convert_to_tensor
     torch_rng = torch.Generator(batch.device).manual_seed(int(rng.integers(2 ** 62)))
     out = []
     for patch in batch:
