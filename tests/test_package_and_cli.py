@@ -114,24 +114,26 @@ def test_doctor_fails_and_says_how_to_fix_then_passes(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.e2e
-def test_demo_pipeline_runs_end_to_end_and_mednext_learns_the_organ(tmp_path):
-    """The demo on tiny volumes, 4 epochs x 20 iterations on fold 0 (4 of 5 cases): a real learning check, the
-    large organ is segmented on the unseen held-out cases."""
+def test_demo_pipeline_runs_end_to_end_and_mednext_learns_the_organ(tmp_path, capsys):
+    """The demo on tiny volumes, 3 epochs x 20 iterations on fold 0 (4 of 5 cases): a real learning check, the
+    large organ is segmented on the unseen held-out cases (organ Dice 0.928 and 0.939 in two runs on 2026-12-04;
+    0.78 after 2 epochs, too close to the bound)."""
     work = tmp_path / 'demo'
-    args = (COMMAND, 'demo', '--work', str(work), '--tiny', '--epochs', '4', '--iterations', '20',
+    args = ('demo', '--work', str(work), '--tiny', '--epochs', '3', '--iterations', '20',
             '--num-training', '5', '--num-heldout', '2', '--device', 'cpu', '--processes', '1')
-    result = run(*args)
+    result = run(COMMAND, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((work / 'demo_summary.json').read_text())
-    print('held-out Dice after 80 iterations:', summary['dice'])
+    print('held-out Dice after 60 iterations:', summary['dice'])
     assert set(summary['dice']) == {'organ', 'vessel', 'lesion'}
     assert all(0 <= d <= 1 for d in summary['dice'].values())
     assert summary['dice']['organ'] > 0.8
     assert (work / 'demo_heldout_case.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'Dice on 2 held-out cases' in result.stdout
-    # a second run refuses to replace the first unless asked to
-    again = run(*args)
-    assert again.returncode != 0 and '--overwrite' in again.stderr
+    # a second run refuses to replace the first unless asked to, before any work (in this process)
+    again = run_cli(capsys, *args)
+    assert again.returncode != 0 and f'{work} already holds a demo run' in again.stderr
+    assert 'Pass --overwrite to replace it' in again.stderr
 
 
 @pytest.mark.parametrize('option, message', [

@@ -1,6 +1,7 @@
 """Every code path of the trainer base, once, through nnU-Net's own command-line tools in subprocesses, on the tiny
-dataset: a MedNeXt trainer (train with validation export, the overwrite refusal, five folds and find_best,
-predicting held-out cases), and predict + ensemble with nnU-Net's own trainer. The other MedNeXt sizes and kernels
+dataset: a MedNeXt trainer (train with validation export, five folds and find_best, predicting held-out cases), and
+predict + ensemble with nnU-Net's own trainer. The refusals to train over a fold run in-process what nnUNetv2_train
+runs. The other MedNeXt sizes and kernels
 differ only in the network, which is tested in-process (test_trainers.py); so do UX-Net, UTNetV2 and Swin UNETR, whose
 trainers train and save checkpoints that nnU-Net's predictor segments with, in-process in their own files. UpKern's
 path and ``--c`` are in test_upkern.py, the presets' in test_presets.py and test_swinunetr.py. The check that a
@@ -43,20 +44,9 @@ def test_nnunetv2_train_runs_a_mednext_trainer_and_validates(workspace):
     assert set(summary['mean']) == {'1', '2', '3'}
 
 
-@pytest.mark.e2e
-def test_fresh_run_refuses_to_overwrite_a_trained_fold(workspace):
-    fold = workspace.train(MEDNEXT, 0)
-    before = sha256(fold / 'checkpoint_final.pth')
-    with pytest.raises(RuntimeError) as error:
-        workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', MEDNEXT, '-device', 'cpu')
-    assert 'already holds a training run (checkpoint_final.pth' in str(error.value)
-    assert '--c' in str(error.value)
-    assert sha256(fold / 'checkpoint_final.pth') == before
-
-
-# The two refusals below run in-process what `nnUNetv2_train ... --c` runs after building the trainer: nnU-Net's
-# maybe_load_checkpoint, then the trainer's on_train_start. The CLI's own `--c` continues a MedNeXt (UpKern) run in
-# test_upkern.py.
+# The three refusals below run in-process what `nnUNetv2_train` (with or without `--c`) runs after building the
+# trainer: nnU-Net's maybe_load_checkpoint, then the trainer's on_train_start. The CLI's own `--c` continues a MedNeXt
+# (UpKern) run in test_upkern.py.
 
 def _stopped_run(make_trainer, checkpoint: str):
     """A fresh MedNeXt-S trainer whose fold folder holds a final checkpoint saved after one epoch (of one step, in
@@ -64,6 +54,18 @@ def _stopped_run(make_trainer, checkpoint: str):
     fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS), steps=1)
     (fold / 'checkpoint_final.pth').rename(fold / checkpoint)
     return make_trainer(nnUNetTrainerMedNeXtS), fold
+
+
+def test_fresh_run_refuses_to_overwrite_a_trained_fold(make_trainer):
+    trainer, fold = _stopped_run(make_trainer, 'checkpoint_final.pth')
+    before = sha256(fold / 'checkpoint_final.pth')
+    maybe_load_checkpoint(trainer, continue_training=False, validation_only=False)
+    with pytest.raises(RuntimeError) as error:
+        trainer.on_train_start()
+    message = str(error.value)
+    assert f'{fold} already holds a training run (checkpoint_final.pth)' in message
+    assert 'Continue that run with `nnUNetv2_train ... --c`' in message
+    assert sha256(fold / 'checkpoint_final.pth') == before
 
 
 def test_continue_with_a_shorter_schedule_is_refused_before_training(make_trainer, monkeypatch):
@@ -116,8 +118,9 @@ def readme_recipe() -> list[str]:
 def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
     """Five folds with --npz, find_best and a five-fold prediction, as the README says, in a results folder of its
     own (its fresh runs would otherwise meet the folds other tests trained). Substituted: the tiny dataset for 4,
-    MedNeXt-S for -L, a short schedule, the CPU, a folder of one held-out image for imagesTs (the five folds'
-    mirrored prediction takes 10 to 20 s per case on two CPU cores; the ensemble test predicts every held-out case)."""
+    MedNeXt-S for -L, a short schedule, the CPU, a folder of one held-out image for imagesTs (the ensemble test
+    predicts every held-out case), and ``--disable_tta`` for the final prediction: mirrored prediction with the
+    trainer's mirror axes runs in every fold's validation, and five folds' would add 10 to 20 s per case here."""
     recipe = readme_recipe()
     assert recipe[:3] == ['pip install /path/to/nnunet-plugins', 'export nnUNet_extTrainer=$(nnunet-plugins trainers '
                           '--path)', 'nnunet-plugins doctor']  # installation: test_package_and_cli.py
@@ -142,6 +145,7 @@ def test_the_readmes_own_data_recipe_runs_as_written(workspace, tmp_path):
                    .replace(' pred ', f' {tmp_path / "pred"} '))
         for tool in ('nnUNetv2_train ', 'nnUNetv2_predict '):  # the README's are for a GPU
             command = command.replace(tool, f'{tool}-device cpu ')
+        command = command.replace('nnUNetv2_predict ', 'nnUNetv2_predict --disable_tta ')
         command = command.strip()
         completed = subprocess.run(['bash', '-c', f'set -e; {command}'], env=env, capture_output=True, text=True,
                                    stdin=subprocess.DEVNULL)

@@ -1,6 +1,6 @@
 """Token-level pre-training trainers (paper 004): BYOL's target in a trainer, the heads in the optimiser and the
-checkpoint, the method's settings for ablations, a whole TokenCL run in-process, BYOL pre-training through the stock
-CLI and nnU-Net's ``-pretrained_weights`` loading of the result. (One TokenCL step per network family and the DDP
+checkpoint, the method's settings for ablations, whole TokenCL and BYOL runs in-process through nnU-Net's training loop
+and nnU-Net's ``-pretrained_weights`` loading of the result (the stock CLI pre-trains in test_pretraining.py). (One TokenCL step per network family and the DDP
 gather of eq. 3 are in test_pretraining.py, beside RCR's.)"""
 import json
 import math
@@ -19,6 +19,7 @@ from nnunet_plugins.pretraining.token_method import IDENTITY
 from nnunet_plugins.pretraining.trainer import REPORT_FILE
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtS_PretrainTokenBYOL, nnUNetTrainerMedNeXtS_PretrainTokenCL)
+from nnunet_plugins.training.nnunet_network import nnUNetTrainer_PretrainTokenBYOL
 
 from helpers import CONFIGURATION, PRETRAINING_PATCH, pretraining_step, training_log
 
@@ -143,7 +144,7 @@ def check_run(fold, trainer: str, term: str) -> tuple[dict, list[str]]:
 def test_token_cl_pretrains_mednext_through_nnunets_training_loop(make_trainer, monkeypatch):
     """What ``nnUNetv2_train D 3d_fullres 0 -tr nnUNetTrainerMedNeXtS_PretrainTokenCL`` runs after building the trainer
     (nnU-Net's run_training and the closing validation), in this process, one epoch of one step: the CLI's own path
-    is the one test_pretraining.py (RCR) and the BYOL test below run."""
+    is the one test_pretraining.py runs (RCR)."""
     for variable, value in ((settings.EPOCHS, '1'), (settings.ITERATIONS, '1'), ('nnUNet_n_proc_DA', '0')):
         monkeypatch.setenv(variable, value)
     trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL)
@@ -152,17 +153,21 @@ def test_token_cl_pretrains_mednext_through_nnunets_training_loop(make_trainer, 
     check_run(Path(trainer.output_folder), 'nnUNetTrainerMedNeXtS_PretrainTokenCL', 'token_contrastive')
 
 
-@pytest.mark.e2e
-def test_stock_cli_token_byol_pretrains_nnunets_network_that_nnunets_own_trainer_starts_from(workspace, make_trainer):
-    """BYOL pre-training of nnU-Net's own network through nnUNetv2_train; then what ``nnUNetv2_train -tr
-    nnUNetTrainer -pretrained_weights FILE`` does before training (nnU-Net's maybe_load_checkpoint), in this process:
-    nnU-Net's trainer takes every pre-trained encoder tensor as it is."""
-    fold = workspace.train('nnUNetTrainer_PretrainTokenBYOL', 'all', epochs=1, iterations=2)
+def test_token_byol_pretrains_nnunets_network_that_nnunets_own_trainer_starts_from(make_trainer, monkeypatch):
+    """BYOL pre-training of nnU-Net's own network through nnU-Net's training loop, as the TokenCL test above; then
+    what ``nnUNetv2_train -tr nnUNetTrainer -pretrained_weights FILE`` does before training (nnU-Net's
+    maybe_load_checkpoint): nnU-Net's trainer takes every pre-trained encoder tensor as it is."""
+    for variable, value in ((settings.EPOCHS, '1'), (settings.ITERATIONS, '1'), ('nnUNet_n_proc_DA', '0')):
+        monkeypatch.setenv(variable, value)
+    pretraining = make_trainer(nnUNetTrainer_PretrainTokenBYOL)
+    pretraining.run_training()
+    pretraining.perform_actual_validation()
+    fold = Path(pretraining.output_folder)
     pretrained, encoder = check_run(fold, 'nnUNetTrainer_PretrainTokenBYOL', 'token_byol')
     assert any(key.startswith('target.module.encoder.') for key in pretrained[HEADS_KEY])
     trainer = make_trainer(nnUNetTrainer)
-    maybe_load_checkpoint(trainer, continue_training=False, validation_only=False, pretrained_weights_file=str(
-        workspace.results('nnUNetTrainer_PretrainTokenBYOL') / 'fold_all' / 'checkpoint_final.pth'))
+    maybe_load_checkpoint(trainer, continue_training=False, validation_only=False,
+                          pretrained_weights_file=str(fold / 'checkpoint_final.pth'))
     loaded = trainer.network.state_dict()
     for key in encoder:
         assert torch.equal(loaded[key], pretrained['network_weights'][key]), key
