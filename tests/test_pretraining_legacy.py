@@ -22,8 +22,13 @@ from nnunet_plugins.training.base import Role
 
 LEGACY = Path(__file__).resolve().parent / 'fixtures' / 'legacy_pretraining'
 STEPS = json.loads((LEGACY / 'steps.json').read_text())
-# the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script)
-METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads']), 'TokenBYOL': TokenBYOL(**STEPS['token_heads'])}
+# the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script).
+# The fixtures are not regenerated when a default changes: the methods are pinned to the settings that reproduce
+# the old code's behaviour. Eq. 3: the old code added w times the same-position terms on top of eq. 1's denominator,
+# which already held them once, so its default w = 5 is same_position_weight = 6 now.
+LEGACY_TOKEN_CL = {'same_position_weight': 6.0}
+METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads'], **LEGACY_TOKEN_CL),
+           'TokenBYOL': TokenBYOL(**STEPS['token_heads'])}
 
 
 def test_nnunets_methods_are_overridden_in_nnunet_overrides_only():

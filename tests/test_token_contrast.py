@@ -101,24 +101,38 @@ def test_texture_transforms_change_intensities_only_when_drawn(shape):
     assert not torch.allclose(textured, batch)
 
 
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
 def loop_eq3(z: torch.Tensor, z_hat: torch.Tensor, w: float, t: float = 0.5) -> float:
-    """Eq. 3 token by token: every token of both views an anchor, the same-position other-volume terms of the
-    anchor's view added ``w`` times to eq. 1's denominator."""
-    views = [[[v[i, :, m] for m in range(v.shape[2])] for i in range(v.shape[0])]
+    """Paper 004's eq. 3 written out from the paper, term by term in plain Python, averaged over every token of both
+    views as the anchor ``z_m^i`` (its positive ``z_hat_m^i``, the other view's token m of volume i):
+
+    ``-s(z_m^i, z_hat_m^i)/t + log(sum_{z not in z_m, z != z_m^i} exp(s(z_m^i, z)/t) + w sum_{j != i} exp(s(z_m^i,
+    z_m^j)/t))``, ``z`` running over every token of both views, ``z_m`` the tokens m of the other volumes in the
+    anchor's view: those are in the second sum only, weighted ``w``."""
+    views = [[[[float(v[i, d, m]) for d in range(v.shape[1])] for m in range(v.shape[2])] for i in range(v.shape[0])]
              for v in (z.flatten(2).double(), z_hat.flatten(2).double())]
-    tokens = [(v, i, m) for v in range(2) for i in range(len(views[0])) for m in range(len(views[0][0]))]
-
-    def sim(a, b):
-        return float(F.cosine_similarity(a, b, dim=0))
-
-    total = 0.0
-    for v, i, m in tokens:
-        anchor = views[v][i][m]
-        denominator = sum(math.exp(sim(anchor, views[v2][i2][m2]) / t)
-                          for v2, i2, m2 in tokens if (v2, i2, m2) != (v, i, m))
-        denominator += w * sum(math.exp(sim(anchor, views[v][j][m]) / t) for j in range(len(views[v])) if j != i)
-        total += -sim(anchor, views[1 - v][i][m]) / t + math.log(denominator)
-    return total / len(tokens)
+    volumes, positions = len(views[0]), len(views[0][0])
+    total, anchors = 0.0, 0
+    for v in range(2):
+        for i in range(volumes):
+            for m in range(positions):
+                anchor = views[v][i][m]
+                first_sum = 0.0
+                for v2 in range(2):
+                    for j in range(volumes):
+                        for n in range(positions):
+                            is_anchor = (v2, j, n) == (v, i, m)
+                            in_z_m = v2 == v and n == m and j != i
+                            if not is_anchor and not in_z_m:
+                                first_sum += math.exp(cosine(anchor, views[v2][j][n]) / t)
+                second_sum = sum(math.exp(cosine(anchor, views[v][j][m]) / t) for j in range(volumes) if j != i)
+                positive = cosine(anchor, views[1 - v][i][m])
+                total += -positive / t + math.log(first_sum + w * second_sum)
+                anchors += 1
+    return total / anchors
 
 
 def loop_token_nt_xent(z: torch.Tensor, z_hat: torch.Tensor, t: float = 0.5) -> float:
@@ -133,22 +147,30 @@ def loop_token_nt_xent(z: torch.Tensor, z_hat: torch.Tensor, t: float = 0.5) -> 
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize('grid', [(2, 3), (2, 1, 2)])
-@pytest.mark.parametrize('w', [5.0, 0.7, 0.0])
-def test_eq3_equals_a_loop_over_tokens_on_three_volumes(grid, w):
-    torch.manual_seed(0)
-    z, z_hat = torch.randn(3, 4, *grid), torch.randn(3, 4, *grid)
+@pytest.mark.parametrize('volumes, grid', [(1, (2, 3)), (2, (2, 1, 2)), (3, (2, 3)), (4, (1, 2, 2)), (3, (1, 1, 1))])
+@pytest.mark.parametrize('w', [0.0, 1.0, 5.0, 0.7, 2.5])
+def test_eq3_equals_the_papers_equation_written_out_in_a_loop(volumes, grid, w):
+    torch.manual_seed(volumes + len(grid))
+    z, z_hat = torch.randn(volumes, 4, *grid), torch.randn(volumes, 4, *grid)
     assert float(token_contrastive_loss(z, z_hat, w)) == pytest.approx(loop_eq3(z, z_hat, w), rel=1e-5)
 
 
-def test_w_zero_is_plain_token_nt_xent_and_w_penalises_same_position_similarity():
+def test_w_one_is_plain_token_nt_xent_and_w_weights_same_position_similarity():
     torch.manual_seed(1)
     z, z_hat = torch.randn(3, 5, 2, 2), torch.randn(3, 5, 2, 2)
-    plain = float(token_contrastive_loss(z, z_hat, 0))
+    plain = float(token_contrastive_loss(z, z_hat, 1))
     assert plain == pytest.approx(loop_token_nt_xent(z, z_hat), rel=1e-5)
-    assert float(token_contrastive_loss(z, z_hat, 5)) > plain
+    losses = [float(token_contrastive_loss(z, z_hat, w)) for w in (0, 0.5, 1, 5, 6)]
+    assert losses == sorted(losses) and len(set(losses)) == len(losses)
+    # the weight multiplies exactly the same-position terms of the anchor's view: the collapse of Sec. 3.3 (z_m^i =
+    # z_m^j) raises the loss by log((rest + w (B - 1) e^{1/t}) / (rest + (B - 1) e^{1/t})), more the larger w is
+    collapsed = z[:1].expand_as(z).clone()
+    gap = [float(token_contrastive_loss(collapsed, z_hat, w)) - float(token_contrastive_loss(z, z_hat, w))
+           for w in (1, 5)]
+    assert gap[1] > gap[0]
     one = float(token_contrastive_loss(z[:1], z_hat[:1], 5))  # no other volume: w has nothing to weight
     assert one == pytest.approx(float(token_contrastive_loss(z[:1], z_hat[:1], 0)), rel=1e-6)
+    assert math.isfinite(float(token_contrastive_loss(z[:1, :, :1, :1], z_hat[:1, :, :1, :1], 0)))  # the positive alone
     with pytest.raises(ValueError, match='same_position_weight -1'):
         token_contrastive_loss(z, z_hat, -1)
     with pytest.raises(ValueError, match='restore the transformed view'):
