@@ -10,7 +10,8 @@ from torch import nn
 from nnunet_plugins.pretraining.token_heads import EmaTarget, TokenHead
 from nnunet_plugins.pretraining.token_losses import byol_token_loss, collapse_monitor, token_contrastive_loss
 from nnunet_plugins.pretraining.token_views import (
-    TextureSettings, allowed_transforms, apply_each, make_views, mask_patches, restore_each, texture)
+    TextureSettings, allowed_transforms, apply_each, block_size, input_mask_block, make_views, mask_grid, mask_patches,
+    restore_each, texture)
 
 # (patch, token grid): cubic, anisotropic (square in y-x), non-square in y-x, 2d square and non-square, and a
 # square token grid on a patch that is not square in y-x
@@ -66,19 +67,63 @@ def test_a_token_grid_that_does_not_divide_the_patch_is_refused():
         allowed_transforms((8, 8), (3, 3))
 
 
-def test_views_mask_the_drawn_share_of_token_blocks_and_transform_the_other_view():
+@pytest.mark.parametrize('patch, block, grid', [
+    ((64, 128, 128), (4, 8, 8), (16, 16, 16)),  # the authors' patch and block
+    ((80, 160, 160), (5, 10, 10), (16, 16, 16)),
+    ((8, 16, 16), (1, 1, 1), (8, 16, 16)),  # under 16 voxels: blocks of 1 voxel
+    ((56, 40), (3, 2), (19, 20)),  # 56 = 18 x 3 + 2: a shorter last block
+])
+def test_input_masking_blocks_are_patch_over_16_per_axis(patch, block, grid):
+    assert input_mask_block(patch) == block and mask_grid(patch, block) == grid
+
+
+def voxel_mask(mask: torch.Tensor, block: tuple[int, ...], patch: tuple[int, ...]) -> torch.Tensor:
+    """``(B, *grid)`` block mask -> ``(B, *patch)``: a voxel is masked when the block holding it (index // block) is."""
+    index = torch.meshgrid(*[torch.arange(size) // b for size, b in zip(patch, block)], indexing='ij')
+    return mask[(slice(None), *index)]
+
+
+def test_views_mask_the_drawn_share_of_input_blocks_with_noise_and_transform_the_other_view():
     rng = np.random.default_rng(0)
-    patch, grid = GRIDS['3d anisotropic']
-    batch = torch.randn(3, 2, *patch) + 5  # no voxel is 0 before masking
+    patch, grid = (16, 32, 48), (2, 4, 6)  # token grid of a stride-8 encoder
+    block = input_mask_block(patch)
+    assert block == (1, 2, 3)
+    batch = torch.randn(3, 2, *patch) + 5  # no voxel is near 0 before masking
     allowed = allowed_transforms(patch, grid)
-    views = make_views(batch, grid, allowed, rng, settings=TextureSettings(probability=0))
-    assert views.mask.shape == (3, *grid)
-    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 32)] * 3
-    voxel_mask = views.mask[:, None].repeat_interleave(2, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
-    assert torch.all(views.masked[voxel_mask.expand_as(batch)] == 0)
-    assert torch.equal(views.masked[~voxel_mask.expand_as(batch)], batch[~voxel_mask.expand_as(batch)])
+    views = make_views(batch, block, allowed, rng, settings=TextureSettings(probability=0))  # noise fill, std 0.1
+    assert views.mask.shape == (3, 16, 16, 16)
+    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 16 ** 3)] * 3
+    masked = voxel_mask(views.mask, block, patch)[:, None].expand_as(batch)
+    assert masked.float().mean() == pytest.approx(0.75)
+    assert torch.equal(views.masked[~masked], batch[~masked])
+    noise = views.masked[masked]
+    assert abs(float(noise.mean())) < 0.01 and float(noise.std()) == pytest.approx(0.1, rel=0.02)
+    assert not torch.equal(views.masked[:, 0][masked[:, 0]], views.masked[:, 1][masked[:, 1]])  # per channel
+    # every token of the encoder still sees some of its region: its 8 x 8 x 8 voxels hold 64 blocks
+    per_token = F.avg_pool3d((~masked[:, :1]).float(), kernel_size=block_size(patch, grid))
+    assert per_token.min() > 0
     assert all(t in allowed for t in views.transforms)
     assert torch.equal(restore_each(views.transformed, views.transforms), batch)
+
+
+def test_a_shorter_last_block_is_masked_within_the_patch():
+    patch, block = (56, 40), (3, 2)
+    masked, mask = mask_patches(torch.full((2, 1, *patch), 5.0), block, 0.5, np.random.default_rng(1))
+    assert mask.shape == (2, 19, 20) and mask.flatten(1).sum(1).tolist() == [190, 190]
+    assert torch.equal(masked[:, 0] == 0, voxel_mask(mask, block, patch))
+
+
+def test_token_granularity_masks_whole_token_regions_with_zero():
+    rng = np.random.default_rng(0)
+    patch, grid = GRIDS['3d anisotropic']
+    batch = torch.randn(3, 2, *patch) + 5
+    views = make_views(batch, block_size(patch, grid), allowed_transforms(patch, grid), rng,
+                       settings=TextureSettings(probability=0), mask_noise_std=0)
+    assert views.mask.shape == (3, *grid)
+    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 32)] * 3
+    masked = voxel_mask(views.mask, (2, 4, 4), patch)[:, None].expand_as(batch)
+    assert torch.all(views.masked[masked] == 0)
+    assert torch.equal(views.masked[~masked], batch[~masked])
 
 
 @pytest.mark.parametrize('ratio', [0.85, 0.9, 1.0, -0.1])
