@@ -88,7 +88,8 @@ def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer,
     assert trainer.method.transforms == (IDENTITY,) and trainer.method.token_grid == [4, 2, 2]
     assert trainer.method.mask_block == (2, 8, 8)
     description = trainer.method.describe()
-    assert 'w = 1.0' in description and '(off)' in description and 'token regions masked on one (filled with 0)' in description
+    assert 'w = 1.0' in description and '(off)' in description
+    assert 'token regions masked on one (filled with 0)' in description
     report = trainer.report()
     assert (report['same_position_weight'], report['rotate_and_restore']) == (1.0, False)
     assert (report['mask_granularity'], report['mask_block'], report['mask_noise_std']) == ('token', [2, 8, 8], 0)

@@ -18,9 +18,10 @@ Optimiser: RCR's (:class:`~nnunet_plugins.pretraining.method.OptimiserSettings`'
 1e-5, 2 warm-up epochs then cosine), not the paper's SGD (lr 1e-4, Nesterov momentum 0.99), which did not learn
 within a short nnU-Net schedule here. ``scripts/token_optimiser_check.py`` (2026-11-29, 2 shared CPU cores):
 nnU-Net's PlainConvUNet on the tiny synthetic dataset, patch 8 x 16 x 16 (4 x 2 x 2 tokens), batch 2, the same seed,
-10 epochs x 15 iterations; eq. 3 (w = 5) is log 68 = 4.22 when all similarities are equal. Training loss in epochs
-1 / 2 / 10: SGD (nnU-Net's poly decay, weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within
-the noise between epochs), AdamW 4.05 / 3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
+10 epochs x 15 iterations, before issue 25 (eq. 3's same-position terms weighted 6, token regions masked with 0:
+log 68 = 4.22 when all similarities are equal). Training loss in epochs 1 / 2 / 10: SGD (nnU-Net's poly decay,
+weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within the noise between epochs), AdamW 4.05 /
+3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
 """
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager, Sequence
