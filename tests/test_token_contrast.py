@@ -85,9 +85,9 @@ def voxel_mask(mask: torch.Tensor, block: tuple[int, ...], patch: tuple[int, ...
 
 def test_views_mask_the_drawn_share_of_input_blocks_with_noise_and_transform_the_other_view():
     rng = np.random.default_rng(0)
-    patch, grid = (16, 32, 48), (2, 4, 6)  # token grid of a stride-8 encoder
+    patch, grid = (16, 32, 64), (2, 4, 8)  # token grid of a stride-8 encoder
     block = input_mask_block(patch)
-    assert block == (1, 2, 3)
+    assert block == (1, 2, 4)
     batch = torch.randn(3, 2, *patch) + 5  # no voxel is near 0 before masking
     allowed = allowed_transforms(patch, grid)
     views = make_views(batch, block, allowed, rng, settings=TextureSettings(probability=0))  # noise fill, std 0.1
@@ -99,7 +99,7 @@ def test_views_mask_the_drawn_share_of_input_blocks_with_noise_and_transform_the
     noise = views.masked[masked]
     assert abs(float(noise.mean())) < 0.01 and float(noise.std()) == pytest.approx(0.1, rel=0.02)
     assert not torch.equal(views.masked[:, 0][masked[:, 0]], views.masked[:, 1][masked[:, 1]])  # per channel
-    # every token of the encoder still sees some of its region: its 8 x 8 x 8 voxels hold 64 blocks
+    # every token of the encoder still sees some of its region here: its 8 x 8 x 8 voxels hold 64 blocks
     per_token = F.avg_pool3d((~masked[:, :1]).float(), kernel_size=block_size(patch, grid))
     assert per_token.min() > 0
     assert all(t in allowed for t in views.transforms)

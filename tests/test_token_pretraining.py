@@ -109,7 +109,7 @@ def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer,
         'input', (2, 4, 4), 0.1)
     lines = default.method.log_lines([32, 64, 64])
     assert lines[0] == ('masking, per patch [32, 64, 64]: 3072 of its [16, 16, 16] blocks of [2, 4, 4] voxels (input '
-                        'granularity; token grid [16, 8, 8]).')
+                        'granularity; token grid [16, 8, 8], 4 blocks per token region).')
 
 
 @pytest.mark.parametrize('setting, message', [

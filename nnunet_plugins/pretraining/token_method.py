@@ -120,8 +120,10 @@ class TokenMethod(PretrainingMethod):
     def log_lines(self, patch_size: Sequence[int]) -> list[str]:
         patch, grid = list(patch_size), self.token_grid
         blocks = mask_grid(patch, self.mask_block)
+        per_token = np.prod([size / (tokens * block) for size, tokens, block in zip(patch, grid, self.mask_block)])
         lines = [f'masking, per patch {patch}: {round(self.mask_ratio * int(np.prod(blocks)))} of its {list(blocks)} '
-                 f'blocks of {list(self.mask_block)} voxels ({self.mask_granularity} granularity; token grid {grid}).']
+                 f'blocks of {list(self.mask_block)} voxels ({self.mask_granularity} granularity; token grid {grid}, '
+                 f'{per_token:.3g} blocks per token region).']
         if not self.rotate_and_restore:
             return [*lines, f'rotate-and-restore is off: the second view keeps its orientation (tokens {grid}).']
         drawn = ', '.join(map(str, self.transforms))

@@ -6,7 +6,8 @@ with random texture transforms (Gaussian noise, Gibbs noise, intensity scaling, 
 - the masked view: 75% (by default) of the blocks of a grid over the patch masked, after the texture transforms:
   filled with Gaussian noise (the authors' code) or set to 0 (the mean of z-scored intensities). The paper masks
   "small patches" of the input as BEiT does; its authors' code masks blocks of 4 x 8 x 8 voxels of a 64 x 128 x 128
-  patch, 16 blocks per axis, so every token of the encoder's output keeps part of its region. Here the block is
+  patch, 16 blocks per axis, so a token of the encoder's output (a region of 64 blocks for their Swin UNETR) almost
+  surely keeps part of its region. Here the block is
   ``patch // 16`` voxels per axis (at least 1; :func:`input_mask_block`), the authors' block on their patch.
   For ablations the blocks can instead be the regions the encoder's tokens cover (:func:`block_size`), the
   masking of this project before issue 25, which leaves a masked token nothing of its own region;
