@@ -1,7 +1,12 @@
 """Pre-training against what main wrote before the ``nnunet_plugins.pretraining`` package (tests/fixtures/legacy_pretraining/, made
 by its script on the commit ``steps.json`` names): each method's checkpoint resumes with ``--c`` and its steps give
 the same losses, and nnU-Net's trainer fine-tunes from it; and nnU-Net's methods are overridden in one module of
-pre-training (their signatures: test_nnunet_contract.py)."""
+pre-training (their signatures: test_nnunet_contract.py).
+
+The fixtures are never regenerated: where a default has changed since, the methods here are pinned to the settings
+that give the old behaviour, so "the same losses" keeps its meaning. Since issue 25 that is, for the token methods,
+the old eq. 3 weight (old w = new w + 1: ``same_position_weight=6`` for the old default 5), the token-region masking
+(``mask_granularity='token'``) and the old fill, 0 (``mask_noise_std=0``)."""
 import json
 import shutil
 from pathlib import Path
@@ -22,8 +27,15 @@ from nnunet_plugins.training.base import Role
 
 LEGACY = Path(__file__).resolve().parent / 'fixtures' / 'legacy_pretraining'
 STEPS = json.loads((LEGACY / 'steps.json').read_text())
-# the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script)
-METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads']), 'TokenBYOL': TokenBYOL(**STEPS['token_heads'])}
+# the legacy token heads were made smaller than the defaults, to keep the files small (see the fixtures' script).
+# The fixtures are not regenerated when a default changes: the methods are pinned to the settings that reproduce
+# the old code's behaviour (issue 25). Eq. 3: the old code added w times the same-position terms on top of eq. 1's
+# denominator, which already held them once, so its default w = 5 is same_position_weight = 6 now. Masking: the old
+# code masked the regions of the tokens and set them to 0, not the paper's input blocks filled with noise.
+LEGACY_MASKING = {'mask_granularity': 'token', 'mask_noise_std': 0.0}
+LEGACY_TOKEN_CL = {'same_position_weight': 6.0, **LEGACY_MASKING}
+METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads'], **LEGACY_TOKEN_CL),
+           'TokenBYOL': TokenBYOL(**STEPS['token_heads'], **LEGACY_MASKING)}
 
 
 def test_nnunets_methods_are_overridden_in_nnunet_overrides_only():

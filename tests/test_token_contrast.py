@@ -10,7 +10,8 @@ from torch import nn
 from nnunet_plugins.pretraining.token_heads import EmaTarget, TokenHead
 from nnunet_plugins.pretraining.token_losses import byol_token_loss, collapse_monitor, token_contrastive_loss
 from nnunet_plugins.pretraining.token_views import (
-    TextureSettings, allowed_transforms, apply_each, make_views, mask_patches, restore_each, texture)
+    TextureSettings, allowed_transforms, apply_each, block_size, input_mask_block, make_views, mask_grid, mask_patches,
+    restore_each, texture)
 
 # (patch, token grid): cubic, anisotropic (square in y-x), non-square in y-x, 2d square and non-square, and a
 # square token grid on a patch that is not square in y-x
@@ -66,19 +67,63 @@ def test_a_token_grid_that_does_not_divide_the_patch_is_refused():
         allowed_transforms((8, 8), (3, 3))
 
 
-def test_views_mask_the_drawn_share_of_token_blocks_and_transform_the_other_view():
+@pytest.mark.parametrize('patch, block, grid', [
+    ((64, 128, 128), (4, 8, 8), (16, 16, 16)),  # the authors' patch and block
+    ((80, 160, 160), (5, 10, 10), (16, 16, 16)),
+    ((8, 16, 16), (1, 1, 1), (8, 16, 16)),  # under 16 voxels: blocks of 1 voxel
+    ((56, 40), (3, 2), (19, 20)),  # 56 = 18 x 3 + 2: a shorter last block
+])
+def test_input_masking_blocks_are_patch_over_16_per_axis(patch, block, grid):
+    assert input_mask_block(patch) == block and mask_grid(patch, block) == grid
+
+
+def voxel_mask(mask: torch.Tensor, block: tuple[int, ...], patch: tuple[int, ...]) -> torch.Tensor:
+    """``(B, *grid)`` block mask -> ``(B, *patch)``: a voxel is masked when the block holding it (index // block) is."""
+    index = torch.meshgrid(*[torch.arange(size) // b for size, b in zip(patch, block)], indexing='ij')
+    return mask[(slice(None), *index)]
+
+
+def test_views_mask_the_drawn_share_of_input_blocks_with_noise_and_transform_the_other_view():
     rng = np.random.default_rng(0)
-    patch, grid = GRIDS['3d anisotropic']
-    batch = torch.randn(3, 2, *patch) + 5  # no voxel is 0 before masking
+    patch, grid = (16, 32, 64), (2, 4, 8)  # token grid of a stride-8 encoder
+    block = input_mask_block(patch)
+    assert block == (1, 2, 4)
+    batch = torch.randn(3, 2, *patch) + 5  # no voxel is near 0 before masking
     allowed = allowed_transforms(patch, grid)
-    views = make_views(batch, grid, allowed, rng, settings=TextureSettings(probability=0))
-    assert views.mask.shape == (3, *grid)
-    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 32)] * 3
-    voxel_mask = views.mask[:, None].repeat_interleave(2, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
-    assert torch.all(views.masked[voxel_mask.expand_as(batch)] == 0)
-    assert torch.equal(views.masked[~voxel_mask.expand_as(batch)], batch[~voxel_mask.expand_as(batch)])
+    views = make_views(batch, block, allowed, rng, settings=TextureSettings(probability=0))  # noise fill, std 0.1
+    assert views.mask.shape == (3, 16, 16, 16)
+    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 16 ** 3)] * 3
+    masked = voxel_mask(views.mask, block, patch)[:, None].expand_as(batch)
+    assert masked.float().mean() == pytest.approx(0.75)
+    assert torch.equal(views.masked[~masked], batch[~masked])
+    noise = views.masked[masked]
+    assert abs(float(noise.mean())) < 0.01 and float(noise.std()) == pytest.approx(0.1, rel=0.02)
+    assert not torch.equal(views.masked[:, 0][masked[:, 0]], views.masked[:, 1][masked[:, 1]])  # per channel
+    # every token of the encoder still sees some of its region here: its 8 x 8 x 8 voxels hold 64 blocks
+    per_token = F.avg_pool3d((~masked[:, :1]).float(), kernel_size=block_size(patch, grid))
+    assert per_token.min() > 0
     assert all(t in allowed for t in views.transforms)
     assert torch.equal(restore_each(views.transformed, views.transforms), batch)
+
+
+def test_a_shorter_last_block_is_masked_within_the_patch():
+    patch, block = (56, 40), (3, 2)
+    masked, mask = mask_patches(torch.full((2, 1, *patch), 5.0), block, 0.5, np.random.default_rng(1))
+    assert mask.shape == (2, 19, 20) and mask.flatten(1).sum(1).tolist() == [190, 190]
+    assert torch.equal(masked[:, 0] == 0, voxel_mask(mask, block, patch))
+
+
+def test_token_granularity_masks_whole_token_regions_with_zero():
+    rng = np.random.default_rng(0)
+    patch, grid = GRIDS['3d anisotropic']
+    batch = torch.randn(3, 2, *patch) + 5
+    views = make_views(batch, block_size(patch, grid), allowed_transforms(patch, grid), rng,
+                       settings=TextureSettings(probability=0), mask_noise_std=0)
+    assert views.mask.shape == (3, *grid)
+    assert views.mask.flatten(1).sum(1).tolist() == [round(0.75 * 32)] * 3
+    masked = voxel_mask(views.mask, (2, 4, 4), patch)[:, None].expand_as(batch)
+    assert torch.all(views.masked[masked] == 0)
+    assert torch.equal(views.masked[~masked], batch[~masked])
 
 
 @pytest.mark.parametrize('ratio', [0.85, 0.9, 1.0, -0.1])
@@ -101,24 +146,38 @@ def test_texture_transforms_change_intensities_only_when_drawn(shape):
     assert not torch.allclose(textured, batch)
 
 
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
 def loop_eq3(z: torch.Tensor, z_hat: torch.Tensor, w: float, t: float = 0.5) -> float:
-    """Eq. 3 token by token: every token of both views an anchor, the same-position other-volume terms of the
-    anchor's view added ``w`` times to eq. 1's denominator."""
-    views = [[[v[i, :, m] for m in range(v.shape[2])] for i in range(v.shape[0])]
+    """Paper 004's eq. 3 written out from the paper, term by term in plain Python, averaged over every token of both
+    views as the anchor ``z_m^i`` (its positive ``z_hat_m^i``, the other view's token m of volume i):
+
+    ``-s(z_m^i, z_hat_m^i)/t + log(sum_{z not in z_m, z != z_m^i} exp(s(z_m^i, z)/t) + w sum_{j != i} exp(s(z_m^i,
+    z_m^j)/t))``, ``z`` running over every token of both views, ``z_m`` the tokens m of the other volumes in the
+    anchor's view: those are in the second sum only, weighted ``w``."""
+    views = [[[[float(v[i, d, m]) for d in range(v.shape[1])] for m in range(v.shape[2])] for i in range(v.shape[0])]
              for v in (z.flatten(2).double(), z_hat.flatten(2).double())]
-    tokens = [(v, i, m) for v in range(2) for i in range(len(views[0])) for m in range(len(views[0][0]))]
-
-    def sim(a, b):
-        return float(F.cosine_similarity(a, b, dim=0))
-
-    total = 0.0
-    for v, i, m in tokens:
-        anchor = views[v][i][m]
-        denominator = sum(math.exp(sim(anchor, views[v2][i2][m2]) / t)
-                          for v2, i2, m2 in tokens if (v2, i2, m2) != (v, i, m))
-        denominator += w * sum(math.exp(sim(anchor, views[v][j][m]) / t) for j in range(len(views[v])) if j != i)
-        total += -sim(anchor, views[1 - v][i][m]) / t + math.log(denominator)
-    return total / len(tokens)
+    volumes, positions = len(views[0]), len(views[0][0])
+    total, anchors = 0.0, 0
+    for v in range(2):
+        for i in range(volumes):
+            for m in range(positions):
+                anchor = views[v][i][m]
+                first_sum = 0.0
+                for v2 in range(2):
+                    for j in range(volumes):
+                        for n in range(positions):
+                            is_anchor = (v2, j, n) == (v, i, m)
+                            in_z_m = v2 == v and n == m and j != i
+                            if not is_anchor and not in_z_m:
+                                first_sum += math.exp(cosine(anchor, views[v2][j][n]) / t)
+                second_sum = sum(math.exp(cosine(anchor, views[v][j][m]) / t) for j in range(volumes) if j != i)
+                positive = cosine(anchor, views[1 - v][i][m])
+                total += -positive / t + math.log(first_sum + w * second_sum)
+                anchors += 1
+    return total / anchors
 
 
 def loop_token_nt_xent(z: torch.Tensor, z_hat: torch.Tensor, t: float = 0.5) -> float:
@@ -133,22 +192,30 @@ def loop_token_nt_xent(z: torch.Tensor, z_hat: torch.Tensor, t: float = 0.5) -> 
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize('grid', [(2, 3), (2, 1, 2)])
-@pytest.mark.parametrize('w', [5.0, 0.7, 0.0])
-def test_eq3_equals_a_loop_over_tokens_on_three_volumes(grid, w):
-    torch.manual_seed(0)
-    z, z_hat = torch.randn(3, 4, *grid), torch.randn(3, 4, *grid)
+@pytest.mark.parametrize('volumes, grid', [(1, (2, 3)), (2, (2, 1, 2)), (3, (2, 3)), (4, (1, 2, 2)), (3, (1, 1, 1))])
+@pytest.mark.parametrize('w', [0.0, 1.0, 5.0, 0.7, 2.5])
+def test_eq3_equals_the_papers_equation_written_out_in_a_loop(volumes, grid, w):
+    torch.manual_seed(volumes + len(grid))
+    z, z_hat = torch.randn(volumes, 4, *grid), torch.randn(volumes, 4, *grid)
     assert float(token_contrastive_loss(z, z_hat, w)) == pytest.approx(loop_eq3(z, z_hat, w), rel=1e-5)
 
 
-def test_w_zero_is_plain_token_nt_xent_and_w_penalises_same_position_similarity():
+def test_w_one_is_plain_token_nt_xent_and_w_weights_same_position_similarity():
     torch.manual_seed(1)
     z, z_hat = torch.randn(3, 5, 2, 2), torch.randn(3, 5, 2, 2)
-    plain = float(token_contrastive_loss(z, z_hat, 0))
+    plain = float(token_contrastive_loss(z, z_hat, 1))
     assert plain == pytest.approx(loop_token_nt_xent(z, z_hat), rel=1e-5)
-    assert float(token_contrastive_loss(z, z_hat, 5)) > plain
+    losses = [float(token_contrastive_loss(z, z_hat, w)) for w in (0, 0.5, 1, 5, 6)]
+    assert losses == sorted(losses) and len(set(losses)) == len(losses)
+    # the weight multiplies exactly the same-position terms of the anchor's view: the collapse of Sec. 3.3 (z_m^i =
+    # z_m^j) raises the loss by log((rest + w (B - 1) e^{1/t}) / (rest + (B - 1) e^{1/t})), more the larger w is
+    collapsed = z[:1].expand_as(z).clone()
+    gap = [float(token_contrastive_loss(collapsed, z_hat, w)) - float(token_contrastive_loss(z, z_hat, w))
+           for w in (1, 5)]
+    assert gap[1] > gap[0]
     one = float(token_contrastive_loss(z[:1], z_hat[:1], 5))  # no other volume: w has nothing to weight
     assert one == pytest.approx(float(token_contrastive_loss(z[:1], z_hat[:1], 0)), rel=1e-6)
+    assert math.isfinite(float(token_contrastive_loss(z[:1, :, :1, :1], z_hat[:1, :, :1, :1], 0)))  # the positive alone
     with pytest.raises(ValueError, match='same_position_weight -1'):
         token_contrastive_loss(z, z_hat, -1)
     with pytest.raises(ValueError, match='restore the transformed view'):

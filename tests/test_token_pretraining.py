@@ -78,17 +78,22 @@ def test_continue_restores_the_heads_and_the_byol_target(make_trainer, tmp_path)
 
 
 class _Ablation(nnUNetTrainerMedNeXtS_PretrainTokenCL):
-    """Table 4's SimCLR row without the weight and without rotate-and-restore, as a user would declare it."""
-    method = TokenCL(same_position_weight=0.0, rotate_and_restore=False)
+    """Table 4's SimCLR row without the weight (w = 1, eq. 1) and without rotate-and-restore, masking the tokens'
+    regions with 0, as a user would declare it."""
+    method = TokenCL(same_position_weight=1.0, rotate_and_restore=False, mask_granularity='token', mask_noise_std=0)
 
 
 def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer, monkeypatch):
     trainer = make_trainer(_Ablation, PRETRAINING_PATCH)
     trainer.initialize()
     assert trainer.method.transforms == (IDENTITY,) and trainer.method.token_grid == [4, 2, 2]
-    assert 'w = 0.0' in trainer.method.describe() and '(off)' in trainer.method.describe()
+    assert trainer.method.mask_block == (2, 8, 8)
+    description = trainer.method.describe()
+    assert 'w = 1.0' in description and '(off)' in description
+    assert 'token regions masked on one (filled with 0)' in description
     report = trainer.report()
-    assert (report['same_position_weight'], report['rotate_and_restore']) == (0.0, False)
+    assert (report['same_position_weight'], report['rotate_and_restore']) == (1.0, False)
+    assert (report['mask_granularity'], report['mask_block'], report['mask_noise_std']) == ('token', [2, 8, 8], 0)
     assert report['transforms'] == ['rot0']
     weights = []
 
@@ -97,16 +102,23 @@ def test_ablation_settings_reach_the_views_the_loss_and_the_report(make_trainer,
         return token_contrastive_loss_across_ranks(z, z_hat, same_position_weight, temperature)
     monkeypatch.setattr('nnunet_plugins.pretraining.token_cl.token_contrastive_loss_across_ranks', recording)
     pretraining_step(trainer)
-    assert weights == [(0.0, 0.5)]
-    default = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, PRETRAINING_PATCH)
+    assert weights == [(1.0, 0.5)]
+    default = make_trainer(nnUNetTrainerMedNeXtS_PretrainTokenCL, {'patch_size': [32, 64, 64]})
     default.initialize()
     assert len(default.method.transforms) == 16 and default.method.same_position_weight == 5.0
+    assert (default.method.mask_granularity, default.method.mask_block, default.method.mask_noise_std) == (
+        'input', (2, 4, 4), 0.1)
+    lines = default.method.log_lines([32, 64, 64])
+    assert lines[0] == ('masking, per patch [32, 64, 64]: 3072 of its [16, 16, 16] blocks of [2, 4, 4] voxels (input '
+                        'granularity; token grid [16, 8, 8], 4 blocks per token region).')
 
 
-@pytest.mark.parametrize('ratio', [0.85, 0.9])
-def test_a_mask_ratio_the_paper_found_useless_is_refused_before_training(make_trainer, ratio):
-    masked_out = type('Masked', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'method': TokenCL(mask_ratio=ratio)})
-    with pytest.raises(ValueError, match='no visual information'):
+@pytest.mark.parametrize('setting, message', [
+    ({'mask_ratio': 0.85}, 'no visual information'), ({'mask_ratio': 0.9}, 'no visual information'),
+    ({'mask_granularity': 'voxel'}, "mask_granularity 'voxel'"), ({'mask_noise_std': -0.1}, 'mask_noise_std -0.1')])
+def test_masking_settings_the_method_cannot_train_with_are_refused_before_training(make_trainer, setting, message):
+    masked_out = type('Masked', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'method': TokenCL(**setting)})
+    with pytest.raises(ValueError, match=message):
         make_trainer(masked_out, PRETRAINING_PATCH)
 
 
@@ -116,7 +128,7 @@ def test_a_token_grid_not_square_in_y_x_draws_half_turns_and_says_so(make_traine
     assert trainer.method.token_grid == [4, 2, 4]
     assert {t.quarter_turns for t in trainer.method.transforms} == {0, 2} and len(trainer.method.transforms) == 8
     lines = trainer.method.log_lines(trainer.configuration_manager.patch_size)
-    assert 'draws from 8 transforms of the [4, 2, 4] token grid' in lines[0] and 'only half turns' in lines[1]
+    assert 'draws from 8 transforms of the [4, 2, 4] token grid' in lines[1] and 'only half turns' in lines[2]
     assert math.isfinite(pretraining_step(trainer)['token_contrastive'])
 
 

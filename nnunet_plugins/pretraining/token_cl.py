@@ -2,8 +2,9 @@
 
 Views, tokens and collapse monitor: :mod:`~nnunet_plugins.pretraining.token_method`. The loss
 (:func:`~nnunet_plugins.pretraining.token_losses.token_contrastive_loss`) takes every token of every volume on every
-DDP rank as a candidate; its denominator weights the same position in the other volumes by ``same_position_weight``
-(w; 0 is plain token NT-Xent, eq. 1).
+DDP rank as a candidate; its denominator weights the same position in the other volumes of the anchor's view by
+exactly ``same_position_weight`` (w: 5, the paper's default; 1 is plain token NT-Xent, eq. 1; 0 takes those terms out,
+an ablation).
 """
 from dataclasses import dataclass
 from typing import Callable, ContextManager
@@ -34,7 +35,9 @@ def token_contrastive_loss_across_ranks(z: torch.Tensor, z_hat: torch.Tensor, sa
 
 @dataclass
 class TokenCL(TokenMethod):
-    """Eq. 3 on the per-token projections; ``same_position_weight`` (w >= 0) and ``temperature`` are its settings."""
+    """Eq. 3 on the per-token projections; ``same_position_weight`` (w >= 0; 1 is eq. 1, see
+    :func:`~nnunet_plugins.pretraining.token_losses.token_contrastive_loss` for 0) and ``temperature`` are its
+    settings."""
     name = 'TokenCL'
     loss_terms = ('token_contrastive',)
     same_position_weight: float = SAME_POSITION_WEIGHT
@@ -43,13 +46,13 @@ class TokenCL(TokenMethod):
     def check(self) -> None:
         super().check()
         if self.same_position_weight < 0:
-            raise ValueError(f'same_position_weight {self.same_position_weight} < 0 would reward the collapse it '
-                             f'penalises; 0 is plain token NT-Xent, the paper uses {SAME_POSITION_WEIGHT}')
+            raise ValueError(f'same_position_weight {self.same_position_weight} < 0 could make eq. 3\'s denominator '
+                             f'negative; 1 is plain token NT-Xent (eq. 1), the paper uses {SAME_POSITION_WEIGHT}')
 
     def describe(self) -> str:
         return (f'token-level contrastive learning of paper 004 (SimCLR form, eq. 3): {self.views_description()}; '
-                f'cosine similarity, temperature {self.temperature}, same position in other volumes weighted w = '
-                f'{self.same_position_weight} in the denominator')
+                f'cosine similarity, temperature {self.temperature}, same position in the other volumes weighted w = '
+                f'{self.same_position_weight} in the denominator (w = 1: eq. 1)')
 
     def losses(self, model: nn.Module, data: torch.Tensor, rng: np.random.Generator,
                autocast: Callable[[], ContextManager]) -> dict[str, torch.Tensor]:

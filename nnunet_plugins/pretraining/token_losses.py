@@ -5,9 +5,9 @@ Inputs are the two views' token maps after the projection head, ``z`` (the resto
 ``i`` is ``z[i, :, m]``. Tokens are compared by cosine similarity.
 
 - :func:`token_contrastive_loss`: eq. 3 (SimCLR form). Every token of both views is an anchor; its positive is
-  the other view's token at the same position of the same volume; its denominator is eq. 1's (every other
-  token of both views, the positive included) plus ``w`` times the terms of the same position in the other
-  volumes of the same view, the paper's collapse (Sec. 3.3): ``z_m^i`` equal to ``z_m^j``. ``w`` = 0 is plain
+  the other view's token at the same position of the same volume; its denominator holds every other token of both
+  views (the positive included) with weight 1, except the same position in the other volumes of the anchor's own
+  view (the paper's collapse, Sec. 3.3: ``z_m^i`` equal to ``z_m^j``), which carry weight ``w``. ``w`` = 1 is plain
   token-level NT-Xent (eq. 1). Any batch size; the authors' code assumes two volumes and does not compute eq. 3.
 - :func:`byol_token_loss`: eq. 2 (BYOL form), per-token squared distance of normalised vectors.
 - :func:`collapse_monitor`: the three mean cosine similarities that show the paper's collapse.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 TEMPERATURE = 0.5
-SAME_POSITION_WEIGHT = 5.0  # w of eq. 3, the paper's best (Sec. 4.4)
+SAME_POSITION_WEIGHT = 5.0  # w of eq. 3: the paper's default (Sec. 3.3) and its best (Sec. 4.4, Fig. 6)
 
 
 def _tokens(z: torch.Tensor) -> torch.Tensor:
@@ -33,18 +33,35 @@ def _check_pair(z: torch.Tensor, z_hat: torch.Tensor) -> None:
                          f'{list(z_hat.shape)}; restore the transformed view before the loss')
 
 
+def _view_volume_position(rows: torch.Tensor, volumes: int, positions: int) -> tuple[torch.Tensor, ...]:
+    """View, volume and position of ``rows`` of the flattened ``(2, volumes, positions)`` tokens."""
+    return rows // (volumes * positions), rows // positions % volumes, rows % positions
+
+
 def token_contrastive_loss(z: torch.Tensor, z_hat: torch.Tensor, same_position_weight: float = SAME_POSITION_WEIGHT,
                            temperature: float = TEMPERATURE, anchor_volumes: slice = slice(None)) -> torch.Tensor:
     """Eq. 3 averaged over the ``2 M`` anchors (every token of both views) of each volume in ``anchor_volumes``;
     a scalar.
 
-    For anchor ``a`` = token ``m`` of volume ``i`` in one view, ``p`` its positive in the other view and ``s`` the
-    cosine similarity: ``-s(a, p)/t + log(sum_{c != a} exp(s(a, c)/t) + w sum_{j != i} exp(s(a, a_j)/t))``, with
-    ``c`` every token of both views and ``a_j`` token ``m`` of volume ``j`` in ``a``'s view.
+    For anchor ``a`` = token ``m`` of volume ``i`` in one view, ``p`` its positive (token ``m`` of volume ``i`` in
+    the other view), ``a_j`` token ``m`` of volume ``j`` in ``a``'s view and ``s`` the cosine similarity:
+    ``-s(a, p)/t + log(sum_{c not a, not any a_j} exp(s(a, c)/t) + w sum_{j != i} exp(s(a, a_j)/t))``, ``c`` running
+    over every token of both views. Eq. 3 takes the ``a_j`` out of its first sum ("z not in z_m") and adds them
+    back with weight ``w``: read so, ``w`` = 1 gives eq. 1's denominator back, and the terms the paper weights
+    (Sec. 3.3: "adding a weight on the term ... in the denominator") carry exactly ``w``. Same position in the
+    other view (``c`` = the other view's token ``m`` of volume ``j``) stays in the first sum: eq. 3 names only the
+    anchor's view.
 
     Args:
         z, z_hat: ``(B, D, *grid)`` projected tokens of the two views, position-aligned.
-        same_position_weight: ``w`` >= 0.
+        same_position_weight: ``w`` >= 0. The paper's default is 5 (Sec. 3.3: "The default value of w in this work
+            is set as 5"; Sec. 4.4, Fig. 6: the best of the values tried); the paper adds that the best value depends
+            on the number of denominator terms (batch size, tokens). 1 is eq. 1, the paper's "without weight"
+            (Table 4). 0 is allowed and means: the same position in the other volumes of the anchor's view is no
+            negative at all, so nothing in the loss but the other view's tokens keeps ``z_m^i`` from ``z_m^j``; that
+            invites the paper's collapse instead of penalising it. It is an ablation (what those terms do), not a
+            setting to train with; the loss stays finite (the positive is always in the denominator). Below 0 is
+            refused: the denominator could become negative.
         temperature: ``t``.
         anchor_volumes: the volumes whose tokens are anchors; every volume's tokens are candidates. Under DDP,
             pass every rank's gathered tokens and this rank's volumes: the mean over ranks of equal batches is
@@ -54,23 +71,25 @@ def token_contrastive_loss(z: torch.Tensor, z_hat: torch.Tensor, same_position_w
     """
     _check_pair(z, z_hat)
     if same_position_weight < 0:
-        raise ValueError(f'same_position_weight {same_position_weight} < 0 would reward the collapse it is there to '
-                         f'penalise; use 0 for plain token NT-Xent or the paper\'s {SAME_POSITION_WEIGHT}')
+        raise ValueError(f'same_position_weight {same_position_weight} < 0 could make eq. 3\'s denominator negative; '
+                         f'1 is plain token NT-Xent (eq. 1), the paper uses {SAME_POSITION_WEIGHT}')
     views = torch.stack([_tokens(z), _tokens(z_hat)])  # (2, B, M, D)
     _, volumes, positions, _ = views.shape
     flat = views.flatten(0, 2)  # token m of volume i in view v is row v * B * M + i * M + m
-    anchor_ids = torch.arange(volumes, device=flat.device)[anchor_volumes]
-    anchors = (torch.arange(2, device=flat.device)[:, None, None] * volumes * positions
-               + anchor_ids[None, :, None] * positions + torch.arange(positions, device=flat.device)).flatten()
+    device = flat.device
+    anchor_ids = torch.arange(volumes, device=device)[anchor_volumes]
+    anchors = (torch.arange(2, device=device)[:, None, None] * volumes * positions
+               + anchor_ids[None, :, None] * positions + torch.arange(positions, device=device)).flatten()
     logits = flat[anchors] @ flat.T / temperature
-    denominator = logits.masked_fill(F.one_hot(anchors, len(flat)).bool(), float('-inf'))
-    if same_position_weight > 0:
-        same_position = torch.einsum('vimd,vjmd->vimj', views[:, anchor_ids], views) / temperature  # (2, A, M, B)
-        own_volume = (anchor_ids[:, None] == torch.arange(volumes, device=flat.device))[None, :, None, :]
-        same_position = same_position.masked_fill(own_volume, float('-inf')) + math.log(same_position_weight)
-        denominator = torch.cat([denominator, same_position.reshape(len(anchors), volumes)], dim=1)
+    candidates = torch.arange(len(flat), device=device)
+    a_view, a_volume, a_position = (part[:, None] for part in _view_volume_position(anchors, volumes, positions))
+    c_view, c_volume, c_position = _view_volume_position(candidates, volumes, positions)
+    same_position = (a_view == c_view) & (a_position == c_position) & (a_volume != c_volume)  # the a_j of each a
+    log_weight = math.log(same_position_weight) if same_position_weight > 0 else float('-inf')
+    denominator = logits.masked_fill(anchors[:, None] == candidates, float('-inf'))
+    denominator = torch.where(same_position, denominator + log_weight, denominator)
     positives = (anchors + volumes * positions) % len(flat)
-    rows = torch.arange(len(anchors), device=flat.device)
+    rows = torch.arange(len(anchors), device=device)
     return (torch.logsumexp(denominator, dim=1) - logits[rows, positives]).mean()
 
 

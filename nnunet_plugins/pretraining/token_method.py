@@ -4,8 +4,9 @@ and the collapse monitor; the losses are :mod:`~nnunet_plugins.pretraining.token
 
 Per iteration:
 
-- two views of every patch (:mod:`~nnunet_plugins.pretraining.token_views`): texture transforms on both, token-block
-  masking (75%) on one, a random symmetry of the token grid (quarter turns in y-x, flips) on the other;
+- two views of every patch (:mod:`~nnunet_plugins.pretraining.token_views`): texture transforms on both, masking on
+  one (75% of the blocks of ``patch // 16`` voxels per axis, the authors' 4 x 8 x 8 on 64 x 128 x 128, filled with
+  their N(0, 0.1^2) noise), a random symmetry of the token grid (quarter turns in y-x, flips) on the other;
 - the tokens are the encoder's feature map at :attr:`TokenMethod.token_stage` (the bottleneck), projected per
   token (:mod:`~nnunet_plugins.pretraining.token_heads`); the transformed view's map is restored with the exact
   inverse of its transform, so token ``m`` of both views covers the same block of the patch ("rotate-and-restore");
@@ -17,9 +18,10 @@ Optimiser: RCR's (:class:`~nnunet_plugins.pretraining.method.OptimiserSettings`'
 1e-5, 2 warm-up epochs then cosine), not the paper's SGD (lr 1e-4, Nesterov momentum 0.99), which did not learn
 within a short nnU-Net schedule here. ``scripts/token_optimiser_check.py`` (2026-11-29, 2 shared CPU cores):
 nnU-Net's PlainConvUNet on the tiny synthetic dataset, patch 8 x 16 x 16 (4 x 2 x 2 tokens), batch 2, the same seed,
-10 epochs x 15 iterations; eq. 3 (w = 5) is log 68 = 4.22 when all similarities are equal. Training loss in epochs
-1 / 2 / 10: SGD (nnU-Net's poly decay, weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within
-the noise between epochs), AdamW 4.05 / 3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
+10 epochs x 15 iterations, before issue 25 (eq. 3's same-position terms weighted 6, token regions masked with 0:
+log 68 = 4.22 when all similarities are equal). Training loss in epochs 1 / 2 / 10: SGD (nnU-Net's poly decay,
+weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within the noise between epochs), AdamW 4.05 /
+3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
 """
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager, Sequence
@@ -32,22 +34,29 @@ from nnunet_plugins.pretraining.method import PretrainingMethod
 from nnunet_plugins.pretraining.token_heads import HIDDEN_SIZE, PROJECTION_SIZE, TokenPretrainingModel
 from nnunet_plugins.pretraining.token_losses import CollapseReading, collapse_monitor
 from nnunet_plugins.pretraining.token_views import (
-    MASK_RATIO, GridTransform, TextureSettings, allowed_transforms, check_mask_ratio, make_views, restore_each)
+    MASK_BLOCKS_PER_AXIS, MASK_NOISE_STD, MASK_RATIO, GridTransform, TextureSettings, allowed_transforms, block_size,
+    check_mask_ratio, input_mask_block, make_views, mask_grid, restore_each)
 
 IDENTITY = GridTransform(0, ())
+MASK_GRANULARITIES = ('input', 'token')
 
 
 @dataclass
 class TokenMethod(PretrainingMethod):
     """Paper 004's views and tokens; a form (CL or BYOL) adds its heads and loss.
 
-    Settings: ``mask_ratio`` (share of token blocks masked in one view), ``rotate_and_restore`` (False: no spatial
-    transform, the paper's Table 4 without Gamma_s), ``token_stage`` (which encoder output, -1 the deepest),
+    Settings: ``mask_ratio`` (share of the blocks masked in one view, below 85%), ``mask_granularity`` ('input':
+    blocks of ``patch // 16`` voxels per axis, the paper's; 'token': the regions the tokens cover, an ablation and
+    this project's masking before issue 25), ``mask_noise_std`` (masked blocks filled with Gaussian noise of this
+    standard deviation, the authors' 0.1; 0 sets them to 0), ``rotate_and_restore`` (False: no spatial transform,
+    the paper's Table 4 without Gamma_s), ``token_stage`` (which encoder output, -1 the deepest),
     ``texture_settings``, ``projection_size`` and ``hidden_size`` (the per-token heads' output and hidden widths).
     """
     readings = CollapseReading._fields
     readings_label = 'collapse monitor (mean cosine)'
     mask_ratio: float = MASK_RATIO
+    mask_granularity: str = 'input'
+    mask_noise_std: float = MASK_NOISE_STD
     rotate_and_restore: bool = True
     token_stage: int = -1
     texture_settings: TextureSettings = TextureSettings()
@@ -55,10 +64,18 @@ class TokenMethod(PretrainingMethod):
     hidden_size: int = HIDDEN_SIZE
     token_grid: list[int] = field(default_factory=list, init=False)  # from the built model (prepare)
     transforms: tuple[GridTransform, ...] = field(default=(), init=False)  # drawn for the second view (prepare)
+    mask_block: tuple[int, ...] = field(default=(), init=False)  # voxels per masked block (prepare)
     model_class = TokenPretrainingModel
 
     def check(self) -> None:
         check_mask_ratio(self.mask_ratio)
+        if self.mask_granularity not in MASK_GRANULARITIES:
+            raise ValueError(f'mask_granularity {self.mask_granularity!r}: one of {MASK_GRANULARITIES} expected (input '
+                             f'blocks of patch // {MASK_BLOCKS_PER_AXIS} voxels per axis, the paper\'s, or the '
+                             f'regions of the tokens)')
+        if self.mask_noise_std < 0:
+            raise ValueError(f'mask_noise_std {self.mask_noise_std} < 0: a standard deviation; 0 fills masked '
+                             f'blocks with 0, the authors\' code uses {MASK_NOISE_STD}')
 
     def build_model(self, network: nn.Module, input_channels: int, patch_size: Sequence[int]) -> TokenPretrainingModel:
         return self.model_class(network, input_channels, patch_size, self.token_stage, self.projection_size,
@@ -68,18 +85,24 @@ class TokenMethod(PretrainingMethod):
         self.token_grid = list(model.grid)
         allowed = allowed_transforms(patch_size, self.token_grid)  # checks the grid too
         self.transforms = allowed if self.rotate_and_restore else (IDENTITY,)
+        self.mask_block = (input_mask_block(patch_size) if self.mask_granularity == 'input'
+                           else block_size(patch_size, self.token_grid))
 
     def views_description(self) -> str:
         """The two views, as :meth:`describe` of each form begins."""
-        return (f'texture transforms on both views, {self.mask_ratio:.0%} of the token blocks masked on one, a '
-                f'symmetry of the token grid on the other '
+        blocks = (f'input blocks (patch // {MASK_BLOCKS_PER_AXIS} voxels per axis)' if self.mask_granularity == 'input'
+                  else 'token regions')
+        fill = f'Gaussian noise of std {self.mask_noise_std}' if self.mask_noise_std else '0'
+        return (f'texture transforms on both views, {self.mask_ratio:.0%} of the {blocks} masked on one (filled with '
+                f'{fill}), a symmetry of the token grid on the other '
                 f'{"restored on its feature map" if self.rotate_and_restore else "(off)"}')
 
     def outputs_on_views(self, model: nn.Module, data: torch.Tensor, rng: np.random.Generator,
                          autocast: Callable[[], ContextManager]) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         """The model's outputs on the two views of ``data``'s ``B`` patches, float32, each as a pair (masked view's,
         transformed view's restored) of ``(B, C, *grid)`` maps."""
-        views = make_views(data, self.token_grid, self.transforms, rng, self.mask_ratio, self.texture_settings)
+        views = make_views(data, self.mask_block, self.transforms, rng, self.mask_ratio, self.texture_settings,
+                           self.mask_noise_std)
         with autocast():
             outputs = model(torch.cat([views.masked, views.transformed]))
         pairs = []
@@ -96,10 +119,16 @@ class TokenMethod(PretrainingMethod):
 
     def log_lines(self, patch_size: Sequence[int]) -> list[str]:
         patch, grid = list(patch_size), self.token_grid
+        blocks = mask_grid(patch, self.mask_block)
+        per_token = np.prod([size / (tokens * block) for size, tokens, block in zip(patch, grid, self.mask_block)])
+        lines = [f'masking, per patch {patch}: {round(self.mask_ratio * int(np.prod(blocks)))} of its {list(blocks)} '
+                 f'blocks of {list(self.mask_block)} voxels ({self.mask_granularity} granularity; token grid {grid}, '
+                 f'{per_token:.3g} blocks per token region).']
         if not self.rotate_and_restore:
-            return [f'rotate-and-restore is off: the second view keeps its orientation (tokens {grid}).']
+            return [*lines, f'rotate-and-restore is off: the second view keeps its orientation (tokens {grid}).']
         drawn = ', '.join(map(str, self.transforms))
-        lines = [f'rotate-and-restore draws from {len(self.transforms)} transforms of the {grid} token grid: {drawn}.']
+        lines.append(f'rotate-and-restore draws from {len(self.transforms)} transforms of the {grid} token grid: '
+                     f'{drawn}.')
         if not any(t.quarter_turns % 2 for t in self.transforms):
             lines.append(f'The patch {patch} or its token grid {grid} is not square in y-x: a 90 or 270 degree turn '
                          f'would change its shape, so only half turns and flips are drawn.')
@@ -107,6 +136,8 @@ class TokenMethod(PretrainingMethod):
 
     def report(self) -> dict:
         return {'token_stage': self.token_stage, 'token_grid': self.token_grid, 'mask_ratio': self.mask_ratio,
-                'rotate_and_restore': self.rotate_and_restore, 'transforms': [str(t) for t in self.transforms],
+                'mask_granularity': self.mask_granularity, 'mask_block': list(self.mask_block),
+                'mask_noise_std': self.mask_noise_std, 'rotate_and_restore': self.rotate_and_restore,
+                'transforms': [str(t) for t in self.transforms],
                 'texture': asdict(self.texture_settings), 'projection_size': self.projection_size,
                 'hidden_size': self.hidden_size}

@@ -3,8 +3,14 @@
 Every patch (``(C, *S)``, ``S`` = (z, y, x) or (y, x), nnU-Net's z-scored intensities) gives two views, both
 with random texture transforms (Gaussian noise, Gibbs noise, intensity scaling, intensity shift):
 
-- the masked view: random patches set to 0 (the mean of z-scored intensities), 75% of them by default; a patch
-  is the block of input voxels one token of the encoder's feature map covers;
+- the masked view: 75% (by default) of the blocks of a grid over the patch masked, after the texture transforms:
+  filled with Gaussian noise (the authors' code) or set to 0 (the mean of z-scored intensities). The paper masks
+  "small patches" of the input as BEiT does; its authors' code masks blocks of 4 x 8 x 8 voxels of a 64 x 128 x 128
+  patch, 16 blocks per axis, so a token of the encoder's output (a region of 64 blocks for their Swin UNETR) almost
+  surely keeps part of its region. Here the block is
+  ``patch // 16`` voxels per axis (at least 1; :func:`input_mask_block`), the authors' block on their patch.
+  For ablations the blocks can instead be the regions the encoder's tokens cover (:func:`block_size`), the
+  masking of this project before issue 25, which leaves a masked token nothing of its own region;
 - the transformed view: a random symmetry of the token grid (quarter turns in the y-x plane, the last two axes
   of nnU-Net's arrays, and flips). After the encoder, :meth:`GridTransform.restore` puts its tokens back, so
   token ``m`` of both views describes the same block of the patch (the paper's "rotate-and-restore").
@@ -23,6 +29,8 @@ import torch
 
 MASK_RATIO = 0.75  # the paper's best (Sec. 4.4, Fig. 6)
 MAX_MASK_RATIO = 0.85  # the paper: masking over 85% of the patches leaves no visual information to learn from
+MASK_BLOCKS_PER_AXIS = 16  # the authors' code: blocks of 4 x 8 x 8 voxels on its 64 x 128 x 128 patch
+MASK_NOISE_STD = 0.1  # the authors' code fills masked blocks with N(0, 0.1^2), on intensities scaled to [0, 1]
 
 
 @dataclass(frozen=True)
@@ -68,32 +76,50 @@ def texture(batch: torch.Tensor, settings: TextureSettings, rng: np.random.Gener
 
 
 def check_mask_ratio(mask_ratio: float) -> None:
-    """Raise unless ``0 <= mask_ratio < MAX_MASK_RATIO``."""
+    """Raise unless ``0 <= mask_ratio < MAX_MASK_RATIO``, the share of masked blocks."""
     if not 0 <= mask_ratio < MAX_MASK_RATIO:
         raise ValueError(f'mask_ratio {mask_ratio} is outside [0, {MAX_MASK_RATIO}): paper 004 (Sec. 4.4) found that '
                          f'masking {MAX_MASK_RATIO:.0%} or more of the patches leaves no visual information to learn '
                          f'from; its best is {MASK_RATIO}')
 
 
-def mask_patches(batch: torch.Tensor, grid_shape: Sequence[int], mask_ratio: float,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Set ``round(mask_ratio * n)`` of the ``n`` patches of every sample of ``batch`` ``(B, C, *S)`` to 0.
+def input_mask_block(spatial_shape: Sequence[int]) -> tuple[int, ...]:
+    """Voxels per masking block along each axis of a patch of ``spatial_shape``: ``s // 16``, at least 1 (64 x 128 x
+    128 -> 4 x 8 x 8, the authors' block; 8 x 16 x 16 -> 1 x 1 x 1)."""
+    return tuple(max(1, size // MASK_BLOCKS_PER_AXIS) for size in spatial_shape)
 
-    The patches are the blocks of a ``grid_shape`` grid over ``S`` (which it must divide). Returns the masked
-    batch and the mask ``(B, *grid_shape)``, True where masked.
+
+def mask_grid(spatial_shape: Sequence[int], block: Sequence[int]) -> tuple[int, ...]:
+    """Blocks per axis: ``ceil(s / b)``; where ``b`` does not divide ``s``, the last block of the axis is shorter."""
+    return tuple(-(-size // b) for size, b in zip(spatial_shape, block, strict=True))
+
+
+def mask_patches(batch: torch.Tensor, block: Sequence[int], mask_ratio: float, rng: np.random.Generator,
+                 noise_std: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``round(mask_ratio * n)`` of the ``n`` blocks of every sample of ``batch`` ``(B, C, *S)``, in every
+    channel.
+
+    The blocks, ``block`` voxels each, tile ``S`` from its first voxel (:func:`mask_grid`). A masked block is set to
+    0 if ``noise_std`` is 0, else filled with Gaussian noise of mean 0 and that standard deviation. Returns the
+    masked batch and the mask ``(B, *grid)``, True where masked.
     """
     check_mask_ratio(mask_ratio)
-    block = block_size(batch.shape[2:], grid_shape)
-    patches = int(np.prod(grid_shape))
+    spatial = batch.shape[2:]
+    grid = mask_grid(spatial, block)
+    patches = int(np.prod(grid))
     masked = round(mask_ratio * patches)
     mask = np.zeros((len(batch), patches), dtype=bool)
     for row in mask:
         row[rng.choice(patches, size=masked, replace=False)] = True
-    mask = torch.as_tensor(mask, device=batch.device).reshape(len(batch), *grid_shape)
+    mask = torch.as_tensor(mask, device=batch.device).reshape(len(batch), *grid)
     voxels = mask
-    for axis, size in enumerate(block):
-        voxels = voxels.repeat_interleave(size, dim=axis + 1)
-    return batch.masked_fill(voxels[:, None], 0), mask
+    for axis, (size, length) in enumerate(zip(block, spatial)):
+        voxels = voxels.repeat_interleave(size, dim=axis + 1).narrow(axis + 1, 0, length)
+    if noise_std == 0 or not masked:
+        return batch.masked_fill(voxels[:, None], 0), mask
+    torch_rng = torch.Generator(batch.device).manual_seed(int(rng.integers(2 ** 62)))
+    noise = noise_std * torch.randn(batch.shape, generator=torch_rng, device=batch.device, dtype=batch.dtype)
+    return torch.where(voxels[:, None], noise, batch), mask
 
 
 def block_size(spatial_shape: Sequence[int], grid_shape: Sequence[int]) -> tuple[int, ...]:
@@ -164,18 +190,20 @@ class TokenViews:
     masked: torch.Tensor  # (B, C, *S): textured, patches masked
     transformed: torch.Tensor  # (B, C, *S): textured, then transforms[i] applied to patch i
     transforms: list[GridTransform]
-    mask: torch.Tensor  # (B, *grid): True where the masked view's patch is 0
+    mask: torch.Tensor  # (B, *mask grid): True where the masked view's block is masked
 
 
-def make_views(batch: torch.Tensor, grid_shape: Sequence[int], allowed: Sequence[GridTransform],
-               rng: np.random.Generator, mask_ratio: float = MASK_RATIO,
-               settings: TextureSettings = TextureSettings()) -> TokenViews:
-    """The two views of every patch of ``batch`` ``(B, C, *S)`` for an encoder whose token grid is ``grid_shape``.
+def make_views(batch: torch.Tensor, mask_block: Sequence[int], allowed: Sequence[GridTransform],
+               rng: np.random.Generator, mask_ratio: float = MASK_RATIO, settings: TextureSettings = TextureSettings(),
+               mask_noise_std: float = MASK_NOISE_STD) -> TokenViews:
+    """The two views of every patch of ``batch`` ``(B, C, *S)``.
 
-    Transforms are drawn uniformly from ``allowed`` (:func:`allowed_transforms` of ``S`` and ``grid_shape``;
-    pass only the identity to switch rotate-and-restore off); ``mask_ratio`` 0 switches masking off.
+    The masked view masks blocks of ``mask_block`` voxels (:func:`input_mask_block` of ``S``, or :func:`block_size`
+    of ``S`` and the token grid), filled as :func:`mask_patches` says; ``mask_ratio`` 0 switches masking off.
+    Transforms are drawn uniformly from ``allowed`` (:func:`allowed_transforms` of ``S`` and the token grid; pass
+    only the identity to switch rotate-and-restore off).
     """
     check_mask_ratio(mask_ratio)
-    masked, mask = mask_patches(texture(batch, settings, rng), grid_shape, mask_ratio, rng)
+    masked, mask = mask_patches(texture(batch, settings, rng), mask_block, mask_ratio, rng, mask_noise_std)
     transforms = [allowed[i] for i in rng.integers(len(allowed), size=len(batch))]
     return TokenViews(masked, apply_each(texture(batch, settings, rng), transforms), transforms, mask)
