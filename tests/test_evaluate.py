@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from PIL import Image
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy.stats import wilcoxon
 
 from nnunet_plugins import synthetic
 from nnunet_plugins.cli import main
+from nnunet_plugins.commands.evaluate.command import write_report
+from nnunet_plugins.commands.evaluate.discovery import Inputs, Model
 from nnunet_plugins.commands.evaluate.metrics import bounding_box, case_metrics, label_set, read_segmentation, \
     region_metrics
 from nnunet_plugins.commands.evaluate.statistics import paired_test, summary
@@ -364,6 +367,53 @@ def test_2d_images_are_read_as_2d(tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     array, geometry = read_segmentation(path, SimpleITKIO, label_set({'labels': LABELS}, None))
     assert array.shape == (20, 24) and geometry.spacing == pytest.approx((0.7, 0.5))  # NIfTI stores float32
+
+
+# ---- the report: today's layout for a few labels, rows and paged heat maps for many ----
+
+def synthetic_inputs(label_names: list[str], trainers: list[str], root: Path) -> Inputs:
+    """What discovery would find for ``trainers`` on the same plans (the folders need not exist)."""
+    models = [Model(f'{t}__nnUNetPlans__3d_fullres', root / f'{t}__nnUNetPlans__3d_fullres', {}, t, 'nnUNetPlans',
+                    '3d_fullres') for t in trainers]
+    labels = {'background': 0, **{name: value for value, name in enumerate(label_names, start=1)}}
+    return Inputs('Dataset999_Synthetic, cross-validation folds 0, 1', {'labels': labels}, root, {}, models, {}, root,
+                  ['a note'])
+
+
+def synthetic_records(label_names: list[str], models: list[str], cases: int) -> list[dict]:
+    """Records as ``evaluate_case`` returns them, with seeded values: each label has its own quality, each further
+    model is a little better; label 2 is in no case (no value anywhere), every third label is absent from some."""
+    rng = np.random.default_rng(0)
+    quality = rng.uniform(0.3, 0.95, len(label_names))
+    records = []
+    for rank, model in enumerate(models):
+        for case in range(cases):
+            metrics = {}
+            for index, label in enumerate(label_names):
+                if index == 1 or (index % 3 == 0 and (index + case) % 5 == 0):
+                    values = {'dice': math.nan, 'nsd': math.nan, 'hd95': math.nan}
+                else:
+                    dice = float(np.clip(quality[index] + 0.05 * rank + rng.normal(0, 0.05), 0, 1))
+                    values = {'dice': dice, 'nsd': float(np.clip(dice + rng.normal(0, 0.05), 0, 1)),
+                              'hd95': float(rng.uniform(0.5, 30) * (1.2 - dice))}
+                metrics[label] = {**values, 'reference_voxels': 10 * index, 'predicted_voxels': 10 * index + case}
+            records.append({'model': model, 'fold': case % 2, 'case': f'case_{case:03d}',
+                            'prediction': f'{model}/case_{case:03d}.nii.gz', 'reference': f'case_{case:03d}.nii.gz',
+                            'metrics': metrics})
+    return records
+
+
+def test_a_few_labels_keep_the_layout_of_models_as_rows_and_box_plots(tmp_path):
+    """Three labels: the Markdown is byte for byte what the report wrote before it learnt many labels (the fixture
+    was written by that code), and the one figure has the box plots' size."""
+    names = ['organ', 'vessel', 'lesion']
+    inputs = synthetic_inputs(names, ['nnUNetTrainer', 'nnUNetTrainerMedNeXtL'], tmp_path)
+    records = synthetic_records(names, [m.name for m in inputs.models], 6)
+    report, written = write_report(tmp_path / 'out', inputs, label_set(inputs.dataset_json, None), records,
+                                   inputs.models[0].name)
+    assert report == (Path(__file__).parent / 'fixtures' / 'evaluation_3_labels.md').read_text()
+    assert sorted(p.name for p in written) == ['evaluation.csv', 'evaluation.json', 'evaluation.md', 'evaluation.png']
+    assert Image.open(tmp_path / 'out' / 'evaluation.png').size == (990, 1056)
 
 
 # ---- the stock CLI on the tiny dataset's cross-validation ----
