@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                     'per case and label, for every TRAINER__PLANS__CONFIG of a dataset with validation output (its '
                     'cross-validation), or for prediction folders against a reference folder (a test set, an '
                     'nnUNetv2_ensemble output). With --baseline, paired Wilcoxon signed-rank tests of each model '
-                    'against it. Writes evaluation.json, .csv, .md and .png to --out.')
+                    'against it. Writes evaluation.json, .csv, .md and .png (for more than 8 labels the figure in '
+                    'pages evaluation_1.png, ...) to --out.')
     evaluate.add_argument('dataset', nargs='?', metavar='DATASET', help='dataset id or name, e.g. 4')
     evaluate.add_argument('-tr', dest='trainers', nargs='+', metavar='TRAINER',
                           help='trainers to evaluate (default: every one with validation output)')

@@ -1,10 +1,12 @@
 """``nnunet-plugins evaluate``: the metrics against MONAI called directly and against values known by hand, the
 crop against the whole volume, the Wilcoxon test against scipy, every refused input (in-process, on small
-hand-made files), and one stock-CLI run on the tiny dataset's cross-validation of two trainers.
+hand-made files), the report for a few and for 120 labels (from seeded records, no images), and one stock-CLI run
+on the tiny dataset's cross-validation of two trainers.
 """
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -14,14 +16,18 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from PIL import Image
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from scipy.stats import wilcoxon
 
 from nnunet_plugins import synthetic
 from nnunet_plugins.cli import main
+from nnunet_plugins.commands.evaluate.command import write_report
+from nnunet_plugins.commands.evaluate.discovery import Inputs, Model
 from nnunet_plugins.commands.evaluate.metrics import bounding_box, case_metrics, label_set, read_segmentation, \
     region_metrics
-from nnunet_plugins.commands.evaluate.statistics import paired_test, summary
+from nnunet_plugins.commands.evaluate.report import markdown
+from nnunet_plugins.commands.evaluate.statistics import model_summaries, paired_test, summary
 
 from helpers import CONFIGURATION, DATASET_ID, DATASET_NAME, MEDNEXT, UPKERN
 
@@ -364,6 +370,136 @@ def test_2d_images_are_read_as_2d(tmp_path):
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     array, geometry = read_segmentation(path, SimpleITKIO, label_set({'labels': LABELS}, None))
     assert array.shape == (20, 24) and geometry.spacing == pytest.approx((0.7, 0.5))  # NIfTI stores float32
+
+
+# ---- the report: today's layout for a few labels, rows and paged heat maps for many ----
+
+def synthetic_inputs(label_names: list[str], trainers: list[str], root: Path) -> Inputs:
+    """What discovery would find for ``trainers`` on the same plans (the folders need not exist)."""
+    models = [Model(f'{t}__nnUNetPlans__3d_fullres', root / f'{t}__nnUNetPlans__3d_fullres', {}, t, 'nnUNetPlans',
+                    '3d_fullres') for t in trainers]
+    labels = {'background': 0, **{name: value for value, name in enumerate(label_names, start=1)}}
+    return Inputs('Dataset999_Synthetic, cross-validation folds 0, 1', {'labels': labels}, root, {}, models, {}, root,
+                  ['a note'])
+
+
+def synthetic_records(label_names: list[str], models: list[str], cases: int) -> list[dict]:
+    """Records as ``evaluate_case`` returns them, with seeded values: each label has its own quality, each further
+    model is a little better; label 2 is in no case (no value anywhere), every third label is absent from some."""
+    rng = np.random.default_rng(0)
+    quality = rng.uniform(0.3, 0.95, len(label_names))
+    records = []
+    for rank, model in enumerate(models):
+        for case in range(cases):
+            metrics = {}
+            for index, label in enumerate(label_names):
+                if index == 1 or (index % 3 == 0 and (index + case) % 5 == 0):
+                    values = {'dice': math.nan, 'nsd': math.nan, 'hd95': math.nan}
+                else:
+                    dice = float(np.clip(quality[index] + 0.05 * rank + rng.normal(0, 0.05), 0, 1))
+                    values = {'dice': dice, 'nsd': float(np.clip(dice + rng.normal(0, 0.05), 0, 1)),
+                              'hd95': float(rng.uniform(0.5, 30) * (1.2 - dice))}
+                metrics[label] = {**values, 'reference_voxels': 10 * index, 'predicted_voxels': 10 * index + case}
+            records.append({'model': model, 'fold': case % 2, 'case': f'case_{case:03d}',
+                            'prediction': f'{model}/case_{case:03d}.nii.gz', 'reference': f'case_{case:03d}.nii.gz',
+                            'metrics': metrics})
+    return records
+
+
+def test_a_few_labels_keep_the_layout_of_models_as_rows_and_box_plots(tmp_path):
+    """Three labels: the Markdown is byte for byte what the report wrote before it learnt many labels (the fixture
+    was written by that code), and the one figure has the box plots' size."""
+    names = ['organ', 'vessel', 'lesion']
+    inputs = synthetic_inputs(names, ['nnUNetTrainer', 'nnUNetTrainerMedNeXtL'], tmp_path)
+    records = synthetic_records(names, [m.name for m in inputs.models], 6)
+    report, written = write_report(tmp_path / 'out', inputs, label_set(inputs.dataset_json, None), records,
+                                   inputs.models[0].name)
+    assert report == (Path(__file__).parent / 'fixtures' / 'evaluation_3_labels.md').read_text()
+    assert sorted(p.name for p in written) == ['evaluation.csv', 'evaluation.json', 'evaluation.md', 'evaluation.png']
+    assert Image.open(tmp_path / 'out' / 'evaluation.png').size == (990, 1056)
+
+
+CELL = re.compile(r'(\*\*)?(—|[\d.]+)(?: ± ([\d.]+))?(?:\*\*)?(?:, p (—|< 0\.001|= [\d.e-]+))?')
+
+
+def markdown_tables(text: str) -> dict[str, list[list[str]]]:
+    """Each ``### heading`` of the report -> the cells of its table's rows (header and rule left out)."""
+    tables = {}
+    for section in text.split('\n### ')[1:]:
+        heading, *lines = section.split('\n')
+        tables[heading] = [line[2:-2].split(' | ') for line in lines if line.startswith('| ')][1:]
+    return tables
+
+
+def test_many_labels_are_rows_worst_first_with_bounded_lines_and_paged_figures(tmp_path):
+    """120 labels (different NSD tolerances, names up to 30 characters) and two models with full names: every
+    table has a row per label, ordered by the lowest mean Dice, with the JSON's numbers; no line is over 400
+    characters; the figures are pages of 40 labels, no side over 4,000 pixels; earlier figures are removed."""
+    names = [f'Left-Cerebral-White-Matter-{i:03d}' if i % 2 else f'region_{i:03d}' for i in range(120)]
+    inputs = synthetic_inputs(names, ['nnUNetTrainer', 'nnUNetTrainerMedNeXtL'], tmp_path)
+    inputs.models[1] = Model('nnUNetTrainerMedNeXtL__nnUNetResEncUNetLPlans__3d_fullres', tmp_path, {},
+                             'nnUNetTrainerMedNeXtL', 'nnUNetResEncUNetLPlans', '3d_fullres')  # full names shown
+    models = [m.name for m in inputs.models]
+    labels = label_set(inputs.dataset_json, [1.0 + i % 3 for i in range(120)])
+    out = tmp_path / 'out'
+    out.mkdir()
+    for earlier in ('evaluation.png', 'evaluation_4.png', 'mine.png'):
+        (out / earlier).write_bytes(b'\x89PNG')
+    report, written = write_report(out, inputs, labels, synthetic_records(names, models, 6), models[0])
+    figures = [f'evaluation_{page}.png' for page in (1, 2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(['evaluation.csv', 'evaluation.json', 'evaluation.md',
+                                                           'mine.png', *figures])
+    assert sorted(p.name for p in written if p.suffix == '.png') == figures
+    assert (out / 'evaluation.md').read_text() == report
+    assert max(len(line) for line in report.splitlines()) <= 400
+    assert all(max(Image.open(out / name).size) <= 4000 for name in figures)
+    assert '- `evaluation_1.png`: labels 1-40\n- `evaluation_2.png`: labels 41-80\n- `evaluation_3.png`: labels ' \
+           '81-120\n' in report
+    result = json.loads((out / 'evaluation.json').read_text())
+    means = {m: result['models'][m]['mean'] for m in models}
+    p_values = {(t['label'], t['metric']): t['p_value'] for t in result['tests']}
+    worst = {label: min((means[m][label]['dice']['mean'] for m in models
+                         if means[m][label]['dice']['mean'] is not None), default=math.inf) for label in names}
+    tables = markdown_tables(report)
+    assert list(tables) == ['Dice', "NSD at each label's tolerance (column mm)", 'HD95 (mm)']
+    for (heading, rows), metric in zip(tables.items(), ('dice', 'nsd', 'hd95')):
+        assert [int(row[0]) for row in rows] == list(range(1, 121))
+        order = [row[1] for row in rows]
+        assert sorted(order) == sorted(names) and [worst[label] for label in order] == sorted(worst.values())
+        digits = 2 if metric == 'hd95' else 3
+        for row in rows:
+            label, cells = row[1], row[3:] if metric == 'nsd' else row[2:]
+            if metric == 'nsd':
+                assert float(row[2]) == labels.tolerances_mm[names.index(label)]
+            summaries = [means[m][label][metric] for m in models]
+            defined = [s['mean'] for s in summaries if s['mean'] is not None]
+            for model, summary, cell in zip(models, summaries, cells, strict=True):
+                bold, mean, std, p = CELL.fullmatch(cell).groups()
+                if summary['mean'] is None:
+                    assert mean == '—' and not bold
+                else:
+                    assert float(mean) == pytest.approx(summary['mean'], abs=0.51 * 10 ** -digits)
+                    assert float(std) == pytest.approx(summary['std'], abs=0.51 * 10 ** -digits)
+                    assert bool(bold) == (summary['mean'] == (max if metric != 'hd95' else min)(defined))
+                expected = p_values[label, metric]  # of the one model tested against the baseline
+                if model == models[0]:
+                    assert p is None
+                elif expected is None or expected < 0.001:
+                    assert p == ('—' if expected is None else '< 0.001')
+                else:
+                    assert float(p.removeprefix('= ')) == pytest.approx(expected, rel=0.05)
+    rows = list(csv.DictReader((out / 'evaluation.csv').open()))
+    assert len(rows) == 2 * 6 * 120
+
+
+def test_the_layout_changes_above_eight_labels():
+    """Up to eight labels a table has a column per label; from nine, a row per label."""
+    for count, header in ((8, '| model | '), (9, '| # | label | ')):
+        names = [f'label_{i}' for i in range(count)]
+        records = synthetic_records(names, ['a', 'b'], 4)
+        labels = label_set({'labels': {'background': 0, **{n: i + 1 for i, n in enumerate(names)}}}, None)
+        text = markdown('t', model_summaries(records, names), [], labels, {'a': 'a', 'b': 'b'}, None, 4, [])
+        assert text.count(header) == 3 and len(markdown_tables(text)['Dice']) == (2 if count == 8 else count)
 
 
 # ---- the stock CLI on the tiny dataset's cross-validation ----

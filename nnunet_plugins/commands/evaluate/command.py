@@ -17,10 +17,11 @@ from tqdm import tqdm
 from nnunet_plugins import __version__
 from nnunet_plugins.commands.evaluate.discovery import Inputs, Model, case_tasks, cross_validation_inputs, \
     folder_inputs
+from nnunet_plugins.commands.evaluate.figures import box_plots, heat_maps
 from nnunet_plugins.commands.evaluate.metrics import DEFINITIONS, CaseTask, EvaluationError, LabelSet, \
     evaluate_case, label_set
-from nnunet_plugins.commands.evaluate.report import box_plots, csv_text, display_names, json_ready, markdown, \
-    write_files
+from nnunet_plugins.commands.evaluate.report import MANY_LABELS, csv_text, display_names, figure_pages, json_ready, \
+    markdown, write_files
 from nnunet_plugins.commands.evaluate.statistics import comparisons, model_summaries
 
 
@@ -77,8 +78,9 @@ def _counted(record: dict, bar: tqdm) -> dict:
 
 def write_report(out: Path, inputs: Inputs, labels: LabelSet, records: list[dict],
                  baseline: str | None) -> tuple[str, list[Path]]:
-    """``evaluation.json``, ``.csv``, ``.md`` and ``.png`` in ``out``, written all together atomically; returns the
-    Markdown report (its notes included) and the paths."""
+    """``evaluation.json``, ``.csv``, ``.md`` and the figures (``evaluation.png``, or pages ``evaluation_N.png`` for
+    many labels: :func:`~nnunet_plugins.commands.evaluate.report.figure_pages`) in ``out``, written all together
+    atomically; returns the Markdown report (its notes and the figure pages included) and the paths."""
     summaries = model_summaries(records, labels.names)
     tests = comparisons(records, baseline, labels.names) if baseline else []
     names = display_names(inputs.models)
@@ -96,4 +98,9 @@ def write_report(out: Path, inputs: Inputs, labels: LabelSet, records: list[dict
     report = markdown(inputs.title, summaries, tests, labels, names, baseline, cases, inputs.notes)
     texts = {'evaluation.json': json.dumps(json_ready({'meta': meta, 'models': models, 'tests': tests}), indent=1),
              'evaluation.csv': csv_text(records, inputs.models, labels), 'evaluation.md': report}
-    return report, write_files(out, texts, partial(box_plots, records, labels, names, inputs.title))
+    if len(labels.names) <= MANY_LABELS:
+        figures = {'evaluation.png': partial(box_plots, records, labels, names, inputs.title)}
+    else:
+        figures = {name: partial(heat_maps, summaries, page, first, len(labels.names), names, inputs.title)
+                   for name, first, page in figure_pages(summaries, labels)}
+    return report, write_files(out, texts, figures)
