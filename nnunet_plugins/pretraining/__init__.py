@@ -21,4 +21,5 @@ from nnunet_plugins.pretraining.token_byol import TokenBYOL
 from nnunet_plugins.pretraining.token_cl import TokenCL
 from nnunet_plugins.pretraining.trainer import PretrainingTrainer
 
-__all__ = ['PAPER_004_SGD', 'OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR', 'TokenBYOL', 'TokenCL']
+__all__ = ['PAPER_004_SGD', 'OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR', 'TokenBYOL',
+           'TokenCL']

@@ -54,8 +54,9 @@ class PretrainingTrainer(PretrainingOverrides):
     trainer.
 
     Settings are declared on a subclass: ``initial_lr``, ``weight_decay``, ``adam_eps``, ``warmup_epochs``,
-    ``algorithm``, ``sgd_momentum``, ``warmup_from_zero`` (default: the method's :class:`~nnunet_plugins.pretraining.method.OptimiserSettings`), nnU-Net's ``num_epochs`` and the
-    like, and the method's own as another method object, e.g. ``method = TokenCL(same_position_weight=0)``.
+    ``algorithm``, ``sgd_momentum``, ``warmup_from_zero`` (default: the method's
+    :class:`~nnunet_plugins.pretraining.method.OptimiserSettings`), nnU-Net's ``num_epochs`` and the like, and the
+    method's own as another method object, e.g. ``method = TokenCL(same_position_weight=0)``.
     """
 
     role = Role.PRETRAINING
