@@ -6,7 +6,8 @@ pre-training (their signatures: test_nnunet_contract.py).
 The fixtures are never regenerated: where a default has changed since, the methods here are pinned to the settings
 that give the old behaviour, so "the same losses" keeps its meaning. Since issue 25 that is, for the token methods,
 the old eq. 3 weight (old w = new w + 1: ``same_position_weight=6`` for the old default 5), the token-region masking
-(``mask_granularity='token'``) and the old fill, 0 (``mask_noise_std=0``)."""
+(``mask_granularity='token'``) and the old fill, 0 (``mask_noise_std=0``); RCR's cutout and every method's optimiser
+are pinned to what the fixtures were made with (the paper's text's cutout, AdamW), which are still the defaults."""
 import json
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ from nnunetv2.run.run_training import maybe_load_checkpoint
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_plugins import settings
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import RCR, OptimiserSettings, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.training.base import Role
@@ -32,9 +33,12 @@ STEPS = json.loads((LEGACY / 'steps.json').read_text())
 # the old code's behaviour (issue 25). Eq. 3: the old code added w times the same-position terms on top of eq. 1's
 # denominator, which already held them once, so its default w = 5 is same_position_weight = 6 now. Masking: the old
 # code masked the regions of the tokens and set them to 0, not the paper's input blocks filled with noise.
-LEGACY_MASKING = {'mask_granularity': 'token', 'mask_noise_std': 0.0}
+# Issue 25 also made RCR's cutout and the optimiser settings; the fixtures' are pinned, should a default change.
+LEGACY_OPTIMISER = {'optimiser': OptimiserSettings(initial_lr=4e-4, weight_decay=1e-5, adam_eps=1e-4, warmup_epochs=2,
+                                                   algorithm='AdamW', warmup_from_zero=False)}
+LEGACY_MASKING = {'mask_granularity': 'token', 'mask_noise_std': 0.0, **LEGACY_OPTIMISER}
 LEGACY_TOKEN_CL = {'same_position_weight': 6.0, **LEGACY_MASKING}
-METHODS = {'RCR': RCR(), 'TokenCL': TokenCL(**STEPS['token_heads'], **LEGACY_TOKEN_CL),
+METHODS = {'RCR': RCR(cutout='text', **LEGACY_OPTIMISER), 'TokenCL': TokenCL(**STEPS['token_heads'], **LEGACY_TOKEN_CL),
            'TokenBYOL': TokenBYOL(**STEPS['token_heads'], **LEGACY_MASKING)}
 
 

@@ -15,10 +15,11 @@ network it pre-trains, e.g. ``nnUNetTrainerMedNeXtS``) and a method object (:mod
 The stock-CLI trainers (``nnUNetTrainerMedNeXtS_PretrainRCR``, ...) are declared at the end of each network family's
 trainer module in :mod:`nnunet_plugins.training`.
 """
-from nnunet_plugins.pretraining.method import OptimiserSettings, PretrainingMethod
+from nnunet_plugins.pretraining.method import PAPER_004_SGD, OptimiserSettings, PretrainingMethod
 from nnunet_plugins.pretraining.rcr import RCR
 from nnunet_plugins.pretraining.token_byol import TokenBYOL
 from nnunet_plugins.pretraining.token_cl import TokenCL
 from nnunet_plugins.pretraining.trainer import PretrainingTrainer
 
-__all__ = ['OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR', 'TokenBYOL', 'TokenCL']
+__all__ = ['PAPER_004_SGD', 'OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR', 'TokenBYOL',
+           'TokenCL']

@@ -17,49 +17,86 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 
+OPTIMISERS = ('AdamW', 'SGD')
+
+
 @dataclass(frozen=True)
 class OptimiserSettings:
-    """Every optimiser setting of a pre-training run: AdamW, a linear warm-up, then cosine decay to 0 at the last
-    epoch, a function of the epoch (so ``--c`` resumes it exactly); nnU-Net's gradient-norm clipping at 12.
+    """Every optimiser setting of a pre-training run: AdamW (or SGD with Nesterov momentum), a linear warm-up, then
+    cosine decay to 0 at the last epoch, a function of the epoch (so ``--c`` resumes it exactly); nnU-Net's
+    gradient-norm clipping at 12.
 
     Defaults are paper 003's (AdamW, learning rate 4e-4, weight decay 1e-5, 500 warm-up iterations: 2 epochs at
     nnU-Net's 250), shared by every method here. ``adam_eps`` is 1e-4 for every network, the value the MedNeXt
     authors chose because 1e-8 gave NaN losses under fp16 autocast (and the value MedNeXt's, 3D UX-Net's and Swin
     UNETR's pre-training used before these settings were the method's; nnU-Net's own network's used 1e-8).
+    ``algorithm`` is ``'AdamW'`` or ``'SGD'`` (Nesterov, ``sgd_momentum``; ``adam_eps`` then unused).
+    ``warmup_from_zero``: the warm-up starts at 0 and reaches ``initial_lr`` in its last epoch (the authors'
+    schedule of paper 004, see :data:`PAPER_004_SGD`) instead of starting at ``initial_lr / (warmup_epochs + 1)``.
     """
     initial_lr: float = 4e-4
     weight_decay: float = 1e-5
     adam_eps: float = 1e-4
     warmup_epochs: int = 2
+    algorithm: str = 'AdamW'
+    sgd_momentum: float = 0.99
+    warmup_from_zero: bool = False
+
+    def __post_init__(self):
+        if self.algorithm not in OPTIMISERS:
+            raise ValueError(f'optimiser algorithm {self.algorithm!r} is not one of {OPTIMISERS}')
+
+    def build(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """The optimiser of ``parameters`` these settings describe."""
+        if self.algorithm == 'SGD':
+            return torch.optim.SGD(parameters, lr=self.initial_lr, momentum=self.sgd_momentum, nesterov=True,
+                                   weight_decay=self.weight_decay)
+        return torch.optim.AdamW(parameters, lr=self.initial_lr, weight_decay=self.weight_decay, eps=self.adam_eps)
 
     def describe(self, num_epochs: int) -> str:
         """The settings as the training log states them, for a run of ``num_epochs``."""
-        return (f'AdamW, learning rate {self.initial_lr}, eps {self.adam_eps}, weight decay {self.weight_decay}; '
-                f'{WarmupCosineLRScheduler.text(self.initial_lr, self.warmup_epochs, num_epochs)}; gradient-norm '
-                f'clipping at 12')
+        algorithm = f'SGD, Nesterov momentum {self.sgd_momentum}' if self.algorithm == 'SGD' else 'AdamW'
+        eps = '' if self.algorithm == 'SGD' else f', eps {self.adam_eps}'
+        schedule = WarmupCosineLRScheduler.text(self.initial_lr, self.warmup_epochs, num_epochs, self.warmup_from_zero)
+        return (f'{algorithm}, learning rate {self.initial_lr}{eps}, weight decay {self.weight_decay}; {schedule}; '
+                f'gradient-norm clipping at 12')
 
 
 OPTIMISER_SETTINGS = tuple(f.name for f in fields(OptimiserSettings))
 
+# Paper 004's optimiser (Sec. 4.1: "SGD with learning rate being 0.0001 ... Nesterov momentum ... 0.99") with what
+# its text leaves out taken from the authors' pre-training script (xhu248/SimTROT, Pretrain/main_pretraining.py):
+# weight decay 1e-5 (its ``reg_weight``), a linear warm-up from 0 over 50 of its 1000 epochs, then cosine decay to 0
+# (MONAI's ``LinearWarmupCosineAnnealingLR``, stepped once per epoch). 50 epochs of nnU-Net's 1000 keep that share;
+# ``nnUNet_plugins_epochs`` shortens the warm-up in proportion, as every warm-up.
+PAPER_004_SGD = OptimiserSettings(initial_lr=1e-4, weight_decay=1e-5, warmup_epochs=50, algorithm='SGD',
+                                  sgd_momentum=0.99, warmup_from_zero=True)
+
 
 class WarmupCosineLRScheduler(LRScheduler):
-    """Linear warm-up over ``warmup_epochs`` (from ``initial_lr / (warmup_epochs + 1)``), then cosine decay towards
-    0 at ``max_epochs``; ``step(epoch)`` sets the learning rate of that epoch (nnU-Net steps once per epoch)."""
+    """Linear warm-up over ``warmup_epochs`` (from ``initial_lr / (warmup_epochs + 1)``, or with ``from_zero`` from
+    0, reaching ``initial_lr`` in the last warm-up epoch), then cosine decay towards 0 at ``max_epochs``;
+    ``step(epoch)`` sets the learning rate of that epoch (nnU-Net steps once per epoch)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, warmup_epochs: int, max_epochs: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, warmup_epochs: int, max_epochs: int,
+                 from_zero: bool = False):
         self.initial_lr, self.warmup_epochs, self.max_epochs = initial_lr, warmup_epochs, max_epochs
+        self.from_zero = from_zero
         super().__init__(optimizer)
 
     @staticmethod
-    def text(initial_lr: float, warmup_epochs: int, max_epochs: int) -> str:
-        return (f'linear warm-up to {initial_lr} over the first {warmup_epochs} epochs, then cosine decay over '
+    def text(initial_lr: float, warmup_epochs: int, max_epochs: int, from_zero: bool = False) -> str:
+        start = 'from 0 ' if from_zero else ''
+        return (f'linear warm-up {start}to {initial_lr} over the first {warmup_epochs} epochs, then cosine decay over '
                 f'{max_epochs - warmup_epochs} epochs')
 
     def describe(self) -> str:
-        return self.text(self.initial_lr, self.warmup_epochs, self.max_epochs)
+        return self.text(self.initial_lr, self.warmup_epochs, self.max_epochs, self.from_zero)
 
     def learning_rate(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:
+            if self.from_zero:  # 0 in epoch 0, initial_lr in the last warm-up epoch (0 throughout a 1-epoch warm-up)
+                return self.initial_lr * epoch / max(1, self.warmup_epochs - 1)
             return self.initial_lr * (epoch + 1) / (self.warmup_epochs + 1)
         progress = (epoch - self.warmup_epochs) / max(1, self.max_epochs - self.warmup_epochs)
         return self.initial_lr * 0.5 * (1 + math.cos(math.pi * progress))

@@ -114,12 +114,13 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
         return training + unlabeled_identifiers(self.preprocessed_dataset_folder), validation
 
     def configure_optimizers(self):
-        """Replaces ``nnUNetTrainer.configure_optimizers``: AdamW on the encoder and heads only, with the method's
-        settings (:meth:`optimiser_settings_of_run`), warm-up then cosine decay."""
+        """Replaces ``nnUNetTrainer.configure_optimizers``: the method's optimiser (AdamW, or paper 004's SGD) on the
+        encoder and heads only, with the method's settings (:meth:`optimiser_settings_of_run`), warm-up then cosine
+        decay."""
         settings = self.optimiser_settings_of_run()
-        optimizer = torch.optim.AdamW(self.pretraining_model().trainable_parameters(), lr=settings.initial_lr,
-                                      weight_decay=settings.weight_decay, eps=settings.adam_eps)
-        scheduler = WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs)
+        optimizer = settings.build(self.pretraining_model().trainable_parameters())
+        scheduler = WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs,
+                                            settings.warmup_from_zero)
         return optimizer, scheduler
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -20,21 +20,37 @@ from torch import nn
 
 from nnunet_plugins.pretraining.method import PretrainingMethod
 from nnunet_plugins.pretraining.rcr_heads import RCRModel
-from nnunet_plugins.pretraining.rcr_views import LOSS_TERMS, allowed_rotations, make_views, proxy_losses
+from nnunet_plugins.pretraining.rcr_views import CUTOUTS, LOSS_TERMS, allowed_rotations, make_views, proxy_losses
 
 MAX_INPLANE_ROTATION = 30. / 360 * 2 * np.pi
 
 
 @dataclass
 class RCR(PretrainingMethod):
-    """Paper 003's three proxy tasks on the encoder's bottleneck, weighted 1/1/1."""
+    """Paper 003's three proxy tasks on the encoder's bottleneck, weighted 1/1/1.
+
+    ``cutout`` (see :mod:`~nnunet_plugins.pretraining.rcr_views`): ``'text'`` (default), the paper's text, boxes set
+    to 0 until nearly 30% of the voxels; ``'authors'``, the authors' code, a rate from U(0, 0.3), boxes filled with
+    noise in [0, 1], then boxes pasted from another patch of the batch. The default is the text's because the text is
+    what a user citing the paper reads, and the code's noise range belongs to its [0, 1] intensity window, not to
+    nnU-Net's z-scored intensities (where [0, 1] is a grey band from the foreground mean to one standard deviation
+    above).
+    """
     name = 'RCR'
     loss_terms = LOSS_TERMS
+    cutout: str = 'text'
     rotations: tuple[int, ...] = field(default=(), init=False)  # quarter turns drawn; from the patch (prepare)
 
+    def check(self) -> None:
+        if self.cutout not in CUTOUTS:
+            raise ValueError(f"RCR's cutout {self.cutout!r} is not one of {CUTOUTS}: 'text' (the paper's text, 30% set "
+                             f"to 0) or 'authors' (the authors' code, U(0, 0.3), noise and pasted boxes)")
+
     def describe(self) -> str:
+        cutout = ('the paper\'s text: boxes set to 0, <= 30% of voxels' if self.cutout == 'text' else
+                  'the authors\' code: a rate from U(0, 0.3), noise boxes in [0, 1], then boxes from another patch')
         return ('RCR of paper 003 (Swin UNETR pre-training): two views per patch, each rotated by a quarter turn in '
-                'the y-x plane and cut out (<= 30% of voxels); L1 reconstruction of the rotated uncut view + 4-way '
+                f'the y-x plane and cut out ({cutout}); L1 reconstruction of the rotated uncut view + 4-way '
                 'rotation cross-entropy + NT-Xent (cosine, temperature 0.5, 512-d), weights 1/1/1; rotation and '
                 'contrastive heads on the spatially averaged bottleneck')
 
@@ -52,7 +68,7 @@ class RCR(PretrainingMethod):
 
     def losses(self, model: nn.Module, data: torch.Tensor, rng: np.random.Generator,
                autocast: Callable[[], ContextManager]) -> dict[str, torch.Tensor]:
-        views = make_views(data, self.rotations, rng)
+        views = make_views(data, self.rotations, rng, self.cutout)
         with autocast():
             return proxy_losses(model(views.inputs), views)
 
@@ -64,4 +80,4 @@ class RCR(PretrainingMethod):
                 f'change its shape, so the rotation task draws 0 and 180 degrees only.']
 
     def report(self) -> dict:
-        return {'rotations_degrees': [90 * k for k in self.rotations]}
+        return {'rotations_degrees': [90 * k for k in self.rotations], 'cutout': self.cutout}

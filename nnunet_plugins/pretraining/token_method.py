@@ -14,14 +14,13 @@ Per iteration:
   similarity of same-position tokens across volumes (the paper's collapse is this going to 1), of the two views'
   matching tokens, and of different positions within a volume.
 
-Optimiser: RCR's (:class:`~nnunet_plugins.pretraining.method.OptimiserSettings`' defaults: AdamW 4e-4, weight decay
-1e-5, 2 warm-up epochs then cosine), not the paper's SGD (lr 1e-4, Nesterov momentum 0.99), which did not learn
-within a short nnU-Net schedule here. ``scripts/token_optimiser_check.py`` (2026-11-29, 2 shared CPU cores):
-nnU-Net's PlainConvUNet on the tiny synthetic dataset, patch 8 x 16 x 16 (4 x 2 x 2 tokens), batch 2, the same seed,
-10 epochs x 15 iterations, before issue 25 (eq. 3's same-position terms weighted 6, token regions masked with 0:
-log 68 = 4.22 when all similarities are equal). Training loss in epochs 1 / 2 / 10: SGD (nnU-Net's poly decay,
-weight decay 3e-5) 4.19 / 4.21 / 4.12 (validation 4.21 / 4.18 / 4.16, within the noise between epochs), AdamW 4.05 /
-3.65 / 3.60 (validation 3.75 / 3.60 / 3.60).
+Optimiser: RCR's by default (:class:`~nnunet_plugins.pretraining.method.OptimiserSettings`' defaults: AdamW 4e-4,
+weight decay 1e-5, 2 warm-up epochs then cosine); the paper's is a setting, ``TokenCL(optimiser=PAPER_004_SGD)``
+(:data:`~nnunet_plugins.pretraining.method.PAPER_004_SGD`: SGD 1e-4, Nesterov momentum 0.99, and from the authors'
+script weight decay 1e-5, 50 warm-up epochs from 0, cosine). AdamW stays the default until a fair comparison (the same
+schedule, fine-tuned Dice) is run: ``scripts/token_optimiser_check.py`` (2026-11-29, 2 shared CPU cores; before issue
+25's eq. 3 and masking) only compared the loss over 10 x 15 iterations, SGD with nnU-Net's poly decay and weight
+decay 3e-5: training loss in epochs 1 / 2 / 10 SGD 4.19 / 4.21 / 4.12, AdamW 4.05 / 3.65 / 3.60.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Callable, ContextManager, Sequence

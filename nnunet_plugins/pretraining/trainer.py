@@ -53,9 +53,10 @@ class PretrainingTrainer(PretrainingOverrides):
     supplies heads, views, losses and every optimiser setting; nothing else comes from the network's supervised
     trainer.
 
-    Settings are declared on a subclass: ``initial_lr``, ``weight_decay``, ``adam_eps``, ``warmup_epochs`` (default:
-    the method's :class:`~nnunet_plugins.pretraining.method.OptimiserSettings`), nnU-Net's ``num_epochs`` and the
-    like, and the method's own as another method object, e.g. ``method = TokenCL(same_position_weight=0)``.
+    Settings are declared on a subclass: ``initial_lr``, ``weight_decay``, ``adam_eps``, ``warmup_epochs``,
+    ``algorithm``, ``sgd_momentum``, ``warmup_from_zero`` (default: the method's
+    :class:`~nnunet_plugins.pretraining.method.OptimiserSettings`), nnU-Net's ``num_epochs`` and the like, and the
+    method's own as another method object, e.g. ``method = TokenCL(same_position_weight=0)``.
     """
 
     role = Role.PRETRAINING
@@ -65,6 +66,9 @@ class PretrainingTrainer(PretrainingOverrides):
     weight_decay = MethodSetting()
     adam_eps = MethodSetting()
     warmup_epochs = MethodSetting()
+    algorithm = MethodSetting()
+    sgd_momentum = MethodSetting()
+    warmup_from_zero = MethodSetting()
     enable_deep_supervision = False
     oversample_foreground_percent = 0.0
 
