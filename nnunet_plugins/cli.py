@@ -10,6 +10,9 @@ from pathlib import Path
 
 from nnunet_plugins import __version__, ext_trainer_folder
 
+# nnunet_plugins.weights.transfer.MAX_FRESH_SHARE, written here so that --help imports no torch (a test compares them)
+MAX_FRESH_SHARE_SHOWN = '10%'
+
 
 def _whole_number_of_at_least(minimum: int, words: str):
     """An argparse type: a whole number of at least ``minimum``; the error says ``'TEXT' is not WORDS``."""
@@ -162,7 +165,7 @@ def _adapt_weights(args: argparse.Namespace) -> int:
     from nnunet_plugins.commands.adapt_weights import adapt_weights
     try:
         report = adapt_weights(args.source, args.dataset, args.configuration, args.trainer, args.plans, args.out,
-                               args.decoder)
+                               args.decoder, args.allow_partial)
     except ValueError as error:  # CheckpointError, WeightTransferError, PlansFileError, an unknown trainer
         raise _fail('adapt-weights', str(error)) from None
     print('\n'.join(report.lines()))
@@ -353,7 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
                     'Swin UNETR authors\' released encoder), repeating the stem\'s input channels when the dataset has '
                     'more, keep the network\'s own initialisation for the rest, and write a file that `nnUNetv2_train '
                     '... -pretrained_weights OUT` loads, with a report of loaded and freshly initialised tensors. A '
-                    'file of which nothing fits, or whose tensors have other shapes, is an error.')
+                    'file of which nothing fits, or whose tensors have other shapes, is an error; so is one that '
+                    f'leaves more than {MAX_FRESH_SHARE_SHOWN} of the encoder fresh, unless --allow-partial. When '
+                    'pretraining_report.json is beside SOURCE, it warns about every fold whose validation cases the '
+                    'pre-training trained on.')
     adapt.add_argument('source', type=Path, metavar='SOURCE', help='the checkpoint file to start from')
     adapt.add_argument('-d', dest='dataset', required=True, metavar='DATASET', help='target dataset id or name')
     adapt.add_argument('-c', dest='configuration', required=True, metavar='CONFIGURATION',
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument('--decoder', action='store_true',
                        help='also copy the decoder\'s tensors of matching name and shape (a whole network with another '
                             'number of input channels); by default only the encoder\'s')
+    adapt.add_argument('--allow-partial', action='store_true',
+                       help=f'accept a SOURCE that leaves more than {MAX_FRESH_SHARE_SHOWN.replace("%", "%%")} of the '
+                            'encoder\'s values at their initialisation (by default refused, listing what is missing '
+                            'by module)')
     adapt.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
     adapt.set_defaults(run=_adapt_weights)
 

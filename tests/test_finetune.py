@@ -11,7 +11,7 @@ from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 from torch import nn
 
 from nnunet_plugins import settings
-from nnunet_plugins.cli import main
+from nnunet_plugins.cli import MAX_FRESH_SHARE_SHOWN, main
 from nnunet_plugins.commands.adapt_weights import adapt_weights, target_network
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.networks.mednext import mednext_from_plan
@@ -19,9 +19,10 @@ from nnunet_plugins.networks.swinunetr import swinunetr_from_plan
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_Finetune
 from nnunet_plugins.training.schedule import WarmupPolyLRScheduler, warmup_poly_lr
 from nnunet_plugins.weights import CheckpointError, WeightTransferError, adapt_checkpoint, transfer_weights
+from nnunet_plugins.weights.transfer import MAX_FRESH_SHARE
 
 from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SMALL, TINY_KERNELS, TINY_STRIDES,
-                     released_format, small_monai, training_log)
+                     released_format, run_cli, small_monai, training_log)
 
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
 
@@ -156,10 +157,48 @@ def test_other_plans_checkpoint_gives_its_encoder_and_reports_the_rest(tmp_path)
     assert any(name.startswith('encoder.') for name in report.unused)  # its deepest stage
     assert any(name.startswith('decoder.') for name in report.unused)
     assert torch.equal(target.encoder.stem.weight, deeper.encoder.stem.weight)
-    # a shallower source leaves the deeper encoder stage freshly initialised, and says so
-    report = transfer_weights(deeper, encoder_only(target), 1)
-    assert report.fresh and all(name.startswith('encoder.') for name in report.fresh)
-    assert report.lines()[3].startswith(f'  {len(report.fresh)} freshly initialised')
+
+
+def test_a_load_leaving_more_than_a_tenth_of_the_encoder_fresh_is_refused_unless_allowed(tmp_path):
+    """A shallower network's encoder leaves the deeper one's last stage (three quarters of its values) fresh: refused
+    by default, naming the file, the share, the module and the fix; loaded with allow_partial, reported by module."""
+    deeper = mednext_s(strides=TINY_STRIDES + [[2, 2, 2]], kernels=TINY_KERNELS + [[3, 3, 3]], seed=1)
+    shallow = encoder_only(mednext_s(seed=2))
+    path = tmp_path / 'shallow.pth'
+    torch.save({'network_weights': shallow}, path)
+    state = {name: tensor.clone() for name, tensor in deeper.state_dict().items()}
+    encoder = [name for name in state if name.startswith('encoder.')]
+    fresh = [name for name in encoder if name not in shallow]
+    assert fresh and all(name.startswith('encoder.stages.4.') for name in fresh)
+    values = sum(state[name].numel() for name in fresh)
+    share = values / sum(state[name].numel() for name in encoder)
+    assert 0.7 < share < 0.8
+    with pytest.raises(WeightTransferError, match=(
+            rf"{path.resolve()} leaves {share:.1%} of the encoder's values at the network's own initialisation, "
+            rf"more than the 10% a load may leave: {len(fresh)} tensors are missing from the file, by module "
+            rf"encoder\.stages\.4 \({len(fresh)} tensors, {values:,} values\)\. .*give --allow-partial")):
+        adapt_checkpoint(deeper, path, 1)
+    assert all(torch.equal(tensor, state[name]) for name, tensor in deeper.state_dict().items())  # nothing loaded
+    report = adapt_checkpoint(deeper, path, 1, allow_partial=True)
+    assert report.fresh == fresh and report.fresh_share == pytest.approx(share)
+    assert report.fresh_by_module == {'encoder.stages.4': [len(fresh), values]}
+    assert report.lines()[3] == (f"  {len(fresh)} freshly initialised (the target network's own initialisation), "
+                                 f"{share:.1%} of the encoder's values: encoder.stages.4 ({len(fresh)} tensors, "
+                                 f"{values:,} values)")
+    assert torch.equal(deeper.encoder.stem.weight, shallow['encoder.stem.weight'])
+
+
+def test_a_small_fresh_share_loads_and_is_listed_by_module():
+    """Under the 10%: the stem missing from the file (64 of the encoder's values) loads without being asked."""
+    target = mednext_s(seed=2)
+    source = {name: tensor for name, tensor in encoder_only(mednext_s(seed=1)).items()
+              if not name.startswith('encoder.stem.')}
+    report = transfer_weights(target, source, 1)
+    total = sum(tensor.numel() for tensor in encoder_only(target).values())
+    assert report.fresh == ['encoder.stem.weight', 'encoder.stem.bias']
+    assert report.fresh_by_module == {'encoder.stem': [2, 64]} and report.fresh_share == pytest.approx(64 / total)
+    assert report.lines()[3].endswith('of the encoder\'s values: encoder.stem (2 tensors, 64 values)')
+    assert all(torch.equal(target.state_dict()[name], tensor) for name, tensor in source.items())
 
 
 def test_more_input_channels_repeat_and_scale_the_stem():
@@ -251,6 +290,29 @@ def test_cli_refuses_to_overwrite_and_reports_errors_by_file(dataset_folders, tm
     assert main(args + ['--overwrite']) == 0
     printed = capsys.readouterr().out
     assert f'{len(encoder_only(mednext_s()))} loaded' in printed and '-pretrained_weights' in printed
+
+
+def test_cli_refuses_a_partial_load_naming_file_share_and_fix_and_takes_it_with_allow_partial(dataset_folders,
+                                                                                             tmp_path, capsys):
+    source = tmp_path / 'three_stages.pth'  # the dataset's MedNeXt-S without its deepest encoder stage
+    torch.save({'network_weights': {name: tensor for name, tensor in encoder_only(mednext_s()).items()
+                                    if not name.startswith('encoder.stages.3.')}}, source)
+    out = tmp_path / 'out.pth'
+    args = ['adapt-weights', source, '-d', DATASET_ID, '-c', CONFIGURATION, '-tr', FINETUNE, '-o', out]
+    refused = run_cli(capsys, *args)
+    assert refused.returncode == 1 and not out.exists()
+    assert f'{source.resolve()} leaves 74.6% of the encoder\'s values at the network\'s own initialisation, more ' \
+           f'than the 10% a load may leave: 26 tensors are missing from the file, by module encoder.stages.3 (26 ' \
+           f'tensors, 676,864 values).' in refused.stderr
+    assert 'give --allow-partial' in refused.stderr
+    taken = run_cli(capsys, *args, '--allow-partial')
+    assert taken.returncode == 0, taken.stderr
+    assert '26 freshly initialised (the target network\'s own initialisation), 74.6% of the encoder\'s values: ' \
+           'encoder.stages.3 (26 tensors, 676,864 values)' in taken.stdout
+    assert json.loads(out.with_suffix('.json').read_text())['fresh_by_module'] == {'encoder.stages.3': [26, 676864]}
+    help_text = ' '.join(run_cli(capsys, 'adapt-weights', '--help').stdout.split())
+    assert MAX_FRESH_SHARE_SHOWN == f'{MAX_FRESH_SHARE:.0%}'  # the help's figure is the rule's
+    assert f'more than {MAX_FRESH_SHARE_SHOWN} of the encoder\'s values' in help_text
 
 
 # ---- the console command ----

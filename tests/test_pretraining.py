@@ -366,6 +366,9 @@ def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(work
     rates = [float(line.split(': ')[-1]) for line in training_log(tuned_fold).splitlines()
              if 'Current learning rate' in line]
     assert rates == pytest.approx([5e-4, 1e-3, 1e-3])
+    # the pre-training on fold all trained on fold 0's validation cases: the fine-tuning log warns, naming them
+    assert (f'!!!!! WARNING: the pre-training (fold all, {NUM_TRAINING} training cases, {fold / REPORT_FILE}) '
+            f'trained on validation cases of fold 0: 2 of its 2 validation cases') in training_log(tuned_fold)
     tuned = torch.load(tuned_fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     # three AdamW steps (learning rate at most 1e-3) from the pre-trained encoder move no weight by more than a few
     # 1e-3; a fresh initialisation would differ by the weights' own scale

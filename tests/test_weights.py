@@ -109,14 +109,23 @@ def test_a_file_without_weights_is_refused_naming_it_and_why(tmp_path, make, why
 def test_reports_save_their_fields_as_json(tmp_path):
     upkern = UpKernReport(source='/runs/k3.pth', source_sha256='ab' * 32, copied=['a'],
                           resized=[ResizedTensor('b', [8, 1, 3, 3], [8, 1, 5, 5])])
-    transfer = TransferReport(source='/runs/encoder.pth', source_format='nnunet', loaded=['encoder.stem.weight'])
+    transfer = TransferReport(source='/runs/encoder.pth', source_format='nnunet', loaded=['encoder.stem.weight'],
+                              fresh=['encoder.stages.0.0.conv1.weight'], fresh_share=0.05,
+                              fresh_by_module={'encoder.stages.0': [1, 64]},
+                              pretraining={'report': '/runs/pretraining_report.json', 'fold': 0, 'training': ['a']},
+                              notes=['WARNING: ...'])
     for report, expected in ((upkern, {'source': '/runs/k3.pth', 'source_sha256': 'ab' * 32, 'source_trainer': None,
                                        'source_configuration': None, 'copied': ['a'],
                                        'resized': [{'name': 'b', 'source_shape': [8, 1, 3, 3],
                                                     'target_shape': [8, 1, 5, 5]}]}),
                              (transfer, {'source': '/runs/encoder.pth', 'source_format': 'nnunet', 'source_sha256': '',
                                          'target': '', 'prefixes': [], 'loaded': ['encoder.stem.weight'],
-                                         'channel_adapted': [], 'fresh': [], 'unused': []})):
+                                         'channel_adapted': [], 'fresh': ['encoder.stages.0.0.conv1.weight'],
+                                         'unused': [], 'fresh_share': 0.05,
+                                         'fresh_by_module': {'encoder.stages.0': [1, 64]},
+                                         'pretraining': {'report': '/runs/pretraining_report.json', 'fold': 0,
+                                                         'training': ['a']},
+                                         'notes': ['WARNING: ...']})):
         path = tmp_path / f'{type(report).__name__}.json'
         report.save(path)
         assert json.loads(path.read_text()) == expected

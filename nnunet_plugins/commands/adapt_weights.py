@@ -5,8 +5,10 @@ The target network is built as ``nnUNetv2_train`` builds it (the trainer's ``bui
 dataset's plans, input channels and labels); what fits is copied in (:mod:`nnunet_plugins.weights.transfer`), the rest
 keeps that network's own initialisation; the file holds the whole state dict under ``network_weights``, and a
 report of loaded, adapted and freshly initialised tensors is printed and written beside it (``OUT`` with
-``.json``).
+``.json``). When ``pretraining_report.json`` is beside the source, the report carries its cases on and warns about
+every fold of the dataset's ``splits_final.json`` whose validation cases the pre-training trained on.
 """
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,9 +17,12 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
+from nnunet_plugins.commands.dataset_plans import DatasetPlans, PlansFileError, read_dataset_plans
 from nnunet_plugins.commands.lookup import trainer_named
 from nnunet_plugins.weights import ENCODER_PREFIX, TransferReport, adapt_checkpoint
+from nnunet_plugins.weights.provenance import REPORT_FILE, leaking_folds_warning, pretraining_cases
+
+SPLITS_FILE = 'splits_final.json'
 
 
 def target_network(dataset: str, configuration: str, trainer: str, plans: str) -> tuple[nn.Module, int, str]:
@@ -44,16 +49,38 @@ def target_network(dataset: str, configuration: str, trainer: str, plans: str) -
     return network, channels, description
 
 
+def check_pretraining_folds(report: TransferReport, source: Path, dataset_plans: DatasetPlans) -> None:
+    """Add to ``report`` the cases the pre-training behind ``source`` trained on, and a warning naming every fold of
+    the dataset's splits whose validation cases are among them; or a note saying why the folds were not checked."""
+    pretraining = pretraining_cases(source)
+    if pretraining is None:
+        report.notes.append(f'no {REPORT_FILE} beside {source}: which cases it was pre-trained on is unknown, so '
+                            f'the folds were not checked')
+        return
+    report.pretraining = pretraining.entry()
+    splits = dataset_plans.folder / SPLITS_FILE
+    if not splits.is_file():
+        report.notes.append(f'no {SPLITS_FILE} in {dataset_plans.folder} yet: the fine-tuning trainer checks its '
+                            f'fold against the pre-training\'s cases when it starts')
+        return
+    folds = {fold: split['val'] for fold, split in enumerate(json.loads(splits.read_text()))}
+    warning = leaking_folds_warning(pretraining, folds)
+    report.notes.append(warning or f'the pre-training (fold {pretraining.fold}) trained on no validation case of '
+                                   f'the {len(folds)} folds in {splits}')
+
+
 def adapt_weights(source: Path, dataset: str, configuration: str, trainer: str, plans: str, out: Path,
-                  decoder: bool = False) -> TransferReport:
+                  decoder: bool = False, allow_partial: bool = False) -> TransferReport:
     """Write ``out`` (and ``out`` with ``.json``, the report) for ``source``; return the report.
 
     ``decoder=True`` also copies the decoder's tensors of matching name and shape (a whole network of another
-    number of input channels); by default only the encoder's.
+    number of input channels); by default only the encoder's. ``allow_partial=True`` accepts a source that leaves
+    more than :data:`~nnunet_plugins.weights.transfer.MAX_FRESH_SHARE` of the encoder fresh.
     """
     network, channels, description = target_network(dataset, configuration, trainer, plans)
-    report = adapt_checkpoint(network, source, channels, ('',) if decoder else (ENCODER_PREFIX,))
+    report = adapt_checkpoint(network, source, channels, ('',) if decoder else (ENCODER_PREFIX,), allow_partial)
     report.target = description
+    check_pretraining_folds(report, Path(source).resolve(), read_dataset_plans(dataset, plans))
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     torch.save({'network_weights': state, 'adapt_weights_report': asdict(report)}, out)
     report.save(out.with_suffix('.json'))

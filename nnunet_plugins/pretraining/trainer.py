@@ -32,8 +32,7 @@ from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.pretraining.method import OPTIMISER_SETTINGS, OptimiserSettings, PretrainingMethod, PretrainingModel
 from nnunet_plugins.pretraining.nnunet_overrides import PretrainingOverrides
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
-
-REPORT_FILE = 'pretraining_report.json'
+from nnunet_plugins.weights.provenance import REPORT_FILE
 
 
 class MethodSetting:

@@ -11,7 +11,8 @@ A plugin trainer adds:
   (DDP requires every parameter to get a gradient);
 - AdamW with poly decay per epoch, after a linear warm-up of ``warmup_epochs`` (``--c`` resumes it
   exactly, the learning rate being a function of the epoch);
-- for fine-tuning, an encoder held fixed for the first ``freeze_encoder_epochs`` epochs;
+- for fine-tuning, an encoder held fixed for the first ``freeze_encoder_epochs`` epochs, and a warning in the log
+  when the pre-training behind ``-pretrained_weights`` trained on this fold's validation cases;
 - the plugin's environment variables, read once when the trainer is made (:class:`PluginSettings`, kept as
   ``plugin_settings``): short schedules from ``nnUNet_plugins_epochs`` / ``nnUNet_plugins_iterations`` (the
   warm-up keeps its share of the epochs, or takes ``nnUNet_plugins_warmup_epochs``), announced loudly, and
@@ -22,6 +23,7 @@ A plugin trainer adds:
   without naming it.
 """
 import os
+import sys
 from enum import Enum
 
 import numpy as np
@@ -34,6 +36,8 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_plugins import settings
 from nnunet_plugins.weights import CheckpointError, check_readable
+from nnunet_plugins.weights.provenance import (
+    REPORT_FILE, leaking_folds_warning, pretrained_weights_argument, pretraining_cases)
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.networks.topology import Levels, ShallowPlanError
 from nnunet_plugins.presets import preset_for
@@ -374,4 +378,30 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                 f'{self._loaded_checkpoint} in {self.output_folder} is at epoch {self.current_epoch}, but {cause}, so '
                 f'`--c` would end the run without training the epochs left (nor decaying the learning rate to its '
                 f'end). {fix}')
+        if self.current_epoch == 0 and self.role is not Role.PRETRAINING:
+            self.check_pretraining_fold(pretrained_weights_argument(sys.argv))
         super().on_train_start()
+
+    def check_pretraining_fold(self, weights_file: str | None) -> None:
+        """Say in the log whether the pre-training behind ``weights_file`` (``nnUNetv2_train``'s
+        ``-pretrained_weights``, None without it) trained on this fold's validation cases: a warning naming how many,
+        and the fix, when it did (the fold's validation would no longer be cross-validation); one line when its
+        cases are unknown (no ``pretraining_report.json`` beside the file, nor an ``adapt-weights`` report)."""
+        if weights_file is None:
+            return
+        pretraining = pretraining_cases(weights_file)
+        if pretraining is None:
+            self.print_to_log_file(f'no {REPORT_FILE} beside {weights_file} (nor an adapt-weights report of its '
+                                   f'cases): which cases it was pre-trained on is unknown, so fold {self.fold}\'s '
+                                   f'validation cases were not checked against them')
+        elif self.fold == 'all':
+            self.print_to_log_file(f'fold all has no validation cases of its own: evaluate on a separate test set, '
+                                   f'which the pre-training ({len(pretraining.training)} training cases, listed in '
+                                   f'{pretraining.report}) must not have seen')
+        else:
+            validation = self.do_split()[1]
+            warning = leaking_folds_warning(pretraining, {self.fold: validation})
+            self.print_to_log_file(
+                f'!!!!! {warning} !!!!!' if warning else
+                f'the pre-training (fold {pretraining.fold}, {pretraining.report}) trained on none of fold '
+                f'{self.fold}\'s {len(validation)} validation cases')

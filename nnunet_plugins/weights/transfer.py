@@ -11,7 +11,10 @@ makes such a file (:func:`transfer_weights` on the target network, then save its
   count being a multiple of it, is repeated along the input channels and scaled by old / new count, as the nnU-Net
   team adapts a 1-channel stem to more channels: an image whose channels are copies of one channel then gives the
   source's activations.
-- A tensor the source lacks keeps the target's initialisation and is reported as such.
+- A tensor the source lacks keeps the target's initialisation and is reported as such, grouped by module. When
+  more than :data:`MAX_FRESH_SHARE` of the encoder's values would stay fresh, the load is refused unless
+  ``allow_partial`` (``--allow-partial``): a mostly random encoder is rarely what a user who asked for pre-trained
+  weights meant.
 - Any other shape difference, and a source of which nothing fits, is a :class:`WeightTransferError` naming the
   file and the first offending tensors: never a silent random start.
 """
@@ -27,6 +30,8 @@ from nnunet_plugins.weights.report import WeightsReport
 
 SKIPPED = '.seg_layers.'  # nnU-Net's segmentation heads, which depend on the labels; -pretrained_weights skips them too
 NAMED = 5  # how many tensor names an error or report line shows
+MAX_FRESH_SHARE = 0.10  # the share of the encoder's values (parameters and buffers) a load may leave fresh
+MODULE_DEPTH = 3  # fresh tensors are grouped by the first 3 parts of their module's name (encoder.stages.3)
 
 
 class WeightTransferError(ValueError):
@@ -46,17 +51,28 @@ class TransferReport(WeightsReport):
     channel_adapted: list[str] = field(default_factory=list)  # 'name: (shape) -> (shape)'
     fresh: list[str] = field(default_factory=list)  # left at the target network's initialisation
     unused: list[str] = field(default_factory=list)  # source tensors that initialised nothing
+    fresh_share: float = 0.0  # of the encoder's values, those left fresh
+    fresh_by_module: dict[str, list[int]] = field(default_factory=dict)  # module -> [tensors, values] left fresh
+    pretraining: dict | None = None  # the pre-training's cases, when its report is beside the source (provenance)
+    notes: list[str] = field(default_factory=list)  # warnings and notes for the user, printed after the counts
+
+    def fresh_modules(self) -> str:
+        """The fresh tensors by module: ``encoder.stages.3 (8 tensors, 1,234 values), ...``."""
+        return ', '.join(f'{module} ({tensors} tensors, {values:,} values)'
+                         for module, (tensors, values) in self.fresh_by_module.items())
 
     def lines(self) -> list[str]:
-        """A summary and, per group, the count and the first names."""
+        """A summary and, per group, the count and the first names (the fresh ones by module)."""
         lines = [f'weights for {self.target} from {self.source} ({LAYOUTS[self.source_format]}, sha256 '
                  f'{self.source_sha256[:12]}...), tensors under {" or ".join(p or "(all)" for p in self.prefixes)}:']
         for title, names in (('loaded', self.loaded), ('adapted to the input channels', self.channel_adapted),
-                             ('freshly initialised (the target network\'s own initialisation)', self.fresh),
                              ('of the source unused', self.unused)):
             more = f', ... ({len(names) - NAMED} more)' if len(names) > NAMED else ''
             lines.append(f'  {len(names)} {title}' + (f': {", ".join(names[:NAMED])}{more}' if names else ''))
-        return lines
+        lines.insert(3, f'  {len(self.fresh)} freshly initialised (the target network\'s own initialisation), '
+                        f'{self.fresh_share:.1%} of the encoder\'s values'
+                        + (f': {self.fresh_modules()}' if self.fresh else ''))
+        return lines + self.notes
 
 
 def input_layers(network: nn.Module, input_channels: int) -> set[str]:
@@ -80,9 +96,29 @@ def repeat_input_channels(kernel: torch.Tensor, channels: int) -> torch.Tensor:
     return kernel.repeat(1, channels // kernel.shape[1], *([1] * (kernel.dim() - 2))) * (kernel.shape[1] / channels)
 
 
+def fresh_by_module(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, list[int]]:
+    """``names`` of ``state`` grouped by the first :data:`MODULE_DEPTH` parts of their module's name: module ->
+    [tensors, values], in the network's order."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        group = groups.setdefault('.'.join(name.split('.')[:-1][:MODULE_DEPTH]), [0, 0])
+        group[0] += 1
+        group[1] += state[name].numel()
+    return groups
+
+
+def share_of_values(state: Mapping[str, torch.Tensor], part: list[str], whole: list[str]) -> float:
+    """The share of the values of ``whole`` (names of ``state``) that ``part`` holds, each tensor counted once
+    (nnU-Net's networks hold some modules under two names)."""
+    def values(names: list[str]) -> int:
+        return sum({state[name].data_ptr(): state[name].numel() for name in names}.values())
+    total = values(whole)
+    return values(part) / total if total else 0.0
+
+
 def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], input_channels: int,
                      prefixes: tuple[str, ...] = (ENCODER_PREFIX,), source_name: str = 'the source',
-                     source_format: str = 'tensors') -> TransferReport:
+                     source_format: str = 'tensors', allow_partial: bool = False) -> TransferReport:
     """Copy the tensors of ``source`` that fit into ``network`` (in place) by the rules of this module.
 
     Args:
@@ -90,9 +126,11 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
         source: tensors by target-network name (:func:`~nnunet_plugins.weights.files.read_network_weights`).
         prefixes: names of the target's tensors that take part ('' for all but the segmentation heads).
         source_name: what messages and the report call the source (its file).
+        allow_partial: accept a load that leaves more than :data:`MAX_FRESH_SHARE` of the encoder's values fresh.
 
     Raises:
-        WeightTransferError: a tensor present in both has a shape that cannot be adapted, or nothing would load.
+        WeightTransferError: a tensor present in both has a shape that cannot be adapted, nothing would load, or
+            (unless ``allow_partial``) more than :data:`MAX_FRESH_SHARE` of the encoder would stay fresh.
     """
     target = network.state_dict()
     wanted = [name for name in target if name.startswith(prefixes) and SKIPPED not in name]
@@ -123,6 +161,17 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
             f'nothing would be loaded (the file\'s first keys: {list(source)[:3]}; the network\'s: {wanted[:3]}). Is '
             f'it for another network? Choose the matching -tr TRAINER; a whole network of the same plans loads with '
             f'nnUNetv2_train -pretrained_weights as it is.')
+    # the share is the encoder's (a network without network.encoder: of every tensor that takes part)
+    measured, fresh = [name for name in wanted if name.startswith(ENCODER_PREFIX)] or wanted, set(report.fresh)
+    report.fresh_share = share_of_values(target, [name for name in measured if name in fresh], measured)
+    report.fresh_by_module = fresh_by_module(target, report.fresh)
+    if report.fresh_share > MAX_FRESH_SHARE and not allow_partial:
+        raise WeightTransferError(
+            f'{source_name} leaves {report.fresh_share:.1%} of the encoder\'s values at the network\'s own '
+            f'initialisation, more than the {MAX_FRESH_SHARE:.0%} a load may leave: {len(report.fresh)} tensors '
+            f'are missing from the file, by module {report.fresh_modules()}. Is it for a shallower or another '
+            f'network? To fine-tune with the rest of the encoder trained from scratch anyway, give --allow-partial '
+            f'(allow_partial=True in Python).')
     with torch.no_grad():
         for name, tensor in state.items():
             target[name].copy_(tensor)
@@ -132,7 +181,7 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
 
 
 def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
-                     prefixes: tuple[str, ...] = (ENCODER_PREFIX,)) -> TransferReport:
+                     prefixes: tuple[str, ...] = (ENCODER_PREFIX,), allow_partial: bool = False) -> TransferReport:
     """:func:`transfer_weights` from the weight file ``path``; the report records the file and its SHA-256.
 
     Raises:
@@ -141,6 +190,7 @@ def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
     """
     path = Path(path).resolve()
     weights = read_network_weights(path)
-    report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout)
+    report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout,
+                              allow_partial)
     report.source_sha256 = sha256_of(path)
     return report
