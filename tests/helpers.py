@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,12 +96,15 @@ class Workspace:
         then ``nnUNetv2_ensemble``; asserts that every held-out case is predicted and that the ensemble is the argmax of
         the mean probabilities, and that each trainer's prediction has every case's shape and valid labels.
         Returns the trainers' prediction folders; the ensemble is ``out/ensemble``."""
-        folders = []
-        for trainer in trainers:
-            folders.append(out / trainer)
-            self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folders[-1], '-d', DATASET_ID,
+        folders = [out / trainer for trainer in trainers]
+
+        def predict(trainer: str, folder: Path) -> None:
+            self.run('nnUNetv2_predict', '-i', self.raw / 'imagesTs', '-o', folder, '-d', DATASET_ID,
                      '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', 'cpu', '--save_probabilities',
                      '-npp', 1, '-nps', 1, *extra)
+        # independent runs, side by side: mostly interpreter starts and worker spawns, which leave a core idle
+        with ThreadPoolExecutor(len(trainers)) as pool:
+            list(pool.map(predict, trainers, folders))
         ensemble = out / 'ensemble'
         self.run('nnUNetv2_ensemble', '-i', *folders, '-o', ensemble, '-np', 1)
         references = sorted((self.raw / 'labelsTs').glob('*.nii.gz'))

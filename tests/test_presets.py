@@ -22,8 +22,10 @@ from nnunet_plugins.commands import plans as plans_command
 from nnunet_plugins.commands.plans import PRESET_KEY, add_preset
 from nnunet_plugins.presets import PresetError
 from nnunet_plugins.registry import plugin_trainer, plugin_trainers
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
 
-from helpers import CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, run_cli, segment, trained_predictor
+from helpers import (CONFIGURATION, DATASET_ID, NUM_TRAINING, read_labels, run_cli, segment, train_in_process,
+                     trained_predictor)
 
 COMMAND = str(Path(sys.executable).parent / 'nnunet-plugins')
 MEDNEXT_TRAINERS = {f'nnUNetTrainerMedNeXt{v}{k}' for v in 'SBML' for k in ('', '_k5', '_k5_UpKern')}
@@ -324,14 +326,15 @@ def test_cli_adds_a_configuration_prints_the_stock_commands_and_refuses_a_second
 
 
 @pytest.mark.e2e
-def test_stock_clis_preprocess_and_train_a_preset_configuration_that_then_predicts(nnunet_env, monkeypatch):
-    """A preset's own code path is the configuration it writes, the same for every preset; the 2d one runs end to
-    end here, at a spacing and patch small enough for a CPU (one sliding window per image). A 3d preset's goes through
-    the same commands as Swin UNETR's configuration (``plans --preset swinunetr``, preprocessed, its batches trained
-    on and segmented with in-process in test_swinunetr.py); every preset's trainers are built on its configuration
-    above."""
+def test_stock_cli_preprocesses_a_preset_configuration_that_a_trainer_trains_on_and_predicts(nnunet_env, make_trainer,
+                                                                                          monkeypatch):
+    """A preset's own code path is the configuration it writes, the same for every preset: the 2d one, at a spacing
+    and patch small enough for a CPU (one sliding window per image), is preprocessed by nnUNetv2_preprocess (a
+    subprocess), trained on as nnUNetv2_train builds the trainer on it, and segmented with (in this process; the
+    stock CLI's training and prediction paths are the same for every configuration, test_stock_cli.py). A 3d
+    preset's goes through the same steps as Swin UNETR's configuration (test_swinunetr.py); every preset's trainers are
+    built on its configuration above."""
     workspace = nnunet_env
-    trainer = 'nnUNetTrainerMedNeXtS'
     name = f'{presets.load_preset("mednext-2d").configuration}_ci'
     added = add_preset(DATASET_ID, 'mednext-2d', configuration=name, spacing=[3.0, 3.0], patch_size=[16, 16])
     assert added.configuration['data_identifier'] == f'nnUNetPlans_{name}'
@@ -342,16 +345,13 @@ def test_stock_clis_preprocess_and_train_a_preset_configuration_that_then_predic
     assert _checksums(default_data) == before
     assert len(list((workspace.preprocessed / f'nnUNetPlans_{name}').glob('*.pkl'))) == NUM_TRAINING
 
-    fold = workspace.train(trainer, 0, configuration=name)
+    fold = train_in_process(make_trainer(nnUNetTrainerMedNeXtS, name=name))
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    assert checkpoint['trainer_name'] == trainer and checkpoint['init_args']['configuration'] == name
-    validated = sorted((fold / 'validation').glob('*.nii.gz'))
-    assert len(validated) == 2  # fold 0 of the 10 training cases, resampled back to their own spacing
-    for path in validated:
-        assert read_labels(path).shape == read_labels(workspace.raw / 'labelsTr' / path.name).shape
+    assert checkpoint['trainer_name'] == 'nnUNetTrainerMedNeXtS' and checkpoint['init_args']['configuration'] == name
+    assert len(checkpoint['network_weights']['encoder.stem.weight'].shape) == 4  # a 2d network
 
     # nnU-Net's predictor set up from the fold as nnUNetv2_predict sets it up (the 2d network built from the preset's
-    # configuration, the checkpoint loaded strictly), in this process
+    # configuration, the checkpoint loaded strictly): the case back on its own grid
     monkeypatch.setenv('nnUNet_extTrainer', workspace.env['nnUNet_extTrainer'])
     [prediction] = segment(trained_predictor(fold.parent), [workspace.raw / 'imagesTs' / 'Tiny_010_0000.nii.gz'])
     assert prediction.shape == read_labels(workspace.raw / 'labelsTs' / 'Tiny_010.nii.gz').shape
