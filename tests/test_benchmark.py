@@ -1,11 +1,12 @@
 """``nnunet-plugins benchmark``: the command end to end on a tiny patch, and its facts at the papers' setting."""
 import argparse
+import io
 import json
 import math
-import os
 import re
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,10 @@ from nnunet_plugins.cli import main
 from nnunet_plugins.commands.benchmark.peers import default_trainers, trainer_class
 from nnunet_plugins.commands.benchmark.plans import resenc_l_plans, synthetic_dataset_json, synthetic_plans
 from nnunet_plugins.commands.benchmark.command import inference_case, networks_to_run
-from nnunet_plugins.commands.benchmark.report import counterpart, topology_versus_monai
+from nnunet_plugins.commands.benchmark.report import chart, counterpart, topology_versus_monai
 from nnunet_plugins.commands.benchmark.rows import ROW_FIELDS, Network, Row, plan_rows, probe
 from nnunet_plugins.commands.benchmark.worker import measure, row_spec
+from nnunet_plugins.workspace import environment
 
 from helpers import CONFIGURATION, DATASET_ID, parameter_count, run_cli
 
@@ -38,14 +40,16 @@ def tiny_synthetic_plans() -> tuple[dict, dict, str]:
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     """The command on a 16x32x32 patch: MedNeXt-S with checkpointing off and on and MONAI's MedNeXt-S, one step each
-    (which trainer gets which checkpointing rows, and nnU-Net's own trainer's row: in-process below)."""
+    (which trainer gets which checkpointing rows, and nnU-Net's own trainer's row: in-process below). In this process,
+    as :func:`helpers.run_cli` runs a command; each row runs in a subprocess of its own, as always."""
     out = tmp_path_factory.mktemp('benchmark')
-    env = {name: value for name, value in os.environ.items() if name not in settings.VARIABLES}
-    result = subprocess.run(
-        [COMMAND, 'benchmark', '--patch', '16', '32', '32', '--classes', '3', '--batch', '1', '--device', 'cpu',
-         '-tr', 'nnUNetTrainerMedNeXtS', '--baselines', '--peers', 'MedNeXtS',
-         '--steps', '1', '--warmup', '0', '--out', str(out)],
-        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    args = ['benchmark', '--patch', '16', '32', '32', '--classes', '3', '--batch', '1', '--device', 'cpu',
+            '-tr', 'nnUNetTrainerMedNeXtS', '--baselines', '--peers', 'MedNeXtS', '--steps', '1', '--warmup', '0',
+            '--out', str(out)]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with environment({name: None for name in settings.VARIABLES}), redirect_stdout(stdout), redirect_stderr(stderr):
+        status = main(args)
+    result = subprocess.CompletedProcess(['nnunet-plugins', *args], status, stdout.getvalue(), stderr.getvalue())
     assert result.returncode == 0, result.stdout + result.stderr
     return result, out
 
@@ -132,6 +136,17 @@ def test_report_table_ratios_and_chart(tiny_run):
     assert [(r['ours'], r['monai']) for r in ratios] == [('nnUNetTrainerMedNeXtS', 'MONAI MedNeXtS')] * 2
     assert all(r['topology'].startswith('differs: the plans give strides') for r in ratios)
     assert (out / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_chart_draws_rows_that_measured_no_memory(tmp_path):
+    """A row whose process grew by less than allocator noise records 0 bytes (an inference row can); when every row
+    does, the chart still draws them (it divided by the largest memory)."""
+    records = [{'status': 'ok', 'kind': kind, 'label': label, 'gradient_checkpointing': None, 'parameters': parameters,
+                'step_time_s': 0.5, 'peak_memory_bytes': 0}
+               for kind, label, parameters in (('plugin', 'nnUNetTrainerMedNeXtS', 1_412_752),
+                                               ('baseline', 'nnUNetTrainer', 5_439_564))]
+    chart(records, tmp_path / 'benchmark.png', 'inference')
+    assert (tmp_path / 'benchmark.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_papers_setting_plans_macs_and_monai_sizes():
@@ -258,14 +273,13 @@ def test_exit_code_is_not_zero_when_no_row_was_measured(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path):
+def test_inference_rows_time_nnunets_prediction_of_one_case_and_have_every_field(tmp_path, capsys):
     """One MedNeXt-S prediction of a 16x32x48 noise volume (3 overlapping windows): every field, a reason for every
     null, and the CPU time the ratios use. (The other layout's row and the baseline beside it by default: in-process
     below.)"""
-    result = subprocess.run(
-        [COMMAND, 'benchmark', *PATCH, '--classes', '3', '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
-         '--baselines', '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants', '--steps', '1',
-         '--warmup', '0', '--out', str(tmp_path)], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    result = run_cli(capsys, 'benchmark', *PATCH, '--classes', '3', '--device', 'cpu', '-tr', 'nnUNetTrainerMedNeXtS',
+                     '--baselines', '--inference', '--volume', '16', '32', '48', '--disable-tta', '--variants',
+                     '--steps', '1', '--warmup', '0', '--out', tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((tmp_path / 'benchmark.json').read_text())
     assert report['meta']['mode'] == 'inference' and report['meta']['case'] == 'noise 16x32x48'

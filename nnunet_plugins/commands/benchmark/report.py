@@ -133,7 +133,7 @@ def chart(records: Sequence[dict], path: Path, title: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     measured = [rec for rec in records if rec['status'] == 'ok']
-    biggest = max([rec['peak_memory_bytes'] for rec in measured], default=1)
+    biggest = max([rec['peak_memory_bytes'] for rec in measured], default=0) or 1  # every row can measure 0 bytes
     figure, axes = plt.subplots(figsize=(10, 7))
     for kind, colour in (('plugin', 'tab:blue'), ('baseline', 'tab:green'), ('peer', 'tab:orange')):
         chosen = [rec for rec in measured if rec['kind'] == kind]
