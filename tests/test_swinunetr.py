@@ -13,12 +13,14 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
 from nnunet_plugins import settings
+from nnunet_plugins.commands.plans import add_preset
 from nnunet_plugins.weights import CheckpointError
 from nnunet_plugins.macs import forward_macs
 from nnunet_plugins.networks.swinunetr import (
     VARIANTS, PretrainedEncoderError, SwinUNETR, load_pretrained_encoder, swinunetr_from_plan, swinunetr_levels)
 from nnunet_plugins.networks.topology import ShallowPlanError
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
+from nnunet_plugins.workspace import NNUNET_FOLDERS, environment
 
 from helpers import (CONFIGURATION, DATASET_ID, ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SMALL, SWIN_PATCH, TINY_KERNELS,
                      TINY_STRIDES, assert_segments_a_heldout_case, parameter_count, released_format, small_monai,
@@ -280,21 +282,23 @@ def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_train
 # ---- the swinunetr preset through the console script and nnU-Net's preprocessing, then the trainer on it ----
 
 def swin_configuration(workspace) -> str:
-    """A configuration that Swin UNETR takes on the tiny dataset, made by `nnunet-plugins plans --preset swinunetr`
-    at the dataset's own spacing with :data:`SWIN_PATCH`, and preprocessed; once per session."""
+    """A configuration that Swin UNETR takes on the tiny dataset, made as `nnunet-plugins plans --preset swinunetr`
+    makes it (its ``add_preset``, in this process; the console script's own run is in test_presets.py) at the
+    dataset's own spacing with :data:`SWIN_PATCH`, and preprocessed by nnUNetv2_preprocess; once per session."""
     plans = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())
     if SWIN_CONFIGURATION not in plans['configurations']:
         spacing = plans['configurations'][CONFIGURATION]['spacing']
-        workspace.run('nnunet-plugins', 'plans', DATASET_ID, '--preset', 'swinunetr', '-c', SWIN_CONFIGURATION,
-                      '--spacing', *spacing, '--patch', *SWIN_PATCH, '--batch', 2)
+        with environment({name: workspace.env[name] for name in NNUNET_FOLDERS}):
+            add_preset(DATASET_ID, 'swinunetr', configuration=SWIN_CONFIGURATION, spacing=spacing,
+                       patch_size=SWIN_PATCH, batch_size=2)
         workspace.run('nnUNetv2_preprocess', '-d', DATASET_ID, '-c', SWIN_CONFIGURATION, '-np', 1)
     return SWIN_CONFIGURATION
 
 
 @pytest.mark.e2e
 def test_trains_on_the_presets_preprocessed_batches_and_nnunets_predictor_segments(workspace, make_trainer):
-    """The 3d preset's configuration, written by `nnunet-plugins plans --preset swinunetr` and preprocessed by
-    nnUNetv2_preprocess (subprocesses), feeds the trainer as nnUNetv2_train builds it on that configuration: a step
+    """The 3d preset's configuration, written as `nnunet-plugins plans --preset swinunetr` writes it and
+    preprocessed by nnUNetv2_preprocess (a subprocess), feeds the trainer as nnUNetv2_train builds it on that configuration: a step
     on its augmented batches, then its checkpoint segments a held-out case through nnU-Net's predictor, set up as
     nnUNetv2_predict sets it up. The epoch loop, closing validation and ``--c`` are the trainer base's, shared by
     every family: they run through the stock CLI with MedNeXt (test_stock_cli.py, test_upkern.py)."""
