@@ -187,8 +187,18 @@ def _nt_xent_step(rank: int) -> dict:
     return {'loss': loss.detach(), 'weight': projection.weight.grad, 'bias': projection.bias.grad}
 
 
-def test_ddp_gather_gives_the_single_process_loss_and_gradients(tmp_path):
-    ranks = on_two_ranks(_nt_xent_step, tmp_path)
+def _both_steps(rank: int) -> dict:
+    """RCR's and the token method's steps in one process group: one spawned rank for both tests below."""
+    return {'nt_xent': _nt_xent_step(rank), 'token': _token_step(rank)}
+
+
+@pytest.fixture(scope='module')
+def two_rank_steps(tmp_path_factory) -> list[dict]:
+    return on_two_ranks(_both_steps, tmp_path_factory.mktemp('ddp'))
+
+
+def test_ddp_gather_gives_the_single_process_loss_and_gradients(two_rank_steps):
+    ranks = [r['nt_xent'] for r in two_rank_steps]
     first, second, projection = _inputs_and_projection()
     loss = nt_xent(projection(first), projection(second))
     loss.backward()
@@ -218,9 +228,9 @@ def _token_step(rank: int) -> dict:
     return {'loss': loss.detach(), **{name: p.grad for name, p in head.named_parameters()}}
 
 
-def test_ddp_gather_gives_the_single_process_token_loss_and_gradients(tmp_path):
+def test_ddp_gather_gives_the_single_process_token_loss_and_gradients(two_rank_steps):
     """Every rank's tokens are candidates of every anchor (eq. 3 of paper 004)."""
-    ranks = on_two_ranks(_token_step, tmp_path)
+    ranks = [r['token'] for r in two_rank_steps]
     tokens, tokens_hat, head = _tokens_and_head()
     loss = token_contrastive_loss(head(tokens), head(tokens_hat), 5.0, 0.5)
     loss.backward()
