@@ -196,13 +196,23 @@ class MedNeXtDecoder(nn.Module):
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
-        outputs = [self.seg_layers[-1](x)] if self.deep_supervision else []
+        outputs = [self._head(-1, x)] if self.deep_supervision else []
         for level in reversed(range(len(self.stages))):
             x = skips[level] + _run_blocks([self.upsamplers[level]], x, self.gradient_checkpointing)
             x = _run_blocks(self.stages[level], x, self.gradient_checkpointing)
             if self.deep_supervision or level == 0:
-                outputs.insert(0, self.seg_layers[level](x))
+                outputs.insert(0, self._head(level, x))
         return outputs if self.deep_supervision else outputs[0]
+
+    def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
+        """Level ``level``'s logits ``(B, num_classes, *S)``, always in PyTorch's default layout.
+
+        In a network laid out channels-last (networks.layout) the head's output would be channels-last, and nnU-Net's
+        loss, which reduces and indexes over dim 1 with contiguous targets, would run strided over every class at
+        every scale (issue 30: 117 classes). Converting the head's input, which has fewer channels than the output
+        at every level but the bottleneck of a many-class plan, costs less than converting the logits.
+        """
+        return self.seg_layers[level](x.contiguous())
 
 
 class MedNeXt(nn.Module):
