@@ -207,12 +207,14 @@ class MedNeXtDecoder(nn.Module):
     def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
         """Level ``level``'s logits ``(B, num_classes, *S)``, always in PyTorch's default layout.
 
-        In a network laid out channels-last (networks.layout) the head's output would be channels-last, and nnU-Net's
-        loss, which reduces and indexes over dim 1 with contiguous targets, would run strided over every class at
-        every scale (issue 30: 117 classes). Converting the head's input, which has fewer channels than the output
-        at every level but the bottleneck of a many-class plan, costs less than converting the logits.
+        In a network laid out channels-last (networks.layout) the head's logits would come out channels-last, and
+        nnU-Net's loss, which works over dim 1 against contiguous targets, would copy them between layouts at every
+        scale, forward and backward (issue 30: 117 classes). The head's input, with fewer channels than a
+        many-class output, is converted instead; the 1x1 weight is copied to the default strides too, since oneDNN
+        picks the output's layout from the weight's strides as well.
         """
-        return self.seg_layers[level](x.contiguous())
+        head = self.seg_layers[level]
+        return head._conv_forward(x.contiguous(), head.weight.clone(memory_format=torch.contiguous_format), head.bias)
 
 
 class MedNeXt(nn.Module):
