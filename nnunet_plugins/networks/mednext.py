@@ -196,25 +196,13 @@ class MedNeXtDecoder(nn.Module):
 
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         x = skips[-1]
-        outputs = [self._head(-1, x)] if self.deep_supervision else []
+        outputs = [self.seg_layers[-1](x)] if self.deep_supervision else []
         for level in reversed(range(len(self.stages))):
             x = skips[level] + _run_blocks([self.upsamplers[level]], x, self.gradient_checkpointing)
             x = _run_blocks(self.stages[level], x, self.gradient_checkpointing)
             if self.deep_supervision or level == 0:
-                outputs.insert(0, self._head(level, x))
+                outputs.insert(0, self.seg_layers[level](x))
         return outputs if self.deep_supervision else outputs[0]
-
-    def _head(self, level: int, x: torch.Tensor) -> torch.Tensor:
-        """Level ``level``'s logits ``(B, num_classes, *S)``, always in PyTorch's default layout.
-
-        In a network laid out channels-last (networks.layout) the head's logits would come out channels-last, and
-        nnU-Net's loss, which works over dim 1 against contiguous targets, would copy them between layouts at every
-        scale, forward and backward (issue 30: 117 classes). The head's input, with fewer channels than a
-        many-class output, is converted instead; the 1x1 weight is copied to the default strides too, since oneDNN
-        picks the output's layout from the weight's strides as well.
-        """
-        head = self.seg_layers[level]
-        return head._conv_forward(x.contiguous(), head.weight.clone(memory_format=torch.contiguous_format), head.bias)
 
 
 class MedNeXt(nn.Module):
