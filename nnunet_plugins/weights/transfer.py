@@ -63,15 +63,16 @@ class TransferReport(WeightsReport):
 
     def lines(self) -> list[str]:
         """A summary and, per group, the count and the first names (the fresh ones by module)."""
-        lines = [f'weights for {self.target} from {self.source} ({LAYOUTS[self.source_format]}, sha256 '
-                 f'{self.source_sha256[:12]}...), tensors under {" or ".join(p or "(all)" for p in self.prefixes)}:']
-        for title, names in (('loaded', self.loaded), ('adapted to the input channels', self.channel_adapted),
-                             ('of the source unused', self.unused)):
+        def named(title: str, names: list[str]) -> str:
             more = f', ... ({len(names) - NAMED} more)' if len(names) > NAMED else ''
-            lines.append(f'  {len(names)} {title}' + (f': {", ".join(names[:NAMED])}{more}' if names else ''))
-        lines.insert(3, f'  {len(self.fresh)} freshly initialised (the target network\'s own initialisation), '
-                        f'{self.fresh_share:.1%} of the encoder\'s values'
-                        + (f': {self.fresh_modules()}' if self.fresh else ''))
+            return f'  {len(names)} {title}' + (f': {", ".join(names[:NAMED])}{more}' if names else '')
+        fresh = (f'  {len(self.fresh)} freshly initialised (the target network\'s own initialisation), '
+                 f'{self.fresh_share:.1%} of the encoder\'s values'
+                 + (f': {self.fresh_modules()}' if self.fresh else ''))
+        lines = [f'weights for {self.target} from {self.source} ({LAYOUTS[self.source_format]}, sha256 '
+                 f'{self.source_sha256[:12]}...), tensors under {" or ".join(p or "(all)" for p in self.prefixes)}:',
+                 named('loaded', self.loaded), named('adapted to the input channels', self.channel_adapted), fresh,
+                 named('of the source unused', self.unused)]
         return lines + self.notes
 
 
