@@ -32,7 +32,7 @@ def image_axes(tensor: torch.Tensor, order: tuple[int, ...] = AXES_ORDER) -> tor
 
 
 def authors_file(encoder: torch.nn.Module) -> dict:
-    """A MONAI SwinTransformer's tensors in the layout of the authors' released file (as tests/helpers.released_format)."""
+    """A MONAI SwinTransformer's tensors in the layout of the authors' released file (as helpers.released_format)."""
     return {'state_dict': {'module.' + name.replace('.mlp.linear1.', '.mlp.fc1.').replace('.mlp.linear2.', '.mlp.fc2.'):
                            tensor for name, tensor in encoder.state_dict().items()}}
 

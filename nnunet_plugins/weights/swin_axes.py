@@ -21,7 +21,7 @@ permuted image gives the original's features, permuted, exactly where MONAI shri
 grid longer than the window along every axis): where it shrinks one, it looks the bias up in the array's flattening
 order (:mod:`nnunet_plugins.networks.swinunetr`), which no table can carry over.
 
-Not converted: the authors' intensities (CT windowed to -175..250 HU and scaled to [0, 1], where nnU-Net normalises
+Not converted: the authors' intensities (CT windowed to -1000..1000 HU and scaled to [0, 1], where nnU-Net normalises
 per its plans: the patch embedding could absorb an affine map, but not the different clipping, nor a z-score that
 differs per image) and their reorientation to RAS (flips that depend on each image's direction).
 """
@@ -35,7 +35,7 @@ MERGING_OFFSETS = ((0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0,
 # the line reports and logs carry for an encoder converted by to_nnunet_axes
 AXES_NOTE = ("the Swin UNETR authors' encoder was converted from their (x, y, z) arrays to nnU-Net's (z, y, x) (patch "
              "embedding kernel, relative position bias tables, patch merging's channel order; exact where MONAI "
-             "shrinks no attention window); not converted: their intensities (CT windowed to -175..250 HU, scaled to "
+             "shrinks no attention window); not converted: their intensities (CT windowed to -1000..1000 HU, scaled to "
              "[0, 1]; nnU-Net normalises per its plans) and their reorientation to RAS")
 _BIAS_TABLE = '.attn.relative_position_bias_table'
 _MERGING_NORM = ('.downsample.norm.weight', '.downsample.norm.bias')  # (8C,)
