@@ -20,10 +20,11 @@ from nnunet_plugins.weights.transfer import transfer_weights
 from helpers import ISOTROPIC_KERNELS, ISOTROPIC_STRIDES, SMALL
 
 ORDERS = list(itertools.permutations(range(3)))
-# window 3 keeps the image small while every stage's token grid (32 x 40 x 48 down to 4 x 5 x 6) stays longer than
-# the window along every axis, so MONAI shrinks none; the stages still pad to the window and patch merging pads 5
+# window 3 keeps the image small while every stage's token grid (24 x 32 x 40 down to 3 x 4 x 5) is at least the
+# window along every axis, so MONAI shrinks none; the stages pad to the window, the last one shifts along y and x
+# only (its x grid is the window) and patch merging pads 5 and 3
 WINDOWED = dataclasses.replace(SMALL, window_size=3)
-XYZ = (1, 1, 64, 80, 96)  # the authors' (x, y, z) image: every axis of another length, so a mix-up cannot match
+XYZ = (1, 1, 48, 64, 80)  # the authors' (x, y, z) image: every axis of another length, so a mix-up cannot match
 
 
 def image_axes(tensor: torch.Tensor, order: tuple[int, ...] = AXES_ORDER) -> torch.Tensor:
@@ -109,6 +110,7 @@ def authors() -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
         if name.endswith('relative_position_bias_table'):
             torch.nn.init.normal_(tensor)
     xyz = torch.randn(XYZ)
+    assert original.windows(XYZ[2:])[-1] == ((3, 3, 3), (0, 1, 1))
     return original, xyz, [image_axes(features) for features in encoder_features(original, xyz)]
 
 
@@ -120,7 +122,7 @@ def test_the_authors_encoder_read_from_its_file_gives_the_originals_features_on_
     report = adapt_checkpoint(converted, path, 1)
     assert report.fresh == [] and report.notes == [AXES_NOTE]
     zyx_features = encoder_features(converted, image_axes(xyz))
-    assert [tuple(f.shape[2:]) for f in zyx_features] == [(48, 40, 32), (24, 20, 16), (12, 10, 8), (6, 5, 4), (3, 3, 2)]
+    assert [tuple(f.shape[2:]) for f in zyx_features] == [(40, 32, 24), (20, 16, 12), (10, 8, 6), (5, 4, 3), (3, 2, 2)]
     for stage, (features, wanted) in enumerate(zip(zyx_features, expected)):
         torch.testing.assert_close(features, wanted, atol=1e-5, rtol=1e-5, msg=lambda m: f'stage {stage}: {m}')
     # the same tensors copied as they are (the load before the conversion) give other features from the first stage
@@ -139,6 +141,20 @@ def test_each_conversion_is_needed(monkeypatch, authors, left_out):
     converted = windowed_network()
     transfer_weights(converted, read_network_weights(authors_file(original.encoder)).state_dict, 1)
     assert (encoder_features(converted, image_axes(xyz))[-1] - expected[-1]).abs().max() > 0.1
+
+
+def test_where_monai_shrinks_a_window_the_features_differ_from_that_stage_on(authors):
+    """What the note and the README say: on a (16, 32, 48) image the third Swin stage (token grid 2 x 4 x 6) gets
+    windows of 2 x 3 x 3, the fourth 1 x 2 x 3, and MONAI's bias lookup for a shrunk window does not follow the axes."""
+    original, _, _ = authors
+    converted = windowed_network()
+    transfer_weights(converted, read_network_weights(authors_file(original.encoder)).state_dict, 1)
+    xyz = torch.randn(1, 1, 16, 32, 48)
+    assert [window for window, _ in original.windows(xyz.shape[2:])] == [(3, 3, 3), (3, 3, 3), (2, 3, 3), (1, 2, 3)]
+    expected = [image_axes(features) for features in encoder_features(original, xyz)]
+    differences = [(features - wanted).abs().max() for features, wanted in
+                   zip(encoder_features(converted, image_axes(xyz)), expected)]
+    assert all(difference < 1e-5 for difference in differences[:3]) and all(d > 0.1 for d in differences[3:])
 
 
 def test_the_conversion_is_stated_in_one_line_with_what_it_leaves(tmp_path):

@@ -18,8 +18,9 @@ Everything else acts per token (qkv, MLPs, norms) or alike along every axis (win
 windows' masks when the window is the same along every axis; padding at the end of each axis), and attention does not
 depend on the order of the tokens within a window once the bias follows them. So the converted encoder on the
 permuted image gives the original's features, permuted, exactly where MONAI shrinks no window (every stage's token
-grid longer than the window along every axis): where it shrinks one, it looks the bias up in the array's flattening
-order (:mod:`nnunet_plugins.networks.swinunetr`), which no table can carry over.
+grid at least as long as the window along every axis): where it shrinks one, it looks the bias up in the array's
+flattening order (:mod:`nnunet_plugins.networks.swinunetr`), which no table can carry over, and the features differ
+from that stage on.
 
 Not converted: the authors' intensities (CT windowed to -1000..1000 HU and scaled to [0, 1], where nnU-Net normalises
 per its plans: the patch embedding could absorb an affine map, but not the different clipping, nor a z-score that
