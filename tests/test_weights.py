@@ -56,14 +56,17 @@ def test_each_layout_gives_the_networks_tensors_under_its_names(tmp_path, layout
                                                         (None, None))
 
 
-def test_the_swin_unetr_authors_encoder_is_renamed_to_our_encoder():
-    kernel, fc1 = torch.randn(12, 1, 2, 2, 2), torch.randn(48, 12)
+def test_the_swin_unetr_authors_encoder_is_renamed_to_our_encoder_and_nnunets_axis_order():
+    kernel, fc1 = torch.randn(12, 1, 2, 3, 4), torch.randn(48, 12)
     weights = read_network_weights({'state_dict': {'module.patch_embed.proj.weight': kernel,
                                                    'module.layers1.0.blocks.0.mlp.fc1.weight': fc1}})
     assert weights.layout == 'swinunetr-authors'
     assert list(weights.state_dict) == ['encoder.patch_embed.proj.weight',
                                         'encoder.layers1.0.blocks.0.mlp.linear1.weight']
-    assert weights.state_dict['encoder.layers1.0.blocks.0.mlp.linear1.weight'] is fc1
+    assert weights.state_dict['encoder.layers1.0.blocks.0.mlp.linear1.weight'] is fc1  # per token: no axes
+    # the kernel's (x, y, z) axes as nnU-Net's (z, y, x) (tests/test_swin_axes.py checks the whole encoder)
+    assert torch.equal(weights.state_dict['encoder.patch_embed.proj.weight'], kernel.permute(0, 1, 4, 3, 2))
+    assert len(weights.notes) == 1 and 'to nnU-Net\'s (z, y, x)' in weights.notes[0]
 
 
 def test_wrapper_prefixes_go_only_from_the_front():

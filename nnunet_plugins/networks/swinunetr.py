@@ -45,6 +45,7 @@ from torch import nn
 
 from nnunet_plugins.networks.topology import Levels, ShallowPlanError, levels_of
 from nnunet_plugins.weights.files import read_checkpoint, swin_authors_name_to_ours
+from nnunet_plugins.weights.swin_axes import AXES_NOTE, to_nnunet_axes
 
 if TYPE_CHECKING:
     from monai.networks.nets.swin_unetr import SwinTransformer, SwinTransformerBlock
@@ -276,13 +277,15 @@ class EncoderLoad:
     unused: tuple[str, ...]  # tensors of the file that are not the encoder's (e.g. the pre-training heads)
 
     def summary(self) -> str:
+        """Two lines: the counts, then what was converted to nnU-Net's axis order and what was not."""
         return (f'pre-trained encoder from {self.source}: {len(self.loaded)} of {len(self.loaded) + len(self.missing)}'
-                f' encoder tensors loaded, {len(self.unused)} tensors of the file unused')
+                f' encoder tensors loaded, {len(self.unused)} tensors of the file unused\n{AXES_NOTE}')
 
 
 def load_pretrained_encoder(network: SwinUNETR, weights: str | Path | Mapping[str, object]) -> EncoderLoad:
     """Copy the authors' released pre-trained encoder (a file or its loaded dict, MONAI's ``load_from`` format)
-    into ``network.encoder``; the decoder and head are left as they are.
+    into ``network.encoder``, converted from their (x, y, z) arrays to nnU-Net's (z, y, x)
+    (:func:`~nnunet_plugins.weights.swin_axes.to_nnunet_axes`); the decoder and head are left as they are.
 
     Raises :class:`PretrainedEncoderError` when nothing matches (the silent no-op of
     ``load_state_dict(strict=False)``), when a matching tensor has another shape (another embedding width,
@@ -296,7 +299,11 @@ def load_pretrained_encoder(network: SwinUNETR, weights: str | Path | Mapping[st
         raise PretrainedEncoderError(f'{source} has no "state_dict" entry (found {found}); the pre-trained encoder '
                                      f'format is {{"state_dict": {{"module.layers1.0.blocks.0.mlp.fc1.weight": ...}}}}')
     ours = network.encoder.state_dict()
-    renamed = {swin_authors_name_to_ours(key): (key, value) for key, value in state.items()}
+    try:
+        converted = to_nnunet_axes(state)
+    except ValueError as error:
+        raise PretrainedEncoderError(f'{source} cannot be converted to nnU-Net\'s axis order: {error}') from None
+    renamed = {swin_authors_name_to_ours(key): (key, value) for key, value in converted.items()}
     loaded = [name for name in ours if name in renamed]
     if not loaded:
         raise PretrainedEncoderError(

@@ -2,8 +2,8 @@
 
 A leaf: it imports torch only, so networks, trainers and commands may all use it. ``files`` is the one module that
 opens weight files; ``upkern`` starts a larger-kernel MedNeXt from a trained one; ``transfer`` copies what fits of a
-foreign or encoder-only file into a network (``nnunet-plugins adapt-weights``); ``report`` is what their reports
-share.
+foreign or encoder-only file into a network (``nnunet-plugins adapt-weights``); ``swin_axes`` moves the Swin UNETR
+authors' encoder to nnU-Net's axis order as ``files`` reads it; ``report`` is what their reports share.
 """
 from nnunet_plugins.weights.files import (
     ENCODER_PREFIX, LAYOUTS, CheckpointError, NetworkWeights, check_readable, read_checkpoint, read_network_weights,

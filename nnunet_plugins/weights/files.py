@@ -2,8 +2,9 @@
 
 A weight file is read whole by :func:`read_checkpoint`, or for a network's tensors by :func:`read_network_weights`,
 which takes every layout the package accepts (:data:`LAYOUTS`): an nnU-Net checkpoint (``network_weights``), a
-``state_dict`` entry (the Swin UNETR authors' released encoder among them, renamed to our ``encoder.*`` names), or a
-bare state dict; prefixes that DDP (``module.``) and torch.compile (``_orig_mod.``) add are removed.
+``state_dict`` entry (the Swin UNETR authors' released encoder among them, renamed to our ``encoder.*`` names and
+converted to nnU-Net's axis order by :func:`~nnunet_plugins.weights.swin_axes.to_nnunet_axes`), or a bare state
+dict; prefixes that DDP (``module.``) and torch.compile (``_orig_mod.``) add are removed.
 """
 import hashlib
 import pickle
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from nnunet_plugins.weights.swin_axes import AXES_NOTE, to_nnunet_axes
 
 _ZIP_MAGIC = b'PK\x03\x04'  # torch.save writes zip archives (since torch 1.6, and so every nnU-Net v2 checkpoint)
 # prefixes of state-dict keys saved from a wrapped network: torch.compile's OptimizedModule, DDP
@@ -114,6 +117,7 @@ class NetworkWeights:
     layout: str  # a key of LAYOUTS
     trainer: str | None = None  # what an nnU-Net checkpoint says wrote it
     configuration: str | None = None
+    notes: tuple[str, ...] = ()  # what the reader changed beyond names, for the user (a line each)
 
 
 def read_network_weights(source: Path | str | Mapping[str, Any], name: str | None = None) -> NetworkWeights:
@@ -143,7 +147,12 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
             f'{name} holds no network weights (found {found}); expected an nnU-Net checkpoint (a "network_weights" '
             f'entry), a "state_dict" of tensors, or a state dict of tensors.')
     if layout == 'state_dict' and _is_swin_authors_layout(state):
-        renamed = {ENCODER_PREFIX + swin_authors_name_to_ours(key): value for key, value in state.items()}
-        return NetworkWeights(renamed, 'swinunetr-authors')
+        try:
+            converted = to_nnunet_axes(state)
+        except ValueError as error:
+            raise CheckpointError(f'{name} has the keys of the Swin UNETR authors\' encoder but not its shapes: '
+                                  f'{error}') from None
+        renamed = {ENCODER_PREFIX + swin_authors_name_to_ours(key): value for key, value in converted.items()}
+        return NetworkWeights(renamed, 'swinunetr-authors', notes=(AXES_NOTE,))
     return NetworkWeights({strip_wrapper_prefixes(key): value for key, value in state.items()}, layout, trainer,
                           configuration)

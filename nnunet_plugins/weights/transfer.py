@@ -183,7 +183,8 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
 
 def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
                      prefixes: tuple[str, ...] = (ENCODER_PREFIX,), allow_partial: bool = False) -> TransferReport:
-    """:func:`transfer_weights` from the weight file ``path``; the report records the file and its SHA-256.
+    """:func:`transfer_weights` from the weight file ``path``; the report records the file, its SHA-256 and, in its
+    notes, what the reader converted (:attr:`~nnunet_plugins.weights.files.NetworkWeights.notes`).
 
     Raises:
         CheckpointError: the file cannot be read or holds no network weights (:func:`read_network_weights`).
@@ -194,4 +195,5 @@ def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
     report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout,
                               allow_partial)
     report.source_sha256 = sha256_of(path)
+    report.notes.extend(weights.notes)
     return report
