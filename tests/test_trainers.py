@@ -263,6 +263,25 @@ def test_training_stops_when_the_loss_stays_non_finite(make_trainer):
         trainer.train_step(batch)
 
 
+def test_out_of_gpu_memory_says_what_ran_out_and_what_to_change(make_trainer):
+    trainer = make_trainer(nnUNetTrainerMedNeXtS, {'batch_size': 1, 'patch_size': [2, 16, 16]})
+    trainer.initialize()
+
+    def out_of_memory(output, target):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    trainer.loss = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        trainer.train_step(random_batch(trainer))
+    message = str(raised.value)
+    assert message.startswith('nnUNetTrainerMedNeXtS ran out of GPU memory in a training step (patch [2, 16, 16], '
+                              'batch 1, 4 outputs, gradient checkpointing off). To make it fit: set '
+                              'nnUNet_plugins_checkpointing=1')
+    assert '-tr nnUNetTrainerMedNeXtS --variants checkpointing' in message
+    assert message.endswith('The error: CUDA out of memory. Tried to allocate 2.00 GiB')
+    trainer.plain_network().gradient_checkpointing = True  # already on: nothing left to switch on
+    assert 'gradient checkpointing on). To make it fit: a smaller batch' in trainer.out_of_memory_advice()
+
+
 def test_incompatible_patch_size_is_refused_with_what_each_axis_needs(make_trainer):
     trainer = make_trainer(nnUNetTrainerMedNeXtS, {'patch_size': [14, 32, 30]})
     with pytest.raises(ValueError, match=r'axis 2 \(30\) must be divisible by 8.*such as \[14, 32, 32\]: '

@@ -316,9 +316,26 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                 parameter.grad = None
 
     def train_step(self, batch: dict) -> dict:
-        result = super().train_step(batch)
+        try:
+            result = super().train_step(batch)
+        except torch.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(f'{self.out_of_memory_advice()}\nThe error: {error}') from error
         self.check_finite_loss(result['loss'])
         return result
+
+    def out_of_memory_advice(self) -> str:
+        """What ran out of GPU memory, and what to change so that it fits."""
+        checkpointing = getattr(self.plain_network(), 'gradient_checkpointing', None)
+        switch = '' if checkpointing is None else f', gradient checkpointing {"on" if checkpointing else "off"}'
+        first = 'set nnUNet_plugins_checkpointing=1 (about half the memory for a quarter more step time on a GPU), ' \
+            if checkpointing is False else ''
+        return (f'{self.__class__.__name__} ran out of GPU memory in a training step (patch '
+                f'{self.configuration_manager.patch_size}, batch {self.batch_size}, '
+                f'{self.label_manager.num_segmentation_heads} outputs{switch}). To make it fit: {first}a smaller '
+                f'batch or patch as a configuration of its own (nnunet-plugins plans DATASET --preset NAME --batch N '
+                f'--patch ...), or a smaller network. nnunet-plugins benchmark DATASET CONFIGURATION -tr '
+                f'{self.__class__.__name__} --variants checkpointing measures the memory with and without '
+                f'checkpointing before a run.')
 
     def check_finite_loss(self, loss: np.ndarray) -> None:
         """Count consecutive iterations whose training ``loss`` is not finite; raise after
