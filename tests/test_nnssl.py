@@ -16,6 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_plugins.commands.adapt_weights import adapt_weights, target_network
 from nnunet_plugins.pretraining.checkpoint import adaptation_plan
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_PretrainRCR
 from nnunet_plugins.training.nnunet_network import nnUNetTrainer_Finetune, nnUNetTrainer_PretrainRCR
 from nnunet_plugins.weights import CheckpointError, adapt_checkpoint, read_checkpoint
 from nnunet_plugins.weights.nnssl import ADAPTATION_PLAN_KEY, AdaptationPlan, NnsslCheckpointError, nnssl_source
@@ -225,7 +226,7 @@ def test_our_pretraining_checkpoint_carries_an_adaptation_plan_nnssl_reads(resen
     assert plan['recommended_downstream_patchsize'] == list(configuration.patch_size)
     assert plan['pretrain_plan']['configurations'][CONFIGURATION]['spacing'] == list(configuration.spacing)
     assert (plan['key_to_stem'], plan['key_to_encoder']) == ('encoder.stem', 'encoder.stages')
-    assert sorted(plan['keys_to_in_proj']) == sorted(name.removesuffix('.weight') for name in STEM_ALIASES)
+    assert plan['keys_to_in_proj'] == tuple(name.removesuffix('.weight') for name in STEM_ALIASES)
     # the plan finds every tensor of the stem and encoder of the fine-tuning network of the same plans
     read = AdaptationPlan.from_checkpoint(plan, str(path))
     network, _, _ = target_network(str(DATASET_ID), CONFIGURATION, FINETUNE, RESENC_PLANS)
@@ -240,3 +241,24 @@ def test_our_pretraining_checkpoint_carries_an_adaptation_plan_nnssl_reads(resen
 def test_nnssl_reader_errors_are_checkpoint_errors():
     """The CLI reports them as every unreadable file (a ValueError naming the file)."""
     assert issubclass(NnsslCheckpointError, CheckpointError) and issubclass(CheckpointError, ValueError)
+
+
+def test_a_plugin_networks_plan_names_its_own_class_and_stem(make_trainer, tmp_path):
+    """MedNeXt's pre-training: the plans name PlainConvUNet, the plan the network's class; our adapt-weights keeps
+    reading our own checkpoints as nnU-Net checkpoints (encoder only, as before the plan)."""
+    trainer = make_trainer(nnUNetTrainerMedNeXtS_PretrainRCR)
+    trainer.initialize()
+    path = tmp_path / 'checkpoint_final.pth'
+    trainer.save_checkpoint(str(path))
+    plan = torch.load(path, map_location='cpu', weights_only=True)[ADAPTATION_PLAN_KEY]
+    assert plan['architecture_plans'] == {'arch_class_name': 'nnunet_plugins.networks.mednext.MedNeXt',
+                                          'arch_kwargs': None, 'arch_kwargs_requiring_import': None}
+    assert (plan['key_to_stem'], plan['key_to_encoder'], plan['keys_to_in_proj']) == ('encoder.stem', 'encoder',
+                                                                                       ('encoder.stem',))
+    read = AdaptationPlan.from_checkpoint(plan, str(path))
+    network = trainer.pretraining_model().network
+    mapped = nnssl_source(read_checkpoint(path)['network_weights'], read, network, str(path)).tensors
+    assert_every_tensor_from(mapped, network.state_dict(), [f'encoder.{name}' for name in network.encoder.state_dict()])
+    report = adapt_checkpoint(trainer.segmentation_network(trainer.plans_manager, trainer.configuration_manager, 1, 4),
+                              path, 1)
+    assert report.source_format == 'nnunet' and report.nnssl is None

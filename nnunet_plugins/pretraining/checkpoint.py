@@ -37,8 +37,9 @@ def adaptation_plan(network: nn.Module, plans_manager: PlansManager, configurati
     """The serialised nnssl ``AdaptationPlan`` of a pre-training of ``network`` (built from ``configuration`` of
     the plans, ``num_input_channels`` in), every field nnssl's ``AdaptationPlan.from_dict`` reads.
 
-    - ``architecture_plans``: the plans' network class; for ResidualEncoderUNet its arguments as nnssl's dynamic
-      architectures take them, for other networks none (nnssl cannot build them; the keys still locate the weights);
+    - ``architecture_plans``: the network's class path (the plans' for nnU-Net's own network); for
+      ResidualEncoderUNet its arguments as nnssl's dynamic architectures take them, for other networks none (nnssl
+      cannot build them; the keys still locate the weights);
     - ``pretrain_plan``: the dataset's plans as nnssl's ``Plan``, with this configuration's spacing and patch
       (``spacing_style`` 'median', nnU-Net's target spacing being the median spacing save for anisotropic data);
     - ``recommended_downstream_patchsize``: the pre-training's patch; ``pretrain_num_input_channels``;
@@ -47,16 +48,19 @@ def adaptation_plan(network: nn.Module, plans_manager: PlansManager, configurati
       the image; ``key_to_lpe`` None (no learned positional embedding is transferred by these keys).
     """
     settings = configuration_manager.configuration
-    class_name = configuration_manager.network_arch_class_name
+    class_name = configuration_manager.network_arch_class_name  # nnU-Net's network; a plugin's is its own class
+    if class_name.rsplit('.', 1)[-1] != type(network).__name__:
+        class_name = f'{type(network).__module__}.{type(network).__qualname__}'
     kwargs = configuration_manager.network_arch_init_kwargs
     dynamic = class_name.rsplit('.', 1)[-1] == 'ResidualEncoderUNet' and set(kwargs) == set(_NNSSL_DYNAMIC_KWARGS)
     in_proj = sorted(name.removesuffix('.weight') for name in input_layers(network, num_input_channels))
     plans = plans_manager.plans
-    return _plain({
+    plan = _plain({
         'architecture_plans': {
             'arch_class_name': class_name,
             'arch_kwargs': {key: kwargs[key] for key in _NNSSL_DYNAMIC_KWARGS} if dynamic else None,
-            'arch_kwargs_requiring_import': list(configuration_manager.network_arch_init_kwargs_req_import)
+            # as nnssl derives them: the arguments given as class paths, in its order
+            'arch_kwargs_requiring_import': [key for key in _NNSSL_DYNAMIC_KWARGS if isinstance(kwargs[key], str)]
             if dynamic else None,
         },
         'pretrain_plan': {
@@ -86,6 +90,7 @@ def adaptation_plan(network: nn.Module, plans_manager: PlansManager, configurati
         'key_to_encoder': getattr(network, 'key_to_encoder', _OWN_ENCODER),
         'key_to_stem': getattr(network, 'key_to_stem', _OWN_STEM if hasattr(network.encoder, 'stem') else
                                in_proj[0]),
-        'keys_to_in_proj': list(getattr(network, 'keys_to_in_proj', in_proj)),
         'key_to_lpe': None,
     })
+    plan['keys_to_in_proj'] = tuple(getattr(network, 'keys_to_in_proj', in_proj))  # a tuple, as nnssl saves it
+    return plan

@@ -120,13 +120,15 @@ class NnsslSource:
 
 
 def _check_network(plan: AdaptationPlan, network: nn.Module, name: str, target: str) -> None:
-    wanted = NETWORK_OF_ARCHITECTURE.get(plan.architecture.rsplit('.', 1)[-1])
+    named, built = plan.architecture.rsplit('.', 1)[-1], type(network).__name__
+    # nnssl's names, or the network's own class (this package's pre-training checkpoints name theirs)
+    wanted = NETWORK_OF_ARCHITECTURE.get(named, named if named == built else None)
     if wanted is None:
         raise NnsslCheckpointError(
             f'{name}: its {ADAPTATION_PLAN_KEY} names the architecture {plan.architecture!r} '
             f'(architecture_plans.arch_class_name); adapt-weights maps nnssl checkpoints of '
-            f'{", ".join(NETWORK_OF_ARCHITECTURE)} onto the network nnU-Net builds from your plans, not this one.')
-    built = type(network).__name__
+            f'{", ".join(NETWORK_OF_ARCHITECTURE)} onto the network nnU-Net builds from your plans, and checkpoints '
+            f'naming the target\'s own class ({built}), not this one.')
     if built != wanted:
         advice = (' Plan the dataset with nnU-Net\'s ResEnc planner (nnUNetv2_plan_experiment -d D -pl '
                   'nnUNetPlannerResEncL) and give -p nnUNetResEncUNetLPlans.' if wanted == 'ResidualEncoderUNet' else '')
