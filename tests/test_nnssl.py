@@ -39,7 +39,7 @@ def resenc_plans(workspace, monkeypatch) -> dict:
     path = workspace.preprocessed / f'{RESENC_PLANS}.json'
     if not path.exists():
         plans = json.loads((workspace.preprocessed / 'nnUNetPlans.json').read_text())
-        plans['plans_name'] = RESENC_PLANS
+        plans['plans_name'], plans['experiment_planner_used'] = RESENC_PLANS, 'nnUNetPlannerResEncL'
         architecture = plans['configurations'][CONFIGURATION]['architecture']
         kwargs = architecture['arch_kwargs']
         stages = kwargs.pop('n_conv_per_stage') and kwargs['n_stages']
