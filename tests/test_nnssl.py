@@ -262,3 +262,28 @@ def test_a_plugin_networks_plan_names_its_own_class_and_stem(make_trainer, tmp_p
     report = adapt_checkpoint(trainer.segmentation_network(trainer.plans_manager, trainer.configuration_manager, 1, 4),
                               path, 1)
     assert report.source_format == 'nnunet' and report.nnssl is None
+
+
+@pytest.mark.e2e
+def test_stock_nnunetv2_train_fine_tunes_nnunets_network_from_the_adapted_nnssl_file(resenc_plans, workspace,
+                                                                                        tmp_path):
+    """The one command-line run (a few seconds of training): nnUNetv2_train -pretrained_weights takes the adapted file
+    into nnUNetTrainer_Finetune's ResidualEncoderUNet (nnU-Net asserts every name and shape) and trains from it;
+    the loaded values are checked in process above."""
+    source = pretrained_resenc(resenc_plans, 1, seed=5)
+    path = tmp_path / 'checkpoint_final.pth'
+    save_nnssl(path, source, nnssl_plan(1))
+    out = tmp_path / 'adapted.pth'
+    adapt_weights(path, str(DATASET_ID), CONFIGURATION, FINETUNE, RESENC_PLANS, out)
+    trainer = 'nnUNetTrainer_Finetune_2epochs_2iterations'  # tests/stock_trainers
+    result = workspace.run('nnUNetv2_train', DATASET_ID, CONFIGURATION, 0, '-tr', trainer, '-p', RESENC_PLANS,
+                           '-device', 'cpu', '-pretrained_weights', out)
+    assert f'Loading pretrained weights from file  {out}' in result.stdout
+    fold = (workspace.root / 'nnUNet_results' / f'Dataset{DATASET_ID:03d}_Tiny' /
+            f'{trainer}__{RESENC_PLANS}__{CONFIGURATION}' / 'fold_0')
+    tuned = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    assert tuned['current_epoch'] == 2
+    assert tuned['network_weights'].keys() == torch.load(out, weights_only=False)['network_weights'].keys()
+    rates = [float(line.split(': ')[-1]) for line in next(fold.glob('training_log_*.txt')).read_text().splitlines()
+             if 'Current learning rate' in line]
+    assert rates == [pytest.approx(0.01), pytest.approx(0.01)]  # the 1-epoch warm-up reaches 0.01, poly starts there
