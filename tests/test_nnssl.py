@@ -24,7 +24,7 @@ from helpers import CONFIGURATION, DATASET_ID, run_cli
 
 RESENC_PLANS = 'nnUNetResEncUNetLPlans'
 FINETUNE = 'nnUNetTrainer_Finetune'
-RESENC_L_BLOCKS = [1, 3, 4, 6, 6, 6]  # nnUNetPlannerResEncL's encoder blocks per stage; one convolution per decoder stage
+RESENC_L_BLOCKS = [1, 3, 4, 6, 6, 6]  # nnUNetPlannerResEncL's encoder blocks per stage; 1 convolution per decoder stage
 STEM_ALIASES = ('encoder.stem.convs.0.conv.weight', 'encoder.stem.convs.0.all_modules.0.weight')
 # the state dict's names of the one input convolution: the decoder holds the encoder again
 ALL_STEM_NAMES = STEM_ALIASES + tuple(f'decoder.{name}' for name in STEM_ALIASES)
@@ -122,23 +122,23 @@ def test_resenc_checkpoint_fine_tunes_through_adapt_weights_and_stock_pretrained
     expected = {name for name in source.state_dict() if '.seg_layers.' not in name}
     assert set(report.loaded) == expected  # stem (both aliases), encoder, decoder and its alias of the encoder
     assert all('.seg_layers.' in name for name in report.unused)  # the reconstruction head alone stays behind
+    assert ("  nnssl adaptation plan: ResEncL, 1 input channel(s), pre-trained at spacing [1.0, 1.0, 1.0] on patches "
+            "[160, 160, 160], recommended patch [160, 160, 160]; stem encoder.stem, encoder encoder.stages") \
+        in report.lines()
     notes = '\n'.join(report.notes)
     assert 'pre-trained at spacing 1 x 1 x 1 mm' in notes and 'recommends 160 x 160 x 160' in notes
     assert (f'nnunet-plugins plans {DATASET_ID} --preset mednext -p {RESENC_PLANS} -c 3d_fullres_nnssl --spacing 1 1 1 '
             f'--patch 160 160 160') in notes
     # what nnUNetv2_train -pretrained_weights does: the trainer initialised, then nnU-Net's loader on its network
     monkeypatch.setenv('nnUNet_results', str(tmp_path / 'results'))
-    monkeypatch.setenv('nnUNet_n_proc_DA', '0')
     trainer = fine_tuning_trainer(resenc_plans, workspace)
     trainer.initialize()
     assert type(trainer.network).__name__ == 'ResidualEncoderUNet'
     load_pretrained_weights(trainer.network, str(out))
     assert_every_tensor_from(trainer.network.state_dict(), source.state_dict(), expected)
-    trainer.lr_scheduler.step(0)
+    trainer.lr_scheduler.step(0)  # nnU-Net's first epoch (training itself: the command-line test below)
     assert trainer.optimizer.param_groups[0]['lr'] == pytest.approx(trainer.initial_lr / 50)  # the warm-up
-    trainer.dataloader_train, trainer.dataloader_val = trainer.get_dataloaders()
-    trainer.network.train()
-    assert torch.isfinite(torch.tensor(trainer.train_step(next(trainer.dataloader_train))['loss']))
+    assert isinstance(trainer.optimizer, torch.optim.SGD) and trainer.optimizer.defaults['nesterov']
 
 
 def test_two_channel_checkpoint_averages_the_stem_and_one_channel_repeats_it_for_two(resenc_plans, tmp_path):

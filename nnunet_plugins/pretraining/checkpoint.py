@@ -29,7 +29,7 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
-    return value.item() if hasattr(value, 'item') and not isinstance(value, (int, float, str)) else value
+    return value.tolist() if hasattr(value, 'tolist') else value
 
 
 def adaptation_plan(network: nn.Module, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -19,7 +19,7 @@ Format facts relied on (read in MIC-DKFZ/nnssl at commit 7044864404315536e92e670
   network on ResEnc plans), decoder included, with the encoder saved a second time under ``decoder.encoder.``.
 """
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +61,6 @@ class AdaptationPlan:
     spacing: list[float] | None = None
     patch_size: list[int] | None = None
     recommended_patch_size: list[int] | None = None
-    arch_kwargs: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_checkpoint(cls, plan: Any, name: str) -> 'AdaptationPlan':
@@ -89,16 +88,17 @@ class AdaptationPlan:
                    key_to_encoder=str(plan['key_to_encoder']), key_to_stem=str(plan['key_to_stem']),
                    keys_to_in_proj=(in_proj,) if isinstance(in_proj, str) else tuple(map(str, in_proj)),
                    key_to_lpe=plan.get('key_to_lpe'), configuration=configuration,
-                   spacing=_numbers(settings.get('spacing'), float), patch_size=_numbers(settings.get('patch_size'), int),
-                   recommended_patch_size=_numbers(recommended, int),
-                   arch_kwargs=plan['architecture_plans'].get('arch_kwargs'))
+                   spacing=_numbers(settings.get('spacing'), float),
+                   patch_size=_numbers(settings.get('patch_size'), int),
+                   recommended_patch_size=_numbers(recommended, int))
 
     def summary(self) -> dict:
         """The plan's facts, as the adapt-weights report writes them."""
         return {'architecture': self.architecture, 'input_channels': self.input_channels,
                 'configuration': self.configuration, 'spacing': self.spacing, 'patch_size': self.patch_size,
                 'recommended_patch_size': self.recommended_patch_size, 'key_to_stem': self.key_to_stem,
-                'key_to_encoder': self.key_to_encoder, 'keys_to_in_proj': list(self.keys_to_in_proj)}
+                'key_to_encoder': self.key_to_encoder, 'keys_to_in_proj': list(self.keys_to_in_proj),
+                'key_to_lpe': self.key_to_lpe}
 
 
 def _numbers(values: Any, kind: type) -> list | None:
@@ -130,8 +130,9 @@ def _check_network(plan: AdaptationPlan, network: nn.Module, name: str, target: 
             f'{", ".join(NETWORK_OF_ARCHITECTURE)} onto the network nnU-Net builds from your plans, and checkpoints '
             f'naming the target\'s own class ({built}), not this one.')
     if built != wanted:
+        resenc = wanted == 'ResidualEncoderUNet'
         advice = (' Plan the dataset with nnU-Net\'s ResEnc planner (nnUNetv2_plan_experiment -d D -pl '
-                  'nnUNetPlannerResEncL) and give -p nnUNetResEncUNetLPlans.' if wanted == 'ResidualEncoderUNet' else '')
+                  'nnUNetPlannerResEncL) and give -p nnUNetResEncUNetLPlans.' if resenc else '')
         raise NnsslCheckpointError(
             f'{name}: its {ADAPTATION_PLAN_KEY} names the architecture {plan.architecture!r} '
             f'(architecture_plans.arch_class_name), a {wanted}, but {target or "the target"} is a {built}.{advice}')

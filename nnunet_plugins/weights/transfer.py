@@ -79,6 +79,12 @@ class TransferReport(WeightsReport):
                  named('adapted to the input channels' + (f' ({self.channel_rule})' if self.channel_rule else ''),
                        self.channel_adapted), fresh,
                  named('of the source unused', self.unused)]
+        if self.nnssl:
+            plan = self.nnssl
+            lines.append(f'  nnssl adaptation plan: {plan["architecture"]}, {plan["input_channels"]} input channel(s), '
+                         f'pre-trained at spacing {plan["spacing"]} on patches {plan["patch_size"]}, recommended '
+                         f'patch {plan["recommended_patch_size"]}; stem {plan["key_to_stem"]}, encoder '
+                         f'{plan["key_to_encoder"]}')
         return lines + self.notes
 
 
