@@ -13,7 +13,7 @@ from nnunet_plugins.networks.swinunetr import VARIANTS as SWINUNETR_VARIANTS, sw
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan
 from nnunet_plugins.networks.uxnet import uxnet_from_plan
 from nnunet_plugins.registry import plugin_trainers
-from nnunet_plugins.training.base import Role
+from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
 
 from helpers import TINY_KERNELS, TINY_STRIDES, read_labels, segment, train_in_process, trained_predictor
@@ -100,6 +100,8 @@ def test_a_network_follows_its_inputs_device_and_the_layout_asked_for():
 
 def test_every_trainer_builds_its_3d_network_to_follow_the_device(make_trainer):
     for trainer_class in plugin_trainers(Role.SUPERVISED, Role.UPKERN, Role.FINETUNE):
+        if not issubclass(trainer_class, nnUNetTrainerPlugin):
+            continue  # nnUNetTrainer_Finetune: nnU-Net's network, nnU-Net's layout
         trainer = make_trainer(trainer_class, {'patch_size': list(SWINUNETR_PATCH)})  # one patch every family takes
         network = trainer_class.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 4,
                                                            enable_deep_supervision=False)

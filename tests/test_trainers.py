@@ -34,13 +34,13 @@ def test_the_registry_finds_every_trainer_with_its_role():
     """Roles as the names promise them (the names are the stock CLI's; the registry reads only the roles)."""
     assert [t.__name__ for t in plugin_trainers(Role.SUPERVISED)] == SUPERVISED
     assert {t.__name__ for t in plugin_trainers(Role.UPKERN)} == {f'nnUNetTrainerMedNeXt{v}_k5_UpKern' for v in 'SBML'}
-    assert {t.__name__ for t in plugin_trainers(Role.FINETUNE)} == {f'{name}_Finetune' for name in SUPERVISED
-                                                                    if '_k5' not in name}
+    assert {t.__name__ for t in plugin_trainers(Role.FINETUNE)} == {f'{name}_Finetune' for name in
+                                                                    ('nnUNetTrainer', *SUPERVISED) if '_k5' not in name}
     pretraining = {f'{name}_Pretrain{method}' for name in ('nnUNetTrainer', *SUPERVISED) if '_k5' not in name
                    for method in PRETRAINING_METHODS}
     assert {t.__name__ for t in plugin_trainers(Role.PRETRAINING)} == pretraining
     everything = plugin_trainers()
-    assert len(everything) == len(set(everything)) == 11 + 4 + 7 + 24
+    assert len(everything) == len(set(everything)) == 11 + 4 + 8 + 24
     assert [t.role for t in everything] == sorted((t.role for t in everything), key=list(Role).index)
     assert plugin_trainers(Role.FINETUNE, Role.UPKERN) == plugin_trainers(Role.FINETUNE) + plugin_trainers(Role.UPKERN)
     assert plugin_trainer('nnUNetTrainerUXNet').__name__ == 'nnUNetTrainerUXNet'

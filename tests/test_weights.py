@@ -123,12 +123,13 @@ def test_reports_save_their_fields_as_json(tmp_path):
                                                     'target_shape': [8, 1, 5, 5]}]}),
                              (transfer, {'source': '/runs/encoder.pth', 'source_format': 'nnunet', 'source_sha256': '',
                                          'target': '', 'prefixes': [], 'loaded': ['encoder.stem.weight'],
-                                         'channel_adapted': [], 'fresh': ['encoder.stages.0.0.conv1.weight'],
+                                         'channel_adapted': [], 'channel_rule': '',
+                                         'fresh': ['encoder.stages.0.0.conv1.weight'],
                                          'unused': [], 'fresh_share': 0.05,
                                          'fresh_by_module': {'encoder.stages.0': [1, 64]},
                                          'pretraining': {'report': '/runs/pretraining_report.json', 'fold': 0,
                                                          'training': ['a']},
-                                         'notes': ['WARNING: ...']})):
+                                         'nnssl': None, 'notes': ['WARNING: ...']})):
         path = tmp_path / f'{type(report).__name__}.json'
         report.save(path)
         assert json.loads(path.read_text()) == expected

@@ -6,7 +6,9 @@ dataset's plans, input channels and labels); what fits is copied in (:mod:`nnune
 keeps that network's own initialisation; the file holds the whole state dict under ``network_weights``, and a
 report of loaded, adapted and freshly initialised tensors is printed and written beside it (``OUT`` with
 ``.json``). When ``pretraining_report.json`` is beside the source, the report carries its cases on and warns about
-every fold of the dataset's ``splits_final.json`` whose validation cases the pre-training trained on.
+every fold of the dataset's ``splits_final.json`` whose validation cases the pre-training trained on. An nnssl
+checkpoint is mapped by its adaptation plan (:mod:`nnunet_plugins.weights.nnssl`), and the report says where the
+configuration's spacing or patch differs from its pre-training's.
 """
 import json
 from dataclasses import asdict
@@ -20,6 +22,7 @@ from torch import nn
 from nnunet_plugins.commands.dataset_plans import DatasetPlans, PlansFileError, read_dataset_plans
 from nnunet_plugins.commands.lookup import trainer_named
 from nnunet_plugins.weights import ENCODER_PREFIX, TransferReport, adapt_checkpoint
+from nnunet_plugins.weights.nnssl import spacing_and_patch_notes
 from nnunet_plugins.weights.provenance import REPORT_FILE, leaking_folds_warning, pretraining_cases
 
 SPLITS_FILE = 'splits_final.json'
@@ -78,9 +81,15 @@ def adapt_weights(source: Path, dataset: str, configuration: str, trainer: str, 
     more than :data:`~nnunet_plugins.weights.transfer.MAX_FRESH_SHARE` of the encoder fresh.
     """
     network, channels, description = target_network(dataset, configuration, trainer, plans)
-    report = adapt_checkpoint(network, source, channels, ('',) if decoder else (ENCODER_PREFIX,), allow_partial)
+    report = adapt_checkpoint(network, source, channels, ('',) if decoder else (ENCODER_PREFIX,), allow_partial,
+                              description)
     report.target = description
-    check_pretraining_folds(report, Path(source).resolve(), read_dataset_plans(dataset, plans))
+    dataset_plans = read_dataset_plans(dataset, plans)
+    if report.nnssl is not None:
+        settings = PlansManager(dataset_plans.plans).get_configuration(configuration)
+        report.notes += spacing_and_patch_notes(report.nnssl, list(settings.spacing), list(settings.patch_size),
+                                                dataset, plans)
+    check_pretraining_folds(report, Path(source).resolve(), dataset_plans)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
     torch.save({'network_weights': state, 'adapt_weights_report': asdict(report)}, out)
     report.save(out.with_suffix('.json'))

@@ -19,13 +19,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_plugins.networks.layout import follow_device_layout
-from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
+from nnunet_plugins.pretraining.checkpoint import HEADS_KEY, adaptation_plan
 from nnunet_plugins.pretraining.ddp import gather_values
 from nnunet_plugins.pretraining.method import WarmupCosineLRScheduler
 from nnunet_plugins.pretraining.progress import plot_progress
 from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
 from nnunet_plugins.weights import CheckpointError, read_checkpoint
+from nnunet_plugins.weights.nnssl import ADAPTATION_PLAN_KEY
 
 EMA = 0.9  # smoothing of the validation loss that picks checkpoint_best.pth, as nnU-Net's pseudo Dice's
 
@@ -225,7 +226,8 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
     def save_checkpoint(self, filename: str) -> None:
         """Replaces ``nnUNetTrainer.save_checkpoint``: nnU-Net's entries, with ``network_weights`` the segmentation
         network's alone (what stock ``-pretrained_weights`` loads into the supervised trainer's network) and the
-        heads under :data:`~nnunet_plugins.pretraining.checkpoint.HEADS_KEY`."""
+        heads under :data:`~nnunet_plugins.pretraining.checkpoint.HEADS_KEY`, and the adaptation plan nnssl's tools
+        read (:func:`~nnunet_plugins.pretraining.checkpoint.adaptation_plan`)."""
         if self.local_rank != 0:
             return
         if self.disable_checkpointing:
@@ -243,6 +245,8 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
             'init_args': self.my_init_kwargs,
             'trainer_name': self.__class__.__name__,
             'inference_allowed_mirroring_axes': self.inference_allowed_mirroring_axes,
+            ADAPTATION_PLAN_KEY: adaptation_plan(model.network, self.plans_manager, self.configuration_manager,
+                                                 self.configuration_name, self.num_input_channels),
         }, filename)
 
     def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:

@@ -1,10 +1,11 @@
 """Reading weight files: the one place this package opens them (``torch.load``), with errors that name the file.
 
 A weight file is read whole by :func:`read_checkpoint`, or for a network's tensors by :func:`read_network_weights`,
-which takes every layout the package accepts (:data:`LAYOUTS`): an nnU-Net checkpoint (``network_weights``), a
-``state_dict`` entry (the Swin UNETR authors' released encoder among them, renamed to our ``encoder.*`` names and
-converted to nnU-Net's axis order by :func:`~nnunet_plugins.weights.swin_axes.to_nnunet_axes`), or a bare state
-dict; prefixes that DDP (``module.``) and torch.compile (``_orig_mod.``) add are removed.
+which takes every layout the package accepts (:data:`LAYOUTS`): an nnU-Net checkpoint (``network_weights``; nnssl's
+have an adaptation plan beside them, kept for :mod:`nnunet_plugins.weights.nnssl`), a ``state_dict`` entry (the Swin
+UNETR authors' released encoder among them, renamed to our ``encoder.*`` names and converted to nnU-Net's axis order
+by :func:`~nnunet_plugins.weights.swin_axes.to_nnunet_axes`), or a bare state dict; prefixes that DDP (``module.``)
+and torch.compile (``_orig_mod.``) add are removed.
 """
 import hashlib
 import pickle
@@ -22,9 +23,14 @@ _ZIP_MAGIC = b'PK\x03\x04'  # torch.save writes zip archives (since torch 1.6, a
 # prefixes of state-dict keys saved from a wrapped network: torch.compile's OptimizedModule, DDP
 _WRAPPER_PREFIXES = ('_orig_mod.', 'module.')
 _NAMED = 5  # how many keys an error shows
+_NNSSL_PLAN = 'nnssl_adaptation_plan'  # beside network_weights in nnssl's checkpoints (weights.nnssl)
+# this package's pre-training checkpoints hold their heads under this key (pretraining.checkpoint.HEADS_KEY) and an
+# nnssl adaptation plan for nnssl's tools; they are read as the nnU-Net checkpoints they are, as before the plan
+_OWN_PRETRAINING = 'pretraining_heads'
 
 LAYOUTS = {
     'nnunet': 'nnU-Net checkpoint (network_weights)',
+    'nnssl': 'nnssl checkpoint (network_weights, nnssl_adaptation_plan)',
     'swinunetr-authors': "Swin UNETR authors' released encoder (state_dict, module.* keys)",
     'state_dict': 'checkpoint with a state_dict entry',
     'tensors': 'bare state dict',
@@ -118,6 +124,7 @@ class NetworkWeights:
     trainer: str | None = None  # what an nnU-Net checkpoint says wrote it
     configuration: str | None = None
     notes: tuple[str, ...] = ()  # what the reader changed beyond names, for the user (a line each)
+    adaptation_plan: Any = None  # an nnssl checkpoint's nnssl_adaptation_plan entry, as read (weights.nnssl parses it)
 
 
 def read_network_weights(source: Path | str | Mapping[str, Any], name: str | None = None) -> NetworkWeights:
@@ -135,6 +142,8 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
     if isinstance(content, Mapping) and isinstance(content.get('network_weights'), Mapping):
         state, layout = content['network_weights'], 'nnunet'
         trainer, configuration = content.get('trainer_name'), (content.get('init_args') or {}).get('configuration')
+        if _NNSSL_PLAN in content and _OWN_PRETRAINING not in content:
+            layout = 'nnssl'
     elif isinstance(content, Mapping) and isinstance(content.get('state_dict'), Mapping):
         state, layout = content['state_dict'], 'state_dict'
     elif isinstance(content, Mapping):
@@ -155,4 +164,4 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
         renamed = {ENCODER_PREFIX + swin_authors_name_to_ours(key): value for key, value in converted.items()}
         return NetworkWeights(renamed, 'swinunetr-authors', notes=(AXES_NOTE,))
     return NetworkWeights({strip_wrapper_prefixes(key): value for key, value in state.items()}, layout, trainer,
-                          configuration)
+                          configuration, adaptation_plan=content.get(_NNSSL_PLAN) if layout == 'nnssl' else None)

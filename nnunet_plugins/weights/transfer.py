@@ -7,10 +7,11 @@ makes such a file (:func:`transfer_weights` on the target network, then save its
 - Only tensors whose names start with one of ``prefixes`` take part (default ``encoder.``: by this package's
   convention every network's encoder, stem included, is ``network.encoder``); ``.seg_layers.`` never does.
 - A tensor of the source with the target's name and shape is copied.
-- An input layer's kernel (a convolution taking the image) whose source has fewer input channels, the target's
-  count being a multiple of it, is repeated along the input channels and scaled by old / new count, as the nnU-Net
-  team adapts a 1-channel stem to more channels: an image whose channels are copies of one channel then gives the
-  source's activations.
+- An input layer's kernel (a convolution taking the image) of another number of input channels is adapted so that
+  an image whose channels are copies of one channel gives the source's activations: *repeated* along the input
+  channels and scaled by old / new count when the target's count is a multiple of the source's (as the nnU-Net team
+  adapts a 1-channel stem to more channels), else *averaged*: the source's channels summed, spread evenly over the
+  target's (each gets the sum / new count).
 - A tensor the source lacks keeps the target's initialisation and is reported as such, grouped by module. When
   more than :data:`MAX_FRESH_SHARE` of the encoder's values would stay fresh, the load is refused unless
   ``allow_partial`` (``--allow-partial``): a mostly random encoder is rarely what a user who asked for pre-trained
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_plugins.weights.files import ENCODER_PREFIX, LAYOUTS, read_network_weights, sha256_of
+from nnunet_plugins.weights.files import ENCODER_PREFIX, LAYOUTS, NetworkWeights, read_network_weights, sha256_of
+from nnunet_plugins.weights.nnssl import AdaptationPlan, nnssl_source
 from nnunet_plugins.weights.report import WeightsReport
 
 SKIPPED = '.seg_layers.'  # nnU-Net's segmentation heads, which depend on the labels; -pretrained_weights skips them too
@@ -49,11 +51,13 @@ class TransferReport(WeightsReport):
     prefixes: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)  # copied unchanged
     channel_adapted: list[str] = field(default_factory=list)  # 'name: (shape) -> (shape)'
+    channel_rule: str = ''  # how channel_adapted were adapted: 'repeated' or 'averaged' (module docstring)
     fresh: list[str] = field(default_factory=list)  # left at the target network's initialisation
     unused: list[str] = field(default_factory=list)  # source tensors that initialised nothing
     fresh_share: float = 0.0  # of the encoder's values, those left fresh
     fresh_by_module: dict[str, list[int]] = field(default_factory=dict)  # module -> [tensors, values] left fresh
     pretraining: dict | None = None  # the pre-training's cases, when its report is beside the source (provenance)
+    nnssl: dict | None = None  # an nnssl source's adaptation plan (AdaptationPlan.summary)
     notes: list[str] = field(default_factory=list)  # warnings and notes for the user, printed after the counts
 
     def fresh_modules(self) -> str:
@@ -71,8 +75,16 @@ class TransferReport(WeightsReport):
                  + (f': {self.fresh_modules()}' if self.fresh else ''))
         lines = [f'weights for {self.target} from {self.source} ({LAYOUTS[self.source_format]}, sha256 '
                  f'{self.source_sha256[:12]}...), tensors under {" or ".join(p or "(all)" for p in self.prefixes)}:',
-                 named('loaded', self.loaded), named('adapted to the input channels', self.channel_adapted), fresh,
+                 named('loaded', self.loaded),
+                 named('adapted to the input channels' + (f' ({self.channel_rule})' if self.channel_rule else ''),
+                       self.channel_adapted), fresh,
                  named('of the source unused', self.unused)]
+        if self.nnssl:
+            plan = self.nnssl
+            lines.append(f'  nnssl adaptation plan: {plan["architecture"]}, {plan["input_channels"]} input channel(s), '
+                         f'pre-trained at spacing {plan["spacing"]} on patches {plan["patch_size"]}, recommended '
+                         f'patch {plan["recommended_patch_size"]}; stem {plan["key_to_stem"]}, encoder '
+                         f'{plan["key_to_encoder"]}')
         return lines + self.notes
 
 
@@ -86,15 +98,25 @@ def input_layers(network: nn.Module, input_channels: int) -> set[str]:
 
 
 def _adaptable(source: torch.Tensor, target: torch.Tensor) -> bool:
-    """Whether ``source`` becomes ``target`` by repeating its input channels (axis 1), all else equal."""
+    """Whether ``source`` differs from ``target`` in its input channels (axis 1) alone."""
     return (source.dim() == target.dim() >= 2 and source.shape[0] == target.shape[0]
-            and source.shape[2:] == target.shape[2:] and target.shape[1] % source.shape[1] == 0
-            and source.shape[1] < target.shape[1])
+            and source.shape[2:] == target.shape[2:] and source.shape[1] != target.shape[1])
 
 
 def repeat_input_channels(kernel: torch.Tensor, channels: int) -> torch.Tensor:
-    """``kernel`` (out, in, *k) repeated along ``in`` to ``channels`` and scaled by in / channels."""
+    """``kernel`` (out, in, *k) repeated along ``in`` to ``channels`` (a multiple of in) and scaled by in / channels."""
     return kernel.repeat(1, channels // kernel.shape[1], *([1] * (kernel.dim() - 2))) * (kernel.shape[1] / channels)
+
+
+def adapt_input_channels(kernel: torch.Tensor, channels: int) -> tuple[torch.Tensor, str]:
+    """``kernel`` (out, in, *k) for ``channels`` input channels, and the rule: 'repeated'
+    (:func:`repeat_input_channels`, ``channels`` a multiple of in) or 'averaged' (the sum over ``in``, divided by
+    ``channels``, in every channel). Either way, ``channels`` copies of one image give the activations that ``in``
+    copies gave."""
+    if channels % kernel.shape[1] == 0:
+        return repeat_input_channels(kernel, channels), 'repeated'
+    summed = kernel.sum(dim=1, keepdim=True)
+    return summed.repeat(1, channels, *([1] * (kernel.dim() - 2))) / channels, 'averaged'
 
 
 def fresh_by_module(state: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, list[int]]:
@@ -145,7 +167,8 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
             state[name] = source[name]
             report.loaded.append(name)
         elif name in adaptable and _adaptable(source[name], target[name]):
-            state[name] = repeat_input_channels(source[name].to(target[name].dtype), input_channels)
+            state[name], report.channel_rule = adapt_input_channels(source[name].to(target[name].dtype),
+                                                                    input_channels)
             report.channel_adapted.append(f'{name}: {tuple(source[name].shape)} -> {tuple(target[name].shape)}')
         else:
             wrong.append(f'{name} {tuple(source[name].shape)} in the file, {tuple(target[name].shape)} in the network')
@@ -182,18 +205,45 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
 
 
 def adapt_checkpoint(network: nn.Module, path: Path | str, input_channels: int,
-                     prefixes: tuple[str, ...] = (ENCODER_PREFIX,), allow_partial: bool = False) -> TransferReport:
+                     prefixes: tuple[str, ...] = (ENCODER_PREFIX,), allow_partial: bool = False,
+                     target: str = '') -> TransferReport:
     """:func:`transfer_weights` from the weight file ``path``; the report records the file, its SHA-256 and, in its
     notes, what the reader converted (:attr:`~nnunet_plugins.weights.files.NetworkWeights.notes`).
 
+    An nnssl checkpoint (an ``nnssl_adaptation_plan`` beside ``network_weights``) is mapped by its plan instead of
+    ``prefixes``: the stem and encoder by the plan's keys, the decoder where it fits; ``target`` (what the network
+    is, e.g. the trainer and plans) is for its messages.
+
     Raises:
-        CheckpointError: the file cannot be read or holds no network weights (:func:`read_network_weights`).
+        CheckpointError: the file cannot be read or holds no network weights (:func:`read_network_weights`); an
+            nnssl checkpoint's plan is incomplete, misses its tensors or names another network (NnsslCheckpointError).
         WeightTransferError: as :func:`transfer_weights`.
     """
     path = Path(path).resolve()
     weights = read_network_weights(path)
-    report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout,
-                              allow_partial)
+    if weights.layout == 'nnssl':
+        report = _transfer_nnssl(network, weights, input_channels, str(path), target, allow_partial)
+    else:
+        report = transfer_weights(network, weights.state_dict, input_channels, prefixes, str(path), weights.layout,
+                                  allow_partial)
     report.source_sha256 = sha256_of(path)
     report.notes.extend(weights.notes)
+    return report
+
+
+def _transfer_nnssl(network: nn.Module, weights: NetworkWeights, input_channels: int, name: str, target: str,
+                    allow_partial: bool) -> TransferReport:
+    """:func:`transfer_weights` of an nnssl checkpoint: its stem and encoder found by the adaptation plan's keys, the
+    decoder's tensors where they fit (:func:`~nnunet_plugins.weights.nnssl.nnssl_source`)."""
+    plan = AdaptationPlan.from_checkpoint(weights.adaptation_plan, name)
+    source = nnssl_source(weights.state_dict, plan, network, name, target)
+    prefixes = ('',) if source.decoder_taken else (ENCODER_PREFIX,)
+    report = transfer_weights(network, source.tensors, input_channels, prefixes, name, 'nnssl', allow_partial)
+    report.nnssl = plan.summary()
+    if source.decoder_skipped:
+        report.notes.append(f'{len(source.decoder_skipped)} decoder tensors of the file not taken (the network has '
+                            f'not that name, or not that shape): {", ".join(source.decoder_skipped[:NAMED])}'
+                            + (' ...' if len(source.decoder_skipped) > NAMED else ''))
+    elif not source.decoder_taken:
+        report.notes.append('the file has no decoder tensor the network can take: the decoder starts fresh')
     return report

@@ -9,6 +9,8 @@ own trainers.
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.training_length.nnUNetTrainer_Xepochs import nnUNetTrainer_1epoch
 
+from nnunet_plugins.training.nnunet_network import nnUNetTrainer_Finetune
+
 
 class nnUNetTrainer_1epoch_2iterations(nnUNetTrainer_1epoch):
     """``nnUNetTrainer_1epoch`` with 2 training and 1 validation iteration, as the plugin trainers run in the tests,
@@ -19,6 +21,20 @@ class nnUNetTrainer_1epoch_2iterations(nnUNetTrainer_1epoch):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = 2
         self.num_val_iterations_per_epoch = 1
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        self.print_to_log_file('no closing validation in this test trainer')
+
+
+class nnUNetTrainer_Finetune_2epochs_2iterations(nnUNetTrainer_Finetune):
+    """The plugin's ``nnUNetTrainer_Finetune`` (nnU-Net's network and SGD, a warm-up) with the test schedule: 2 epochs,
+    the first the warm-up, of 2 training and 1 validation iteration, and no closing validation."""
+    warmup_epochs = 1
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 2, 1
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         self.print_to_log_file('no closing validation in this test trainer')
