@@ -30,7 +30,6 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from tqdm import tqdm
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
-from nnunet_plugins.pretraining.unlabeled import unlabeled_folder, unlabeled_identifiers
 
 NAMED = 5  # how many offending files an error names
 # nnUNetv2_preprocess's default -np by configuration, and for any other; nnU-Net 2.8.1 writes them inline in
@@ -140,6 +139,9 @@ def add_unlabeled(dataset: str, folder: Path, configuration: str, plans: str = '
             from other files (without ``overwrite``).
         PreprocessingProcessDied: a worker process was killed; the cases finished until then are kept.
     """
+    # here, not at the top: a worker process imports this module, and the pretraining package imports the trainers
+    from nnunet_plugins.pretraining.unlabeled import unlabeled_folder, unlabeled_identifiers
+
     processes = default_processes(configuration) if processes is None else processes
     if processes < 1:
         raise ValueError(f'processes must be at least 1, not {processes}')
