@@ -177,13 +177,15 @@ def _adapt_weights(args: argparse.Namespace) -> int:
 def _add_unlabeled(args: argparse.Namespace) -> int:
     if not args.folder.is_dir():
         raise _fail('add-unlabeled', f'{args.folder} is not a folder')
-    from nnunet_plugins.commands.unlabeled import add_unlabeled
+    from nnunet_plugins.commands.unlabeled import PreprocessingProcessDied, add_unlabeled
     try:
-        out, added = add_unlabeled(args.dataset, args.folder, args.configuration, args.plans, args.overwrite)
-    except ValueError as error:
+        added = add_unlabeled(args.dataset, args.folder, args.configuration, args.plans, args.overwrite,
+                              args.processes)
+    except (ValueError, PreprocessingProcessDied) as error:
         raise _fail('add-unlabeled', str(error)) from None
-    print(f'added {len(added)} unlabeled cases to {out}; the pre-training trainers use them beside the dataset\'s own '
-          f'images, the supervised trainers never do.')
+    kept = f' ({len(added.kept)} finished before from the same files were kept)' if added.kept else ''
+    print(f'added {len(added.preprocessed)} unlabeled cases to {added.folder}{kept}; the pre-training trainers use '
+          f'them beside the dataset\'s own images, the supervised trainers never do.')
     return 0
 
 
@@ -385,15 +387,22 @@ def build_parser() -> argparse.ArgumentParser:
                     'file per channel) with nnU-Net\'s preprocessor and the plans of DATASET\'s CONFIGURATION (same '
                     'spacing, normalisation and intensity statistics) into a folder beside its preprocessed cases, '
                     '<data_identifier>_unlabeled, where the pre-training trainers find them and the supervised '
-                    'trainers never look. Names, channels and image headers are checked before any case is processed.')
+                    'trainers never look. Names, channels and image headers of every case are checked before the '
+                    'first case is written. Each case is written to a temporary name and then moved in, so an '
+                    'interrupted run is continued by running the same command again: cases finished before from '
+                    'the same files are kept, the others (a case killed mid-write too) are preprocessed.')
     unlabeled.add_argument('dataset', metavar='DATASET', help='dataset id or name, e.g. 4')
     unlabeled.add_argument('folder', type=Path, metavar='FOLDER', help='the folder of unlabeled images')
     unlabeled.add_argument('-c', dest='configuration', required=True, metavar='CONFIGURATION',
                            help='the (preprocessed) configuration to add them to, e.g. 3d_fullres')
     unlabeled.add_argument('-p', dest='plans', default='nnUNetPlans', metavar='PLANS',
                            help='plans identifier (default: %(default)s)')
+    unlabeled.add_argument('-np', dest='processes', type=positive_int, metavar='N',
+                           help='processes that preprocess cases in parallel (default: nnUNetv2_preprocess\'s, 8 for '
+                                '2d and 3d_lowres, 4 for 3d_fullres and any other configuration). As nnU-Net warns, '
+                                'resampling takes much memory: lower N if memory runs out')
     unlabeled.add_argument('--overwrite', action='store_true',
-                           help='preprocess again cases that were added before')
+                           help='preprocess again cases that were added before, from these files or others')
     unlabeled.set_defaults(run=_add_unlabeled)
     return parser
 

@@ -1,15 +1,21 @@
 """Unlabeled images: ``add-unlabeled`` preprocesses them with the dataset's plans beside its cases, refuses bad
 input before any work, and only the pre-training trainers get them."""
+import inspect
+import json
 import shutil
 
+import blosc2
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from nnunetv2.experiment_planning import plan_and_preprocess_entrypoints
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
 from nnunet_plugins.cli import main
-from nnunet_plugins.commands.unlabeled import UnlabeledImagesError, add_unlabeled
+from nnunet_plugins.commands import unlabeled as unlabeled_command
+from nnunet_plugins.commands.unlabeled import (CASE_FILES, DEFAULT_PROCESSES, DEFAULT_PROCESSES_OTHER, PARTIAL,
+                                               UnlabeledImagesError, add_unlabeled, default_processes)
 from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_folder, unlabeled_identifiers
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR
 
@@ -38,7 +44,7 @@ def images(workspace, tmp_path):
 
 
 def test_unlabeled_images_are_preprocessed_as_the_datasets_own(preprocessed, images, capsys):
-    assert main(['add-unlabeled', str(DATASET_ID), str(images), '-c', CONFIGURATION]) == 0
+    assert main(['add-unlabeled', str(DATASET_ID), str(images), '-c', CONFIGURATION, '-np', '1']) == 0
     out = preprocessed / f'{DATA_IDENTIFIER}_unlabeled'
     assert f'added 4 unlabeled cases to {out}' in capsys.readouterr().out
     assert unlabeled_identifiers(preprocessed / DATA_IDENTIFIER) == [
@@ -55,7 +61,11 @@ def test_unlabeled_images_are_preprocessed_as_the_datasets_own(preprocessed, ima
     # the labeled folder is untouched, so nnU-Net's own listing and splits stay the dataset's
     assert sorted(nnUNetDatasetBlosc2.get_identifiers(str(preprocessed / DATA_IDENTIFIER))) == \
         [f'{DATASET_NAME}_{i:03d}' for i in range(10)]
-    with pytest.raises(SystemExit, match=r'already holds Tiny_010, Tiny_011, Tiny_012, copy_000; give --overwrite'):
+    # the same command again keeps what is finished; a case name taken by other images is refused
+    assert main(['add-unlabeled', str(DATASET_ID), str(images), '-c', CONFIGURATION, '-np', '1']) == 0
+    assert 'added 0 unlabeled cases to' in capsys.readouterr().out
+    shutil.copy(images / f'{DATASET_NAME}_010_0000.nii.gz', images / 'copy_000_0000.nii.gz')
+    with pytest.raises(SystemExit, match=r'already holds copy_000, preprocessed from other files .*; give --overwrite'):
         main(['add-unlabeled', str(DATASET_ID), str(images), '-c', CONFIGURATION])
     with pytest.raises(SystemExit, match=f'{images / "missing"} is not a folder'):
         main(['add-unlabeled', str(DATASET_ID), str(images / 'missing'), '-c', CONFIGURATION])
@@ -63,7 +73,7 @@ def test_unlabeled_images_are_preprocessed_as_the_datasets_own(preprocessed, ima
 
 def test_only_the_pretraining_trainers_get_the_unlabeled_cases(preprocessed, images, make_trainer, monkeypatch):
     monkeypatch.setenv('nnUNet_preprocessed', str(preprocessed.parent))  # make_trainer pointed it at the original
-    add_unlabeled(str(DATASET_ID), images, CONFIGURATION)
+    add_unlabeled(str(DATASET_ID), images, CONFIGURATION, processes=1)
     monkeypatch.setenv('nnUNet_n_proc_DA', '0')
     supervised = make_trainer(nnUNetTrainerMedNeXtS)
     supervised.initialize()
@@ -96,6 +106,7 @@ def write(path, array, components: int = 1):
     (['a_0000.nii.gz', 'a_0001.nii.gz'], r'a has channels \[0, 1\]'),
     (['rgb_0000.nii.gz'], r'one 2d or 3d single-channel image per file; these are not: rgb_0000\.nii\.gz \(3d, 3 '
                           r'components'),
+    (['a_0000.nii.gz', 'b_0000.nii.gz', 'rgb_0000.nii.gz'], r'these are not: rgb_0000\.nii\.gz'),  # the last case
     (['Tiny_003_0000.nii.gz'], r'case names of .* are those of labeled cases of Dataset991_Tiny: Tiny_003\. Rename'),
 ])
 def test_bad_folders_are_refused_before_any_work(preprocessed, tmp_path, files, message):
@@ -107,5 +118,64 @@ def test_bad_folders_are_refused_before_any_work(preprocessed, tmp_path, files, 
         else:
             write(folder / name, (4, 8, 8), components=3 if name.startswith('rgb') else 1)
     with pytest.raises(UnlabeledImagesError, match=message):
-        add_unlabeled(str(DATASET_ID), folder, CONFIGURATION)
+        add_unlabeled(str(DATASET_ID), folder, CONFIGURATION, processes=2)
     assert not unlabeled_folder(preprocessed / DATA_IDENTIFIER).exists()
+
+
+def _contents(folder) -> dict[str, object]:
+    """Each file of ``folder`` by name: a Blosc2 array's values (as bytes, so -0.0 differs from 0.0), dtype, shape,
+    chunks, blocks and compression settings; any other file's bytes. Not a Blosc2 file's bytes: nnU-Net compresses
+    with 4 threads, which write other compressed bytes (of the same values) from one run to the next."""
+    def content(path):
+        if path.suffix != '.b2nd':
+            return path.read_bytes()
+        array = blosc2.open(str(path))
+        return array[:].tobytes(), array.dtype, array.shape, array.chunks, array.blocks, array.schunk.cparams
+    return {path.name: content(path) for path in sorted(folder.iterdir())}
+
+
+def test_the_default_process_counts_are_nnunets():
+    # nnU-Net 2.8.1 writes them inline in its entry points, so there is no constant to import
+    source = inspect.getsource(plan_and_preprocess_entrypoints)
+    assert f'default_np = {json.dumps(DEFAULT_PROCESSES)}' in source
+    assert f'else {DEFAULT_PROCESSES_OTHER} for c in args.c' in source
+    assert (default_processes('3d_fullres'), default_processes('2d'), default_processes('3d_cascade_fullres')) == \
+        (4, 8, 4)
+
+
+def test_two_processes_write_what_one_writes(preprocessed, images):
+    out = unlabeled_folder(preprocessed / DATA_IDENTIFIER)
+    add_unlabeled(str(DATASET_ID), images, CONFIGURATION, processes=1)
+    one = _contents(out)
+    shutil.rmtree(out)
+    added = add_unlabeled(str(DATASET_ID), images, CONFIGURATION, processes=2)
+    assert sorted(added.preprocessed) == ['Tiny_010', 'Tiny_011', 'Tiny_012', 'copy_000']
+    two = _contents(out)
+    assert len(one) == 12 and PARTIAL not in one  # 3 files a case, and the temporary folder is gone
+    assert two == one
+
+
+def test_an_interrupted_run_continues_without_redoing_finished_cases(preprocessed, images, monkeypatch, capsys):
+    out = unlabeled_folder(preprocessed / DATA_IDENTIFIER)
+    add_unlabeled(str(DATASET_ID), images, CONFIGURATION, processes=1)
+    before = _contents(out)
+    # as a killed run leaves it: Tiny_011 half-written in the temporary folder after an earlier attempt moved two of
+    # its files in, copy_000 not started
+    (out / PARTIAL).mkdir()
+    (out / PARTIAL / 'Tiny_011.b2nd').write_bytes((out / 'Tiny_011.b2nd').read_bytes()[:100])
+    (out / 'Tiny_011.b2nd').unlink()
+    for suffix in CASE_FILES:
+        (out / f'copy_000{suffix}').unlink()
+    finished = {name: (out / name).stat().st_mtime_ns for name in before if name.startswith(('Tiny_010', 'Tiny_012'))}
+    done = []
+    preprocess = unlabeled_command._preprocess_case
+    monkeypatch.setattr(unlabeled_command, '_preprocess_case', lambda case, **kw: (done.append(case.identifier),
+                                                                                  preprocess(case, **kw)))
+    assert main(['add-unlabeled', str(DATASET_ID), str(images), '-c', CONFIGURATION, '-np', '1']) == 0
+    captured = capsys.readouterr()
+    assert done == ['Tiny_011', 'copy_000']
+    assert 'added 2 unlabeled cases' in captured.out and '(2 finished before from the same files were kept)' in \
+        captured.out
+    assert '2/4' in captured.err and '4/4' in captured.err  # the progress bar starts at the finished cases
+    assert {name: (out / name).stat().st_mtime_ns for name in finished} == finished
+    assert _contents(out) == before

@@ -6,32 +6,71 @@ class (``DefaultPreprocessor`` unless the plans name another) with the configura
 resampling, and the dataset's intensity statistics, exactly as ``nnUNetv2_preprocess`` treats a case, without a
 label. The cases go to :func:`~nnunet_plugins.pretraining.unlabeled.unlabeled_folder`, where only pre-training trainers
 look (see :mod:`nnunet_plugins.pretraining.unlabeled`).
+
+With N processes, cases are preprocessed in parallel as ``nnUNetv2_preprocess`` does (spawned processes, one case per
+task, nnU-Net's default counts). A case is preprocessed into the hidden folder :data:`PARTIAL` and then moved in,
+its data file last, so that a case killed mid-write is never listed; a run started again keeps the cases finished
+before from the same files and does the others.
 """
+import multiprocessing
+import os
 import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from batchgenerators.utilities.file_and_folder_operations import load_pickle, write_pickle
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from tqdm import tqdm
 
 from nnunet_plugins.commands.dataset_plans import PlansFileError, read_dataset_plans
-from nnunet_plugins.pretraining.unlabeled import unlabeled_folder, unlabeled_identifiers
 
 NAMED = 5  # how many offending files an error names
+# nnUNetv2_preprocess's default -np by configuration, and for any other; nnU-Net 2.8.1 writes them inline in
+# plan_and_preprocess_entrypoints.py (there is no constant to import; its default_num_processes is the fingerprint's)
+DEFAULT_PROCESSES = {'2d': 8, '3d_fullres': 4, '3d_lowres': 8}
+DEFAULT_PROCESSES_OTHER = 4
+PARTIAL = '.partial'  # folder inside the unlabeled folder where a case is written before it is moved in
+# the files nnU-Net's Blosc2 format writes for a case; the data file last: nnU-Net lists a case by its CASE.b2nd
+CASE_FILES = ('_seg.b2nd', '.pkl', '.b2nd')
+SOURCE = 'unlabeled_source'  # properties key: the (name, bytes, mtime in ns) of each image file a case was made from
 
 
 class UnlabeledImagesError(ValueError):
     """The folder of unlabeled images cannot be added; the message names the files and the fix."""
 
 
+class PreprocessingProcessDied(RuntimeError):
+    """A worker process ended without finishing its case (killed, e.g. for memory); finished cases are kept."""
+
+
 @dataclass(frozen=True)
 class UnlabeledCase:
     identifier: str
     files: tuple[Path, ...]  # one per channel, channel 0 first
+
+    def source(self) -> list[tuple[str, int, int]]:
+        """What identifies the images this case is made from: (file name, bytes, mtime in ns) per channel."""
+        stats = [(path.name, path.stat()) for path in self.files]
+        return [(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats]
+
+
+@dataclass(frozen=True)
+class AddedUnlabeled:
+    folder: Path  # where the cases are
+    preprocessed: list[str]  # identifiers preprocessed by this run
+    kept: list[str]  # identifiers finished before from the same files, left as they were
+
+
+def default_processes(configuration: str) -> int:
+    """``nnUNetv2_preprocess``'s default number of processes for ``configuration``."""
+    return DEFAULT_PROCESSES.get(configuration, DEFAULT_PROCESSES_OTHER)
 
 
 def _listing(items: list[str]) -> str:
@@ -89,14 +128,23 @@ def check_headers(cases: list[UnlabeledCase]) -> None:
 
 
 def add_unlabeled(dataset: str, folder: Path, configuration: str, plans: str = 'nnUNetPlans',
-                  overwrite: bool = False) -> tuple[Path, list[str]]:
-    """Preprocess the unlabeled images in ``folder`` for ``configuration`` of ``dataset``; return the folder they
-    were written to and their identifiers. Everything is checked before the first case is preprocessed.
+                  overwrite: bool = False, processes: int | None = None) -> AddedUnlabeled:
+    """Preprocess the unlabeled images in ``folder`` for ``configuration`` of ``dataset`` with ``processes``
+    processes (default :func:`default_processes`; 1 runs in this process). Everything is checked before the first
+    case is written. Cases finished before from the same files are kept, unless ``overwrite``.
 
     Raises:
         PlansFileError: the plans or configuration are missing, or the configuration is not preprocessed yet.
-        UnlabeledImagesError: names, channels or headers are wrong, or a case name is taken.
+        UnlabeledImagesError: names, channels or headers are wrong, a case name is taken, or a case was added before
+            from other files (without ``overwrite``).
+        PreprocessingProcessDied: a worker process was killed; the cases finished until then are kept.
     """
+    # here, not at the top: a worker process imports this module, and the pretraining package imports the trainers
+    from nnunet_plugins.pretraining.unlabeled import unlabeled_folder, unlabeled_identifiers
+
+    processes = default_processes(configuration) if processes is None else processes
+    if processes < 1:
+        raise ValueError(f'processes must be at least 1, not {processes}')
     dataset_plans = read_dataset_plans(dataset, plans)
     if configuration not in dataset_plans.plans['configurations']:
         raise PlansFileError(f'{dataset_plans.plans_file} has no configuration {configuration!r}; it has '
@@ -116,23 +164,74 @@ def add_unlabeled(dataset: str, folder: Path, configuration: str, plans: str = '
     if clashes:
         raise UnlabeledImagesError(f'case names of {folder} are those of labeled cases of {dataset_plans.dataset_name}'
                                    f': {_listing(clashes)}. Rename them (e.g. with a prefix such as unlabeled_).')
-    existing = set(unlabeled_identifiers(labeled)) & {case.identifier for case in cases}
-    if existing and not overwrite:
-        raise UnlabeledImagesError(f'{unlabeled_folder(labeled)} already holds {_listing(sorted(existing))}; give '
-                                   f'--overwrite to preprocess them again.')
-
     out = unlabeled_folder(labeled)
-    out.mkdir(exist_ok=True)
-    preprocessor = configuration_manager.preprocessor_class(verbose=False)
-    no_locations = _empty_class_locations(plans_manager, dataset_json)
-    for case in tqdm(cases, desc=f'Preprocessing unlabeled cases into {out}', unit='case'):
-        target = str(out / case.identifier)
-        preprocessor.run_case_save(target, [str(f) for f in case.files], None, plans_manager, configuration_manager,
-                                   dataset_json)
-        properties = load_pickle(target + '.pkl')
-        properties['class_locations'] = dict(no_locations)  # nnU-Net's loader then samples patches at random
-        write_pickle(properties, target + '.pkl')
-    return out, [case.identifier for case in cases]
+    existing = set(unlabeled_identifiers(labeled))
+    kept = [] if overwrite else [case for case in cases if case.identifier in existing and _finished(out, case)]
+    others = [case.identifier for case in cases if case.identifier in existing and case not in kept]
+    if others and not overwrite:
+        raise UnlabeledImagesError(f'{out} already holds {_listing(others)}, preprocessed from other files (or by an '
+                                   f'older version); give --overwrite to preprocess them again.')
+
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)  # what a killed run left half-written
+    (out / PARTIAL).mkdir(parents=True)
+    todo = [case for case in cases if case not in kept]
+    work = partial(_preprocess_case, out=out, preprocessor=configuration_manager.preprocessor_class(verbose=False),
+                   plans_manager=plans_manager, configuration_manager=configuration_manager,
+                   dataset_json=dataset_json)
+    with tqdm(desc=f'Preprocessing unlabeled cases into {out}', total=len(cases), initial=len(kept),
+              unit='case') as progress:
+        if processes == 1 or len(todo) <= 1:
+            for case in todo:
+                work(case)
+                progress.update()
+        else:
+            _run_in_processes(work, todo, min(processes, len(todo)), progress)
+    (out / PARTIAL).rmdir()
+    return AddedUnlabeled(out, [case.identifier for case in todo], [case.identifier for case in kept])
+
+
+def _finished(out: Path, case: UnlabeledCase) -> bool:
+    """Whether ``out`` holds all of ``case``'s files, made from its current image files."""
+    target = out / case.identifier
+    if not all(Path(f'{target}{suffix}').is_file() for suffix in CASE_FILES):
+        return False
+    return load_pickle(f'{target}.pkl').get(SOURCE) == case.source()
+
+
+def _preprocess_case(case: UnlabeledCase, out: Path, preprocessor, plans_manager: PlansManager,
+                     configuration_manager: ConfigurationManager, dataset_json: dict) -> None:
+    """Preprocess one case into ``out/PARTIAL``, then move its files into ``out``, the data file last (a process
+    of its own may run this: every argument pickles)."""
+    source = case.source()
+    partial_target = str(out / PARTIAL / case.identifier)
+    preprocessor.run_case_save(partial_target, [str(f) for f in case.files], None, plans_manager,
+                               configuration_manager, dataset_json)
+    properties = load_pickle(partial_target + '.pkl')
+    # made here, not passed in: objects that crossed a process boundary pickle to other bytes (memo of shared dtypes)
+    properties['class_locations'] = _empty_class_locations(plans_manager, dataset_json)  # patches sampled at random
+    properties[SOURCE] = source
+    write_pickle(properties, partial_target + '.pkl')
+    target = str(out / case.identifier)
+    Path(target + CASE_FILES[-1]).unlink(missing_ok=True)  # unlisted while its other files are replaced
+    for suffix in CASE_FILES:
+        os.replace(partial_target + suffix, target + suffix)
+
+
+def _run_in_processes(work: partial, cases: list[UnlabeledCase], processes: int, progress: tqdm) -> None:
+    """Run ``work`` on every case in ``processes`` spawned processes (as nnU-Net's preprocessing starts them),
+    counting finished cases on ``progress``. On the first error no further case starts."""
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context('spawn'))
+    try:
+        for future in as_completed([pool.submit(work, case) for case in cases]):
+            future.result()
+            progress.update()
+    except BrokenProcessPool:
+        raise PreprocessingProcessDied(
+            f'a preprocessing process died before its case was written (killed; often for memory: resampling takes '
+            f'much of it, so lower -np). The {progress.n} cases finished are kept: run the same command again to '
+            f'preprocess the others.') from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _empty_class_locations(plans_manager: PlansManager, dataset_json: dict) -> dict:
