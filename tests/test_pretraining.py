@@ -28,45 +28,20 @@ from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.training.base import Role
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL)
-from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR
-from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
-from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR_PretrainRCR
 
 from helpers import (
-    CONFIGURATION, DATASET_ID, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES,
-    pretraining_step, training_log)
+    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, pretraining_step, pretrainer,
+    training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
-# nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
-RESENC = {**PRETRAINING_PATCH, 'architecture': {
-    'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
-    'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
-                    'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
-                    'n_conv_per_stage_decoder': [1, 1, 1], 'conv_bias': True,
-                    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm3d',
-                    'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
-                    'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
-    '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
-FAMILIES = {  # test id: (supervised trainer, plans configuration override)
-    'MedNeXt': (nnUNetTrainerMedNeXtS, PRETRAINING_PATCH),
-    'UXNet': (nnUNetTrainerUXNet, PRETRAINING_PATCH),
-    'UTNetV2': (nnUNetTrainerUTNetV2, PRETRAINING_PATCH),
-    'SwinUNETR': (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
-    'PlainConvUNet': (nnUNetTrainer, PRETRAINING_PATCH),
-    'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
-}
 PRETRAINERS = plugin_trainers(Role.PRETRAINING)
 # per method: its heads and what a step returns besides the loss; both take RCR's AdamW 4e-4, weight decay 1e-5
 METHODS = {
     'RCR': (('reconstruction', 'rotation', 'contrastive'), LOSS_TERMS),
     'TokenCL': (('projection',), ('token_contrastive', *CollapseReading._fields)),
 }
-
-
-def pretrainer(supervised: type, method: str) -> type:
-    """The pre-training trainer of ``method`` for the network ``supervised`` trains."""
-    return next(t for t in PRETRAINERS if t.__name__ == f'{supervised.__name__}_Pretrain{method}')
 
 
 @pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
@@ -331,7 +306,7 @@ def test_a_subclass_sets_the_learning_rate_and_the_log_and_report_state_every_se
         training_log(trainer.output_folder)
     assert trainer.report()['optimiser'] == {'initial_lr': 1e-4, 'weight_decay': 1e-5, 'adam_eps': 1e-4,
                                              'warmup_epochs': 2, 'algorithm': 'AdamW', 'sgd_momentum': 0.99,
-                                             'warmup_from_zero': False}
+                                             'warmup_from_zero': False, 'decay': 'cosine'}
     with pytest.raises(TypeError, match=r'declares same_position_weight, a setting of its method, on the trainer.*'
                                         r'declare method = TokenCL\(same_position_weight=0\) instead'):
         type('Misplaced', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'same_position_weight': 0})

@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.pretraining.ddp import gather_values
-from nnunet_plugins.pretraining.method import WarmupCosineLRScheduler
+from nnunet_plugins.pretraining.method import WarmupDecayLRScheduler
 from nnunet_plugins.pretraining.progress import plot_progress
 from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
@@ -119,8 +119,8 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
         decay."""
         settings = self.optimiser_settings_of_run()
         optimizer = settings.build(self.pretraining_model().trainable_parameters())
-        scheduler = WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs,
-                                            settings.warmup_from_zero)
+        scheduler = WarmupDecayLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs,
+                                           settings.warmup_from_zero, settings.decay)
         return optimizer, scheduler
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -2,7 +2,7 @@
 network nnU-Net's ``nnUNetTrainer`` trains and fine-tunes with ``-pretrained_weights``."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 
 
 class nnUNetTrainer_PretrainRCR(PretrainingTrainer):
@@ -21,3 +21,9 @@ class nnUNetTrainer_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainer_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training (paper 004) of nnU-Net's network of the plans, for nnUNetTrainer."""
     network_trainer, method = nnUNetTrainer, TokenBYOL()
+
+
+class nnUNetTrainer_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of nnU-Net's whole network of the plans (encoder and decoder), for
+    nnUNetTrainer: ResidualEncoderUNet on ResEnc plans, nnssl's own network family."""
+    network_trainer, method = nnUNetTrainer, MAE()
