@@ -83,15 +83,14 @@ def test_one_step_trains_the_whole_network_and_the_checkpoint_loads_into_the_sup
     model = trainer.pretraining_model()
     patch = trainer.configuration_manager.patch_size
     data = torch.randn(trainer.batch_size, trainer.num_input_channels, *patch)
-    with torch.no_grad():
-        assert model(data).shape == data.shape  # the input channels, not the classes
     # the step's loss is the masked MSE of the network's reconstruction of the masked patch
     seed = 3
     mask = block_mask(len(data), patch, trainer.method.mask_block, 0.75, np.random.default_rng(seed))
     with torch.no_grad():
-        expected = masked_mse(model(data * mask), data, mask)
+        reconstruction = model(data * mask)
         loss = trainer.method.losses(model, data, np.random.default_rng(seed), trainer.autocast)['total']
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert reconstruction.shape == data.shape  # the input channels, not the classes
+    assert loss.item() == pytest.approx(masked_mse(reconstruction, data, mask).item(), rel=1e-5)
 
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     result = pretraining_step(trainer)
