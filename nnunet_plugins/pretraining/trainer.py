@@ -1,10 +1,10 @@
 """The pre-training trainer: a network trainer's network and a method, composed.
 
-``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_Pretrain<Method>`` pre-trains the encoder of the network that
-``nnUNetTrainerX`` trains, with nnU-Net's patch sampling, augmentation, schedule, logs, ``progress.png``, ``--c``
-and ``-num_gpus``. Labels are never read by the loss (nor by the patch sampling: no foreground oversampling).
-Validation reports the same losses on the validation cases; nothing is segmented or exported. A trainer is declared
-by its two parts::
+``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_Pretrain<Method>`` pre-trains the encoder (with MAE the whole
+network) of the network that ``nnUNetTrainerX`` trains, with nnU-Net's patch sampling, augmentation, schedule, logs,
+``progress.png``, ``--c`` and ``-num_gpus``. Labels are never read by the loss (nor by the patch sampling: no
+foreground oversampling). Validation reports the same losses on the validation cases; nothing is segmented or
+exported. A trainer is declared by its two parts::
 
     class nnUNetTrainerMedNeXtS_k5_PretrainTokenCL(PretrainingTrainer):
         \"\"\"Token-level contrastive pre-training of MedNeXt-S k5, for nnUNetTrainerMedNeXtS_k5.\"\"\"
@@ -12,9 +12,9 @@ by its two parts::
 
 ``checkpoint_final.pth`` (and ``_best``, lowest moving average of the validation loss, and ``_latest``) holds the
 segmentation network's state dict under ``network_weights`` (the keys of ``nnUNetTrainerX``'s network; the decoder
-at its initialisation, except after MAE, which trains it too) and the method's heads under ``pretraining_heads``, so stock ``-pretrained_weights``
-fine-tunes from it and ``--c`` resumes the heads too. ``pretraining_report.json`` beside it says what was
-pre-trained on what.
+at its initialisation, except after MAE, which trains it too) and the method's heads under ``pretraining_heads``, so
+stock ``-pretrained_weights`` fine-tunes from it and ``--c`` resumes the heads too. ``pretraining_report.json``
+beside it says what was pre-trained on what.
 """
 import dataclasses
 import json
