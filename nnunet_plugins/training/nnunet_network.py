@@ -24,6 +24,8 @@ class nnUNetTrainer_PretrainTokenBYOL(PretrainingTrainer):
 
 
 class nnUNetTrainer_PretrainMAE(PretrainingTrainer):
-    """nnssl's masked-image modelling of nnU-Net's whole network of the plans (encoder and decoder), for
-    nnUNetTrainer: ResidualEncoderUNet on ResEnc plans, nnssl's own network family."""
+    """nnssl's masked-image modelling of nnU-Net's whole network of the plans, for nnUNetTrainer.
+
+    Encoder and decoder; the network is PlainConvUNet, or on ResEnc plans ResidualEncoderUNet, nnssl's own.
+    """
     network_trainer, method = nnUNetTrainer, MAE()
