@@ -23,6 +23,11 @@ from torch import nn
 from nnunet_plugins import settings, synthetic
 from nnunet_plugins.networks.swinunetr import VARIANTS as SWINUNETR_VARIANTS
 from nnunet_plugins.cli import main
+from nnunet_plugins.registry import plugin_trainer
+from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
+from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
+from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
 from nnunet_plugins.workspace import run_stock
 
 DATASET_ID = 991
@@ -220,6 +225,29 @@ def released_format(monai: MONAISwinUNETR) -> dict:
 
 # pre-training tests: a patch the tiny plan's strides divide, with a bottleneck (token grid) of 4 x 2 x 2
 PRETRAINING_PATCH = {'patch_size': [8, 16, 16]}
+# nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
+RESENC = {**PRETRAINING_PATCH, 'architecture': {
+    'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
+    'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
+                    'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
+                    'n_conv_per_stage_decoder': [1, 1, 1], 'conv_bias': True,
+                    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm3d',
+                    'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
+                    'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
+    '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
+FAMILIES = {  # pre-training tests' network families, test id: (supervised trainer, plans configuration override)
+    'MedNeXt': (nnUNetTrainerMedNeXtS, PRETRAINING_PATCH),
+    'UXNet': (nnUNetTrainerUXNet, PRETRAINING_PATCH),
+    'UTNetV2': (nnUNetTrainerUTNetV2, PRETRAINING_PATCH),
+    'SwinUNETR': (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
+    'PlainConvUNet': (nnUNetTrainer, PRETRAINING_PATCH),
+    'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
+}
+
+
+def pretrainer(supervised: type, method: str) -> type:
+    """The plugin's pre-training trainer of ``method`` (e.g. 'RCR') for the network ``supervised`` trains."""
+    return plugin_trainer(f'{supervised.__name__}_Pretrain{method}')
 
 
 def pretraining_step(trainer) -> dict:

@@ -304,7 +304,7 @@ def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
     args = argparse.Namespace(trainers=['nnUNetTrainerMedNeXtS', 'nnUNetTrainerUXNet'], inference=False,
                               baselines=['nnUNetTrainer', 'ResEncL'], peers=['MedNeXtS'], pretraining=True)
     networks = networks_to_run(args, plans, configuration, dataset_json, None)
-    methods = ('_PretrainRCR', '_PretrainTokenCL', '_PretrainTokenBYOL')
+    methods = ('_PretrainRCR', '_PretrainTokenCL', '_PretrainTokenBYOL', '_PretrainMAE')
 
     def followed_by_pretraining(trainer: str, label: str) -> list[tuple[str, str]]:
         return [(label, trainer)] + [(label.replace(trainer, trainer + m), trainer + m) for m in methods]
@@ -314,9 +314,9 @@ def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
         *followed_by_pretraining('nnUNetTrainer', 'nnUNetTrainer (nnUNetPlans)'),
         *followed_by_pretraining('nnUNetTrainer', 'nnUNetTrainer (ResEnc L)'),
         ('MONAI MedNeXtS', 'MedNeXtS')]
-    assert networks[5].label == 'nnUNetTrainerUXNet_PretrainRCR'
-    assert networks[10].trainer == 'nnUNetTrainer_PretrainTokenCL'
-    assert networks[13].plans is networks[12].plans and networks[13].plans['plans_name'] == 'nnUNetResEncUNetLPlans'
+    assert networks[6].label == 'nnUNetTrainerUXNet_PretrainRCR'
+    assert networks[12].trainer == 'nnUNetTrainer_PretrainTokenCL'
+    assert networks[16].plans is networks[15].plans and networks[16].plans['plans_name'] == 'nnUNetResEncUNetLPlans'
     assert counterpart(trainer_class('nnUNetTrainerMedNeXtS_PretrainRCR')) is None
     assert counterpart(trainer_class('nnUNetTrainerSwinUNETR_PretrainTokenBYOL')) is None
     assert counterpart(trainer_class('nnUNetTrainerMedNeXtS')) == ('MedNeXt', 'S', 3)
@@ -331,3 +331,8 @@ def test_pretraining_rows_follow_their_networks_and_time_one_pretraining_step():
         plans_manager, plans_manager.get_configuration(configuration), 1, 3)
     assert result['parameters'] == parameter_count(model) > parameter_count(model.network)  # the heads train too
     assert result['memory_layout'] == 'channels-last'  # the MedNeXt trainers' CPU layout, pre-training too
+    # MAE's row: the whole network's step, the masked MSE of an untrained network's reconstruction of noise
+    assert networks[4].trainer == 'nnUNetTrainerMedNeXtS_PretrainMAE'
+    mae = measure(row_spec(Row(networks[4]), configuration, dataset_json, 'cpu', steps=1, warmup=0))
+    assert mae['status'] == 'ok', mae
+    assert 0.5 < mae['first_loss'] < 5

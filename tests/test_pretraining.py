@@ -1,6 +1,7 @@
 """RCR pre-training (paper 003): the proxy-task views, NT-Xent, the DDP gathers of both contrastive losses (one
 harness), one pre-training step of every network family in-process (RCR and token-level CL, the machinery they
-share), the checkpoint, the settings of a run, and the stock CLI from pre-training to ``-pretrained_weights``."""
+share), the checkpoint, the settings of a run, and the stock CLI from pre-training (RCR and MAE) to
+``-pretrained_weights``."""
 import json
 import math
 import pickle
@@ -11,12 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
 from nnunet_plugins import ext_trainer_folder, settings
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
+from nnunet_plugins.pretraining.mae_model import is_seg_head
 from nnunet_plugins.pretraining.rcr_heads import RCRModel, upsampling_steps
 from nnunet_plugins.pretraining.rcr_views import (
     LOSS_TERMS, allowed_rotations, make_views, nt_xent, proxy_losses)
@@ -28,45 +29,21 @@ from nnunet_plugins.registry import plugin_trainers
 from nnunet_plugins.training.base import Role
 from nnunet_plugins.training.mednext import (
     nnUNetTrainerMedNeXtS, nnUNetTrainerMedNeXtS_PretrainRCR, nnUNetTrainerMedNeXtS_PretrainTokenCL)
-from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR, nnUNetTrainerSwinUNETR_PretrainRCR
-from nnunet_plugins.training.utnetv2 import nnUNetTrainerUTNetV2
-from nnunet_plugins.training.uxnet import nnUNetTrainerUXNet
+from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR_PretrainRCR
 
 from helpers import (
-    CONFIGURATION, DATASET_ID, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, TINY_KERNELS, TINY_STRIDES,
-    pretraining_step, training_log)
+    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, pretraining_step, pretrainer,
+    training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
+PRETRAIN_MAE = 'nnUNetTrainerMedNeXtS_PretrainMAE'
 FINETUNE = 'nnUNetTrainerMedNeXtS_Finetune'
-# nnU-Net's ResEnc network on the tiny plan's topology, as a ResEnc planner writes it
-RESENC = {**PRETRAINING_PATCH, 'architecture': {
-    'network_class_name': 'dynamic_network_architectures.architectures.unet.ResidualEncoderUNet',
-    'arch_kwargs': {'n_stages': 4, 'features_per_stage': [8, 16, 32, 64], 'conv_op': 'torch.nn.modules.conv.Conv3d',
-                    'kernel_sizes': TINY_KERNELS, 'strides': TINY_STRIDES, 'n_blocks_per_stage': [1, 1, 2, 2],
-                    'n_conv_per_stage_decoder': [1, 1, 1], 'conv_bias': True,
-                    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm3d',
-                    'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
-                    'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}},
-    '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']}}
-FAMILIES = {  # test id: (supervised trainer, plans configuration override)
-    'MedNeXt': (nnUNetTrainerMedNeXtS, PRETRAINING_PATCH),
-    'UXNet': (nnUNetTrainerUXNet, PRETRAINING_PATCH),
-    'UTNetV2': (nnUNetTrainerUTNetV2, PRETRAINING_PATCH),
-    'SwinUNETR': (nnUNetTrainerSwinUNETR, {'patch_size': SWIN_PATCH}),
-    'PlainConvUNet': (nnUNetTrainer, PRETRAINING_PATCH),
-    'ResidualEncoderUNet': (nnUNetTrainer, RESENC),
-}
 PRETRAINERS = plugin_trainers(Role.PRETRAINING)
 # per method: its heads and what a step returns besides the loss; both take RCR's AdamW 4e-4, weight decay 1e-5
 METHODS = {
     'RCR': (('reconstruction', 'rotation', 'contrastive'), LOSS_TERMS),
     'TokenCL': (('projection',), ('token_contrastive', *CollapseReading._fields)),
 }
-
-
-def pretrainer(supervised: type, method: str) -> type:
-    """The pre-training trainer of ``method`` for the network ``supervised`` trains."""
-    return next(t for t in PRETRAINERS if t.__name__ == f'{supervised.__name__}_Pretrain{method}')
 
 
 @pytest.mark.parametrize('trainer_class', PRETRAINERS, ids=lambda c: c.__name__)
@@ -331,7 +308,7 @@ def test_a_subclass_sets_the_learning_rate_and_the_log_and_report_state_every_se
         training_log(trainer.output_folder)
     assert trainer.report()['optimiser'] == {'initial_lr': 1e-4, 'weight_decay': 1e-5, 'adam_eps': 1e-4,
                                              'warmup_epochs': 2, 'algorithm': 'AdamW', 'sgd_momentum': 0.99,
-                                             'warmup_from_zero': False}
+                                             'warmup_from_zero': False, 'decay': 'cosine'}
     with pytest.raises(TypeError, match=r'declares same_position_weight, a setting of its method, on the trainer.*'
                                         r'declare method = TokenCL\(same_position_weight=0\) instead'):
         type('Misplaced', (nnUNetTrainerMedNeXtS_PretrainTokenCL,), {'same_position_weight': 0})
@@ -349,8 +326,9 @@ def test_pre_training_keeps_the_rotation_task_unambiguous(make_trainer):
 
 @pytest.mark.e2e
 def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(workspace, tmp_path):
-    """RCR pre-training through nnUNetv2_train, then ``-pretrained_weights`` into a ``_Finetune`` trainer: the log
-    shows the warm-up learning rates, and the trained encoder is the pre-trained one after three small steps."""
+    """RCR and MAE pre-training through nnUNetv2_train, then ``-pretrained_weights`` of MAE's checkpoint into a
+    ``_Finetune`` trainer: the log shows the warm-up learning rates, and the trained network, encoder and decoder, is
+    the pre-trained one after three small steps."""
     fold = workspace.train(PRETRAIN, 'all', epochs=1, iterations=2)
     pretrained = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert pretrained['trainer_name'] == PRETRAIN and HEADS_KEY in pretrained
@@ -366,6 +344,16 @@ def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(work
     assert report['pretrained_tensors'] == encoder and encoder
     assert set(report['initialised_tensors']) == set(pretrained['network_weights']) - set(encoder)
 
+    # MAE: the whole network pre-trained, every key of the supervised network's state dict in network_weights
+    fold = workspace.train(PRETRAIN_MAE, 'all', epochs=1, iterations=2)
+    supervised_keys = list(pretrained['network_weights'])  # RCR's: the keys of nnUNetTrainerMedNeXtS's network
+    pretrained = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
+    assert pretrained['trainer_name'] == PRETRAIN_MAE and list(pretrained['network_weights']) == supervised_keys
+    assert 'MAE pre-training:' in training_log(fold) and 'masked_mse' in training_log(fold)
+    report = json.loads((fold / REPORT_FILE).read_text())
+    trained = [k for k in supervised_keys if not is_seg_head(k)]
+    assert report['pretrained_tensors'] == trained and any(k.startswith('decoder.stages.') for k in trained)
+
     # fine-tuning with the _Finetune trainer: 3 epochs x 1 iteration, warm-up over the first 2
     results = tmp_path / 'nnUNet_results'  # the shared results folder's MedNeXt-S fold 0 belongs to other tests
     env = {**workspace.env, 'nnUNet_results': str(results), settings.EPOCHS: '3', settings.ITERATIONS: '1',
@@ -380,9 +368,9 @@ def test_stock_cli_pretrains_and_fine_tunes_from_the_checkpoint_with_warmup(work
     assert (f'!!!!! WARNING: the pre-training (fold all, {NUM_TRAINING} training cases, {fold / REPORT_FILE}) '
             f'trained on validation cases of fold 0: 2 of its 2 validation cases') in training_log(tuned_fold)
     tuned = torch.load(tuned_fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
-    # three AdamW steps (learning rate at most 1e-3) from the pre-trained encoder move no weight by more than a few
+    # three AdamW steps (learning rate at most 1e-3) from the pre-trained network move no weight by more than a few
     # 1e-3; a fresh initialisation would differ by the weights' own scale
-    for key in encoder:
+    for key in trained:
         if pretrained['network_weights'][key].is_floating_point() and pretrained['network_weights'][key].numel() > 64:
             torch.testing.assert_close(tuned['network_weights'][key], pretrained['network_weights'][key],
                                        atol=5e-3, rtol=0)

@@ -165,7 +165,7 @@ def test_the_paper_sgd_setting_builds_nesterov_sgd_with_the_authors_schedule(mak
             'clipping at 12') in training_log(trainer.output_folder)
     assert trainer.report()['optimiser'] == {
         'algorithm': 'SGD', 'initial_lr': 1e-4, 'sgd_momentum': 0.99, 'weight_decay': 1e-5, 'warmup_epochs': 50,
-        'warmup_from_zero': True, 'adam_eps': 1e-4}
+        'warmup_from_zero': True, 'adam_eps': 1e-4, 'decay': 'cosine'}
 
 
 def test_a_short_schedule_keeps_the_authors_warm_up_share(make_trainer, monkeypatch):

@@ -27,7 +27,7 @@ from helpers import CONFIGURATION, training_log
 SUPERVISED = ['nnUNetTrainerMedNeXtS', 'nnUNetTrainerMedNeXtB', 'nnUNetTrainerMedNeXtM', 'nnUNetTrainerMedNeXtL',
               'nnUNetTrainerMedNeXtS_k5', 'nnUNetTrainerMedNeXtB_k5', 'nnUNetTrainerMedNeXtM_k5',
               'nnUNetTrainerMedNeXtL_k5', 'nnUNetTrainerSwinUNETR', 'nnUNetTrainerUTNetV2', 'nnUNetTrainerUXNet']
-PRETRAINING_METHODS = ('RCR', 'TokenCL', 'TokenBYOL')
+PRETRAINING_METHODS = ('RCR', 'TokenCL', 'TokenBYOL', 'MAE')
 
 
 def test_the_registry_finds_every_trainer_with_its_role():
@@ -40,7 +40,7 @@ def test_the_registry_finds_every_trainer_with_its_role():
                    for method in PRETRAINING_METHODS}
     assert {t.__name__ for t in plugin_trainers(Role.PRETRAINING)} == pretraining
     everything = plugin_trainers()
-    assert len(everything) == len(set(everything)) == 11 + 4 + 8 + 24
+    assert len(everything) == len(set(everything)) == 11 + 4 + 8 + 32
     assert [t.role for t in everything] == sorted((t.role for t in everything), key=list(Role).index)
     assert plugin_trainers(Role.FINETUNE, Role.UPKERN) == plugin_trainers(Role.FINETUNE) + plugin_trainers(Role.UPKERN)
     assert plugin_trainer('nnUNetTrainerUXNet').__name__ == 'nnUNetTrainerUXNet'
@@ -54,7 +54,7 @@ def test_each_pretraining_trainer_names_the_trainer_it_pretrains_for():
         assert pretraining.__name__ in {f'{supervised.__name__}_Pretrain{m}' for m in PRETRAINING_METHODS}
     assert [t.__name__ for t in pretraining_trainers_of(plugin_trainer('nnUNetTrainerMedNeXtS'))] == \
         [f'nnUNetTrainerMedNeXtS_Pretrain{method}' for method in PRETRAINING_METHODS]
-    assert len(pretraining_trainers_of(nnUNetTrainer)) == 3
+    assert len(pretraining_trainers_of(nnUNetTrainer)) == 4
     assert pretraining_trainers_of(plugin_trainer('nnUNetTrainerMedNeXtS_k5')) == ()
 
 

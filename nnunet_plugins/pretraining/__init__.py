@@ -5,7 +5,8 @@ network it pre-trains, e.g. ``nnUNetTrainerMedNeXtS``) and a method object (:mod
 
 - methods, one module each: :mod:`~nnunet_plugins.pretraining.rcr` (paper 003),
   :mod:`~nnunet_plugins.pretraining.token_cl` and :mod:`~nnunet_plugins.pretraining.token_byol` (paper 004, sharing
-  :mod:`~nnunet_plugins.pretraining.token_method`); their views, heads and losses in ``rcr_*`` and ``token_*``;
+  :mod:`~nnunet_plugins.pretraining.token_method`), :mod:`~nnunet_plugins.pretraining.mae` (nnssl's masked-image
+  modelling of the whole network); their views, heads and losses in ``rcr_*``, ``token_*`` and ``mae_*``;
 - written once for every method: the trainer (:mod:`~nnunet_plugins.pretraining.trainer`), nnU-Net's overridden
   methods (:mod:`~nnunet_plugins.pretraining.nnunet_overrides`), ``progress.png``
   (:mod:`~nnunet_plugins.pretraining.progress`), the checkpoint (:mod:`~nnunet_plugins.pretraining.checkpoint`), the
@@ -15,11 +16,12 @@ network it pre-trains, e.g. ``nnUNetTrainerMedNeXtS``) and a method object (:mod
 The stock-CLI trainers (``nnUNetTrainerMedNeXtS_PretrainRCR``, ...) are declared at the end of each network family's
 trainer module in :mod:`nnunet_plugins.training`.
 """
-from nnunet_plugins.pretraining.method import PAPER_004_SGD, OptimiserSettings, PretrainingMethod
+from nnunet_plugins.pretraining.mae import MAE
+from nnunet_plugins.pretraining.method import NNSSL_SGD, PAPER_004_SGD, OptimiserSettings, PretrainingMethod
 from nnunet_plugins.pretraining.rcr import RCR
 from nnunet_plugins.pretraining.token_byol import TokenBYOL
 from nnunet_plugins.pretraining.token_cl import TokenCL
 from nnunet_plugins.pretraining.trainer import PretrainingTrainer
 
-__all__ = ['PAPER_004_SGD', 'OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR', 'TokenBYOL',
-           'TokenCL']
+__all__ = ['MAE', 'NNSSL_SGD', 'PAPER_004_SGD', 'OptimiserSettings', 'PretrainingMethod', 'PretrainingTrainer', 'RCR',
+           'TokenBYOL', 'TokenCL']

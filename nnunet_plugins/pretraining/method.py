@@ -1,11 +1,12 @@
 """What a pre-training method is: the object a :class:`~nnunet_plugins.pretraining.trainer.PretrainingTrainer` is
-composed with, beside the network trainer whose encoder it pre-trains.
+composed with, beside the network trainer whose network it pre-trains.
 
 A method (one module each: :mod:`~nnunet_plugins.pretraining.rcr`, :mod:`~nnunet_plugins.pretraining.token_cl`,
-:mod:`~nnunet_plugins.pretraining.token_byol`) is a dataclass of its settings that supplies the heads on the
-encoder (:meth:`PretrainingMethod.build_model`), the views and losses of a batch (:meth:`PretrainingMethod.losses`),
-the names of its loss terms and readings, what the log and the report say of it, and every optimiser setting of the
-run (:attr:`PretrainingMethod.optimiser`). The trainer supplies everything else, once for every method.
+:mod:`~nnunet_plugins.pretraining.token_byol`, :mod:`~nnunet_plugins.pretraining.mae`) is a dataclass of its settings
+that supplies the heads on the network (:meth:`PretrainingMethod.build_model`), the views and losses of a batch
+(:meth:`PretrainingMethod.losses`), the names of its loss terms and readings, what the log and the report say of
+it, and every optimiser setting of the run (:attr:`PretrainingMethod.optimiser`). The trainer supplies everything
+else, once for every method.
 """
 import math
 from dataclasses import dataclass, field, fields
@@ -18,12 +19,14 @@ from torch.optim.lr_scheduler import LRScheduler
 
 
 OPTIMISERS = ('AdamW', 'SGD')
+DECAYS = ('cosine', 'poly')
+POLY_EXPONENT = 0.9  # nnU-Net's and nnssl's poly decay, (1 - progress) ** 0.9
 
 
 @dataclass(frozen=True)
 class OptimiserSettings:
     """Every optimiser setting of a pre-training run: AdamW (or SGD with Nesterov momentum), a linear warm-up, then
-    cosine decay to 0 at the last epoch, a function of the epoch (so ``--c`` resumes it exactly); nnU-Net's
+    cosine (or poly) decay to 0 at the last epoch, a function of the epoch (so ``--c`` resumes it exactly); nnU-Net's
     gradient-norm clipping at 12.
 
     Defaults are paper 003's (AdamW, learning rate 4e-4, weight decay 1e-5, 500 warm-up iterations: 2 epochs at
@@ -33,6 +36,7 @@ class OptimiserSettings:
     ``algorithm`` is ``'AdamW'`` or ``'SGD'`` (Nesterov, ``sgd_momentum``; ``adam_eps`` then unused).
     ``warmup_from_zero``: the warm-up starts at 0 and reaches ``initial_lr`` in its last epoch (the authors'
     schedule of paper 004, see :data:`PAPER_004_SGD`) instead of starting at ``initial_lr / (warmup_epochs + 1)``.
+    ``decay`` is ``'cosine'`` or ``'poly'`` (nnU-Net's ``(1 - progress) ** 0.9``, MAE's, see :data:`NNSSL_SGD`).
     """
     initial_lr: float = 4e-4
     weight_decay: float = 1e-5
@@ -41,10 +45,13 @@ class OptimiserSettings:
     algorithm: str = 'AdamW'
     sgd_momentum: float = 0.99
     warmup_from_zero: bool = False
+    decay: str = 'cosine'
 
     def __post_init__(self):
         if self.algorithm not in OPTIMISERS:
             raise ValueError(f'optimiser algorithm {self.algorithm!r} is not one of {OPTIMISERS}')
+        if self.decay not in DECAYS:
+            raise ValueError(f'learning-rate decay {self.decay!r} is not one of {DECAYS}')
 
     def build(self, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
         """The optimiser of ``parameters`` these settings describe."""
@@ -57,7 +64,8 @@ class OptimiserSettings:
         """The settings as the training log states them, for a run of ``num_epochs``."""
         algorithm = f'SGD, Nesterov momentum {self.sgd_momentum}' if self.algorithm == 'SGD' else 'AdamW'
         eps = '' if self.algorithm == 'SGD' else f', eps {self.adam_eps}'
-        schedule = WarmupCosineLRScheduler.text(self.initial_lr, self.warmup_epochs, num_epochs, self.warmup_from_zero)
+        schedule = WarmupDecayLRScheduler.text(self.initial_lr, self.warmup_epochs, num_epochs, self.warmup_from_zero,
+                                               self.decay)
         return (f'{algorithm}, learning rate {self.initial_lr}{eps}, weight decay {self.weight_decay}; {schedule}; '
                 f'gradient-norm clipping at 12')
 
@@ -71,34 +79,46 @@ OPTIMISER_SETTINGS = tuple(f.name for f in fields(OptimiserSettings))
 # ``nnUNet_plugins_epochs`` shortens the warm-up in proportion, as every warm-up.
 PAPER_004_SGD = OptimiserSettings(initial_lr=1e-4, weight_decay=1e-5, warmup_epochs=50, algorithm='SGD',
                                   sgd_momentum=0.99, warmup_from_zero=True)
+# nnssl's MAE optimiser (MIC-DKFZ/nnssl at 7044864, src/nnssl/training/nnsslTrainer/AbstractTrainer.py, which
+# BaseMAETrainer keeps): SGD, learning rate 1e-2, Nesterov momentum 0.99, weight decay 3e-5, no warm-up, poly decay
+# (exponent 0.9, training/lr_scheduler/polylr.py) over its 1000 epochs of 250 iterations, stepped per epoch.
+NNSSL_SGD = OptimiserSettings(initial_lr=1e-2, weight_decay=3e-5, warmup_epochs=0, algorithm='SGD',
+                              sgd_momentum=0.99, decay='poly')
 
 
-class WarmupCosineLRScheduler(LRScheduler):
+class WarmupDecayLRScheduler(LRScheduler):
     """Linear warm-up over ``warmup_epochs`` (from ``initial_lr / (warmup_epochs + 1)``, or with ``from_zero`` from
-    0, reaching ``initial_lr`` in the last warm-up epoch), then cosine decay towards 0 at ``max_epochs``;
-    ``step(epoch)`` sets the learning rate of that epoch (nnU-Net steps once per epoch)."""
+    0, reaching ``initial_lr`` in the last warm-up epoch), then ``decay`` towards 0 at ``max_epochs``: ``'cosine'``,
+    or ``'poly'``, ``initial_lr * (1 - progress) ** 0.9``; ``step(epoch)`` sets the learning rate of that epoch
+    (nnU-Net steps once per epoch)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, warmup_epochs: int, max_epochs: int,
-                 from_zero: bool = False):
+                 from_zero: bool = False, decay: str = 'cosine'):
         self.initial_lr, self.warmup_epochs, self.max_epochs = initial_lr, warmup_epochs, max_epochs
-        self.from_zero = from_zero
+        self.from_zero, self.decay = from_zero, decay
         super().__init__(optimizer)
 
     @staticmethod
-    def text(initial_lr: float, warmup_epochs: int, max_epochs: int, from_zero: bool = False) -> str:
+    def text(initial_lr: float, warmup_epochs: int, max_epochs: int, from_zero: bool = False,
+             decay: str = 'cosine') -> str:
         start = 'from 0 ' if from_zero else ''
-        return (f'linear warm-up {start}to {initial_lr} over the first {warmup_epochs} epochs, then cosine decay over '
+        decay_text = f'poly decay (exponent {POLY_EXPONENT})' if decay == 'poly' else 'cosine decay'
+        if not warmup_epochs:
+            return f'no warm-up, {decay_text} from {initial_lr} over {max_epochs} epochs'
+        return (f'linear warm-up {start}to {initial_lr} over the first {warmup_epochs} epochs, then {decay_text} over '
                 f'{max_epochs - warmup_epochs} epochs')
 
     def describe(self) -> str:
-        return self.text(self.initial_lr, self.warmup_epochs, self.max_epochs, self.from_zero)
+        return self.text(self.initial_lr, self.warmup_epochs, self.max_epochs, self.from_zero, self.decay)
 
     def learning_rate(self, epoch: int) -> float:
         if epoch < self.warmup_epochs:
             if self.from_zero:  # 0 in epoch 0, initial_lr in the last warm-up epoch (0 throughout a 1-epoch warm-up)
                 return self.initial_lr * epoch / max(1, self.warmup_epochs - 1)
             return self.initial_lr * (epoch + 1) / (self.warmup_epochs + 1)
-        progress = (epoch - self.warmup_epochs) / max(1, self.max_epochs - self.warmup_epochs)
+        progress = min(1., (epoch - self.warmup_epochs) / max(1, self.max_epochs - self.warmup_epochs))
+        if self.decay == 'poly':
+            return self.initial_lr * (1 - progress) ** POLY_EXPONENT
         return self.initial_lr * 0.5 * (1 + math.cos(math.pi * progress))
 
     def step(self, epoch: int | None = None) -> None:
@@ -111,14 +131,20 @@ class WarmupCosineLRScheduler(LRScheduler):
 
 class PretrainingModel(nn.Module):
     """What :meth:`PretrainingMethod.build_model` returns: the segmentation network as ``network`` (the keys of the
-    supervised trainer's network), the method's heads as ``heads``; only the encoder and the heads run."""
+    supervised trainer's network), the method's heads as ``heads``; the encoder methods run only the encoder, MAE
+    the whole network."""
     network: nn.Module
     heads: nn.Module
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters the optimiser trains, encoder first, then heads (the order ``--c`` restores AdamW's
-        moments by); not the decoder, which gets no gradient."""
+        """The parameters the optimiser trains, network first, then heads (the order ``--c`` restores the
+        optimiser's state by); not those that get no gradient (the decoder of an encoder method)."""
         raise NotImplementedError
+
+    def pretrained_tensors(self) -> set[int]:
+        """The ``id`` of every tensor of ``network.state_dict(keep_vars=True)`` the method trains (the report's
+        ``pretrained_tensors``): the encoder's."""
+        return {id(t) for t in self.network.encoder.state_dict(keep_vars=True).values()}
 
 
 @dataclass

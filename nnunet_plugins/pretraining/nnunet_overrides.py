@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from nnunet_plugins.networks.layout import follow_device_layout
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY, adaptation_plan
 from nnunet_plugins.pretraining.ddp import gather_values
-from nnunet_plugins.pretraining.method import WarmupCosineLRScheduler
+from nnunet_plugins.pretraining.method import WarmupDecayLRScheduler
 from nnunet_plugins.pretraining.progress import plot_progress
 from nnunet_plugins.pretraining.unlabeled import nnUNetDatasetWithUnlabeled, unlabeled_identifiers
 from nnunet_plugins.training.base import nnUNetTrainerPlugin
@@ -80,8 +80,9 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         """Replaces ``nnUNetTrainer.build_network_architecture``: the network trainer's network (deep supervision
-        off: only the encoder runs) with the method's heads on its encoder, in the network's CPU memory layout
-        (its own layout hook runs on its forward, which pre-training bypasses)."""
+        off: only the encoder runs, or with MAE the whole network but the deep-supervision heads) with the method's
+        heads, in the network's CPU memory layout (its own layout hook runs on its forward, which the encoder
+        methods bypass)."""
         network = cls.segmentation_network(plans_manager, configuration_manager, num_input_channels,
                                            num_output_channels)
         model = cls.method.build_model(network, num_input_channels, configuration_manager.patch_size)
@@ -92,7 +93,7 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
         cases load with the labeled ones (nnU-Net infers its dataset class from the labeled folder); the method
         derives its views from the built model; the log states the segmentation network and the optimiser; DDP is
         wrapped again with ``find_unused_parameters`` (nnU-Net's expects a gradient for every parameter, and the
-        decoder gets none)."""
+        decoder gets none, or with MAE the segmentation heads)."""
         super().initialize()
         unlabeled = unlabeled_identifiers(self.preprocessed_dataset_folder)
         if unlabeled:  # added by `nnunet-plugins add-unlabeled`; the labeled cases load as before
@@ -115,13 +116,14 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
         return training + unlabeled_identifiers(self.preprocessed_dataset_folder), validation
 
     def configure_optimizers(self):
-        """Replaces ``nnUNetTrainer.configure_optimizers``: the method's optimiser (AdamW, or paper 004's SGD) on the
-        encoder and heads only, with the method's settings (:meth:`optimiser_settings_of_run`), warm-up then cosine
+        """Replaces ``nnUNetTrainer.configure_optimizers``: the method's optimiser (AdamW, or paper 004's or nnssl's
+        SGD) on the parameters the model trains (encoder and heads; with MAE the network but its segmentation heads,
+        and the head), with the method's settings (:meth:`optimiser_settings_of_run`), warm-up then cosine or poly
         decay."""
         settings = self.optimiser_settings_of_run()
         optimizer = settings.build(self.pretraining_model().trainable_parameters())
-        scheduler = WarmupCosineLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs,
-                                            settings.warmup_from_zero)
+        scheduler = WarmupDecayLRScheduler(optimizer, settings.initial_lr, settings.warmup_epochs, self.num_epochs,
+                                           settings.warmup_from_zero, settings.decay)
         return optimizer, scheduler
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):

@@ -1,10 +1,10 @@
 """The pre-training trainer: a network trainer's network and a method, composed.
 
-``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_Pretrain<Method>`` pre-trains the encoder of the network that
-``nnUNetTrainerX`` trains, with nnU-Net's patch sampling, augmentation, schedule, logs, ``progress.png``, ``--c``
-and ``-num_gpus``. Labels are never read by the loss (nor by the patch sampling: no foreground oversampling).
-Validation reports the same losses on the validation cases; nothing is segmented or exported. A trainer is declared
-by its two parts::
+``nnUNetv2_train D CONF FOLD -tr nnUNetTrainerX_Pretrain<Method>`` pre-trains the encoder (with MAE the whole
+network) of the network that ``nnUNetTrainerX`` trains, with nnU-Net's patch sampling, augmentation, schedule, logs,
+``progress.png``, ``--c`` and ``-num_gpus``. Labels are never read by the loss (nor by the patch sampling: no
+foreground oversampling). Validation reports the same losses on the validation cases; nothing is segmented or
+exported. A trainer is declared by its two parts::
 
     class nnUNetTrainerMedNeXtS_k5_PretrainTokenCL(PretrainingTrainer):
         \"\"\"Token-level contrastive pre-training of MedNeXt-S k5, for nnUNetTrainerMedNeXtS_k5.\"\"\"
@@ -12,9 +12,9 @@ by its two parts::
 
 ``checkpoint_final.pth`` (and ``_best``, lowest moving average of the validation loss, and ``_latest``) holds the
 segmentation network's state dict under ``network_weights`` (the keys of ``nnUNetTrainerX``'s network; the decoder
-at its initialisation) and the method's heads under ``pretraining_heads``, so stock ``-pretrained_weights``
-fine-tunes from it and ``--c`` resumes the heads too. ``pretraining_report.json`` beside it says what was
-pre-trained on what.
+at its initialisation, except after MAE, which trains it too) and the method's heads under ``pretraining_heads``, so
+stock ``-pretrained_weights`` fine-tunes from it and ``--c`` resumes the heads too. ``pretraining_report.json``
+beside it says what was pre-trained on what.
 """
 import dataclasses
 import json
@@ -53,7 +53,7 @@ class PretrainingTrainer(PretrainingOverrides):
     trainer.
 
     Settings are declared on a subclass: ``initial_lr``, ``weight_decay``, ``adam_eps``, ``warmup_epochs``,
-    ``algorithm``, ``sgd_momentum``, ``warmup_from_zero`` (default: the method's
+    ``algorithm``, ``sgd_momentum``, ``warmup_from_zero``, ``decay`` (default: the method's
     :class:`~nnunet_plugins.pretraining.method.OptimiserSettings`), nnU-Net's ``num_epochs`` and the like, and the
     method's own as another method object, e.g. ``method = TokenCL(same_position_weight=0)``.
     """
@@ -68,6 +68,7 @@ class PretrainingTrainer(PretrainingOverrides):
     algorithm = MethodSetting()
     sgd_momentum = MethodSetting()
     warmup_from_zero = MethodSetting()
+    decay = MethodSetting()
     enable_deep_supervision = False
     oversample_foreground_percent = 0.0
 
@@ -143,7 +144,7 @@ class PretrainingTrainer(PretrainingOverrides):
     def report(self) -> dict:
         """What ``pretraining_report.json`` says: the method, the run, the cases and the pre-trained tensors."""
         model = self.pretraining_model()
-        encoder_tensors = {id(t) for t in model.network.encoder.state_dict(keep_vars=True).values()}
+        pretrained = model.pretrained_tensors()
         tensors = model.network.state_dict(keep_vars=True)
         training, validation = self.do_split()
         return {
@@ -161,8 +162,8 @@ class PretrainingTrainer(PretrainingOverrides):
             'patch_size': list(self.configuration_manager.patch_size),
             'optimiser': dataclasses.asdict(self.optimiser_settings_of_run()),
             **self.method.report(),
-            # tensors of the encoder, under every key they have (nnU-Net's decoders also hold the encoder)
-            'pretrained_tensors': [key for key, tensor in tensors.items() if id(tensor) in encoder_tensors],
-            'initialised_tensors': [key for key, tensor in tensors.items() if id(tensor) not in encoder_tensors],
+            # the tensors the method trains, under every key they have (nnU-Net's decoders also hold the encoder)
+            'pretrained_tensors': [key for key, tensor in tensors.items() if id(tensor) in pretrained],
+            'initialised_tensors': [key for key, tensor in tensors.items() if id(tensor) not in pretrained],
             'heads': f'{HEADS_KEY} in the checkpoint: ' + ', '.join(model.heads.state_dict()),
         }

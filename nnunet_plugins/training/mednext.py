@@ -14,7 +14,7 @@ from torch import nn
 from nnunet_plugins import settings
 from nnunet_plugins.networks.mednext import mednext_from_plan, mednext_levels
 from nnunet_plugins.networks.topology import Levels
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 from nnunet_plugins.weights import CheckpointError, UpKernError, upkern_from_checkpoint
@@ -201,6 +201,11 @@ class nnUNetTrainerMedNeXtS_PretrainTokenBYOL(PretrainingTrainer):
     network_trainer, method = nnUNetTrainerMedNeXtS, TokenBYOL()
 
 
+class nnUNetTrainerMedNeXtS_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole MedNeXt-S k3 (encoder and decoder), for nnUNetTrainerMedNeXtS."""
+    network_trainer, method = nnUNetTrainerMedNeXtS, MAE()
+
+
 class nnUNetTrainerMedNeXtB_PretrainRCR(PretrainingTrainer):
     """RCR pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
     network_trainer, method = nnUNetTrainerMedNeXtB, RCR()
@@ -214,6 +219,11 @@ class nnUNetTrainerMedNeXtB_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainerMedNeXtB_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training of MedNeXt-B k3, for nnUNetTrainerMedNeXtB."""
     network_trainer, method = nnUNetTrainerMedNeXtB, TokenBYOL()
+
+
+class nnUNetTrainerMedNeXtB_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole MedNeXt-B k3 (encoder and decoder), for nnUNetTrainerMedNeXtB."""
+    network_trainer, method = nnUNetTrainerMedNeXtB, MAE()
 
 
 class nnUNetTrainerMedNeXtM_PretrainRCR(PretrainingTrainer):
@@ -231,6 +241,11 @@ class nnUNetTrainerMedNeXtM_PretrainTokenBYOL(PretrainingTrainer):
     network_trainer, method = nnUNetTrainerMedNeXtM, TokenBYOL()
 
 
+class nnUNetTrainerMedNeXtM_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole MedNeXt-M k3 (encoder and decoder), for nnUNetTrainerMedNeXtM."""
+    network_trainer, method = nnUNetTrainerMedNeXtM, MAE()
+
+
 class nnUNetTrainerMedNeXtL_PretrainRCR(PretrainingTrainer):
     """RCR pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
     network_trainer, method = nnUNetTrainerMedNeXtL, RCR()
@@ -244,3 +259,8 @@ class nnUNetTrainerMedNeXtL_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainerMedNeXtL_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training of MedNeXt-L k3, for nnUNetTrainerMedNeXtL."""
     network_trainer, method = nnUNetTrainerMedNeXtL, TokenBYOL()
+
+
+class nnUNetTrainerMedNeXtL_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole MedNeXt-L k3 (encoder and decoder), for nnUNetTrainerMedNeXtL."""
+    network_trainer, method = nnUNetTrainerMedNeXtL, MAE()

@@ -4,7 +4,7 @@ trainer with the warm-up."""
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS, WarmupPolyLRScheduler
 
@@ -42,3 +42,11 @@ class nnUNetTrainer_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainer_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training (paper 004) of nnU-Net's network of the plans, for nnUNetTrainer."""
     network_trainer, method = nnUNetTrainer, TokenBYOL()
+
+
+class nnUNetTrainer_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of nnU-Net's whole network of the plans, for nnUNetTrainer.
+
+    Encoder and decoder; the network is PlainConvUNet, or on ResEnc plans ResidualEncoderUNet, nnssl's own.
+    """
+    network_trainer, method = nnUNetTrainer, MAE()

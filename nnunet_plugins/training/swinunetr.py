@@ -18,7 +18,7 @@ from torch import nn
 
 from nnunet_plugins.networks.swinunetr import swinunetr_from_plan, swinunetr_levels
 from nnunet_plugins.networks.topology import Levels
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
@@ -74,3 +74,8 @@ class nnUNetTrainerSwinUNETR_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainerSwinUNETR_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training of Swin UNETR, for nnUNetTrainerSwinUNETR."""
     network_trainer, method = nnUNetTrainerSwinUNETR, TokenBYOL()
+
+
+class nnUNetTrainerSwinUNETR_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole Swin UNETR (encoder and decoder), for nnUNetTrainerSwinUNETR."""
+    network_trainer, method = nnUNetTrainerSwinUNETR, MAE()

@@ -12,7 +12,7 @@ from torch import nn
 
 from nnunet_plugins.networks.topology import Levels
 from nnunet_plugins.networks.utnetv2 import utnetv2_from_plan, utnetv2_levels
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
@@ -68,3 +68,8 @@ class nnUNetTrainerUTNetV2_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainerUTNetV2_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training of UTNetV2, for nnUNetTrainerUTNetV2."""
     network_trainer, method = nnUNetTrainerUTNetV2, TokenBYOL()
+
+
+class nnUNetTrainerUTNetV2_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole UTNetV2 (encoder and decoder), for nnUNetTrainerUTNetV2."""
+    network_trainer, method = nnUNetTrainerUTNetV2, MAE()

@@ -21,7 +21,7 @@ from torch import nn
 
 from nnunet_plugins.networks.topology import Levels
 from nnunet_plugins.networks.uxnet import uxnet_from_plan, uxnet_levels
-from nnunet_plugins.pretraining import RCR, PretrainingTrainer, TokenBYOL, TokenCL
+from nnunet_plugins.pretraining import MAE, RCR, PretrainingTrainer, TokenBYOL, TokenCL
 from nnunet_plugins.training.base import Role, nnUNetTrainerPlugin
 from nnunet_plugins.training.schedule import FINETUNE_WARMUP_EPOCHS
 
@@ -70,3 +70,8 @@ class nnUNetTrainerUXNet_PretrainTokenCL(PretrainingTrainer):
 class nnUNetTrainerUXNet_PretrainTokenBYOL(PretrainingTrainer):
     """Token-level BYOL pre-training of 3D UX-Net, for nnUNetTrainerUXNet."""
     network_trainer, method = nnUNetTrainerUXNet, TokenBYOL()
+
+
+class nnUNetTrainerUXNet_PretrainMAE(PretrainingTrainer):
+    """nnssl's masked-image modelling of the whole 3D UX-Net (encoder and decoder), for nnUNetTrainerUXNet."""
+    network_trainer, method = nnUNetTrainerUXNet, MAE()
