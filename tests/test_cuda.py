@@ -1,14 +1,16 @@
-"""What only a CUDA GPU can show: fp16 autocast training stays finite. Skipped on machines without one."""
+"""What only a CUDA GPU can show: fp16 autocast training and pre-training stay finite. Skipped on machines without
+one."""
 import numpy as np
 import pytest
 import torch
 
 from nnunet_plugins.commands.benchmark.worker import random_batch
 from nnunet_plugins.networks.mednext import mednext_from_plan
-from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtL_k5, nnUNetTrainerMedNeXtS
+from nnunet_plugins.training.mednext import (nnUNetTrainerMedNeXtL_k5, nnUNetTrainerMedNeXtS,
+                                             nnUNetTrainerMedNeXtS_PretrainMAE, nnUNetTrainerMedNeXtS_PretrainTokenCL)
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR
 
-from helpers import SWIN_PATCH
+from helpers import PRETRAINING_PATCH, SWIN_PATCH, pretraining_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -26,6 +28,17 @@ def test_fp16_autocast_training_keeps_the_loss_finite(make_trainer, monkeypatch,
     losses = [float(trainer.train_step(batch)['loss']) for _ in range(30)]
     assert np.all(np.isfinite(losses))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize('trainer_class', [nnUNetTrainerMedNeXtS_PretrainMAE, nnUNetTrainerMedNeXtS_PretrainTokenCL],
+                         ids=lambda c: c.__name__)
+def test_fp16_autocast_pretraining_keeps_the_loss_finite(make_trainer, monkeypatch, trainer_class):
+    monkeypatch.setenv('nnUNet_compile', 'f')
+    trainer = make_trainer(trainer_class, PRETRAINING_PATCH, device='cuda')
+    trainer.initialize()
+    assert trainer.grad_scaler is not None
+    losses = [pretraining_step(trainer)['loss'] for _ in range(10)]
+    assert np.all(np.isfinite(losses))
 
 
 def test_gradient_checkpointing_changes_nothing_on_cuda():
