@@ -68,7 +68,8 @@ def finish(agents: list[subprocess.Popen]) -> list[str]:
 
 
 def fold_folder(env: dict, trainer: str) -> Path:
-    return Path(env['nnUNet_results']) / f'Dataset{DATASET_ID:03d}_Tiny' / f'{trainer}__nnUNetPlans__{CONFIGURATION}' / 'fold_0'
+    dataset = Path(env['nnUNet_results']) / f'Dataset{DATASET_ID:03d}_Tiny'
+    return dataset / f'{trainer}__nnUNetPlans__{CONFIGURATION}' / 'fold_0'
 
 
 def state_dict_hash(state_dict: dict) -> str:
@@ -114,7 +115,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_from_the_latest_checkp
     while not (fold / 'checkpoint_latest.pth').exists():  # written whole after epoch 0 (save_every = 1)
         assert time.monotonic() < deadline and all(agent.poll() is None for agent in agents)
         time.sleep(0.2)
-    os.kill(_worker_of(agents[1]), signal.SIGKILL)
+    os.kill(_worker_of(agents[1]), signal.SIGKILL)  # rank 1, on "node" 1
     outputs = finish(agents)
     log = training_log(fold)
     assert 'resumed from checkpoint_latest.pth at epoch' in log, outputs[0][-4000:]
@@ -123,6 +124,7 @@ def test_a_killed_worker_is_restarted_and_the_run_resumes_from_the_latest_checkp
     checkpoint = torch.load(fold / 'checkpoint_final.pth', map_location='cpu', weights_only=False)
     assert checkpoint['current_epoch'] == 3
     assert not (fold / 'checkpoint_latest.pth').exists()
+    assert (fold / 'weights_rank0.sha256').read_text() == (fold / 'weights_rank1.sha256').read_text()
     # nnU-Net's log after the resume holds the epochs from there to the schedule's end
     assert log.count('Epoch time') >= 3
     # a restart on the finished fold trains nothing and says so

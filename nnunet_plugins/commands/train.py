@@ -30,11 +30,13 @@ import torch.distributed as dist
 from batchgenerators.utilities.file_and_folder_operations import isfile, join, load_json
 from nnunetv2 import paths
 from nnunetv2.run import run_training as nnunet_run
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.backends import cudnn
 from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.rendezvous import rendezvous
 
 from nnunet_plugins.training.distributed import place_trainer, process_device
 
@@ -65,7 +67,8 @@ class Launch:
         environ = os.environ if environ is None else environ
         if not all(name in environ for name in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')):
             return None
-        number = lambda name, default: int(environ.get(name, default))  # noqa: E731
+        def number(name: str, default: int) -> int:
+            return int(environ.get(name, default))
         return cls(rank=number('RANK', 0), local_rank=number('LOCAL_RANK', 0), world_size=number('WORLD_SIZE', 1),
                    local_world_size=number('LOCAL_WORLD_SIZE', 1), restart=number('TORCHELASTIC_RESTART_COUNT', 0),
                    max_restarts=number('TORCHELASTIC_MAX_RESTARTS', 0))
@@ -160,7 +163,12 @@ def train_in_group(launch: Launch, dataset_name_or_id: str, configuration: str, 
         torch.cuda.set_device(own_device)
     else:  # nnU-Net gives a CPU run every core; here the node's processes share them
         torch.set_num_threads(max(1, multiprocessing.cpu_count() // launch.local_world_size))
-    dist.init_process_group('nccl' if own_device.type == 'cuda' else 'gloo', init_method='env://')
+    store, rank, world_size = next(rendezvous('env://'))
+    # a restarted group meets in the store of the group before it, whose keys (the dead ranks' addresses) would
+    # mislead it: every start keeps to keys of its own
+    store = dist.PrefixStore(f'nnunet_plugins/start_{launch.restart}', store)
+    dist.init_process_group('nccl' if own_device.type == 'cuda' else 'gloo', store=store, rank=rank,
+                            world_size=world_size)
     try:
         check_shared_folders({variable: getattr(paths, variable) for variable in SHARED_FOLDERS})
         output_folder = get_output_folder(dataset_name_or_id, trainer_class_name, plans_identifier, configuration,
@@ -211,7 +219,7 @@ def _train(launch: Launch, device: torch.device, dataset_name_or_id: str, config
     trainer.perform_actual_validation(npz)
 
 
-def _log_group(trainer, launch: Launch, device: torch.device) -> None:
+def _log_group(trainer: nnUNetTrainer, launch: Launch, device: torch.device) -> None:
     """Say in rank 0's log how the group trains: world size, backend, devices, the batch per rank."""
     batches: list = [None] * launch.world_size
     dist.all_gather_object(batches, trainer.batch_size)

@@ -27,8 +27,16 @@ _NNUNET_TRAINER_MODULE = importlib.import_module(nnUNetTrainer.__module__)
 
 def process_device(kind: str, local_rank: int) -> torch.device:
     """The device of the process with node-local rank ``local_rank``: ``cuda:LOCAL_RANK`` for ``kind`` 'cuda', else
-    the CPU (``kind`` 'cpu'). Raises ValueError for another kind (nnU-Net's 'mps' has no process groups)."""
+    the CPU (``kind`` 'cpu'). Raises ValueError for another kind (nnU-Net's 'mps' has no process groups), and for a
+    ``local_rank`` beyond the node's CUDA devices (NCCL takes one GPU per rank)."""
     if kind == 'cuda':
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f'LOCAL_RANK {local_rank} trains on cuda:{local_rank}, but this node has {count} CUDA device'
+                f'{"s" * (count != 1)} (CUDA_VISIBLE_DEVICES={os.environ.get("CUDA_VISIBLE_DEVICES", "unset")}): '
+                f'start at most {count} process{"es" * (count != 1)} per node (torchrun --nproc-per-node {count}), '
+                f'one per GPU, as NCCL needs')
         return torch.device('cuda', local_rank)
     if kind == 'cpu':
         return torch.device('cpu')
