@@ -109,6 +109,7 @@ def _worker_of(agent: subprocess.Popen) -> int:
     return int(children[0])
 
 
+@pytest.mark.filterwarnings('ignore:Unable to enable fault handler')  # torchrun's @record, under capture
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_the_latest_checkpoint(agent_env, monkeypatch, capsys):
     agents = start_agents(agent_env, SUPERVISED, epochs=2, max_restarts=1)
     fold = fold_folder(agent_env, SUPERVISED)
