@@ -128,11 +128,11 @@ def check_shared_folders(folders: Mapping[str, str | None]) -> None:
     dist.barrier()
     unseen = {variable: folder for variable, folder in folders.items() if not folder or not isfile(join(folder, name))}
     everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, (socket.gethostname(), dict(folders), unseen))
-    dist.barrier()
+    dist.all_gather_object(everyone, (socket.gethostname(), dict(folders), unseen))  # every rank has looked
     if rank == 0:
         for folder in filter(None, folders.values()):
             os.remove(join(folder, name))
+    dist.barrier()  # the files are gone when any rank goes on
     first = everyone[0][1]
     problems = [f'rank {r} (host {host}) does not see the {variable} of rank 0 ({first[variable]}): '
                 + (f'{variable} is not set there' if not folder else
