@@ -82,6 +82,7 @@ def state_dict_hash(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('trainer', [SUPERVISED, PRETRAINING])
 def test_two_agents_train_one_fold_with_equal_weights(agent_env, trainer):
     finish(start_agents(agent_env, trainer, epochs=2))
@@ -109,6 +110,7 @@ def _worker_of(agent: subprocess.Popen) -> int:
     return int(children[0])
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings('ignore:Unable to enable fault handler')  # torchrun's @record, under capture
 def test_a_killed_worker_is_restarted_and_the_run_resumes_from_the_latest_checkpoint(agent_env, monkeypatch, capsys):
     agents = start_agents(agent_env, SUPERVISED, epochs=2, max_restarts=1)
