@@ -22,6 +22,7 @@ from nnunetv2.utilities import file_path_utilities
 from nnunet_plugins import settings
 from nnunet_plugins.commands import train
 from nnunet_plugins.commands.train import Launch, LaunchError, check_shared_folders
+from nnunet_plugins.training.distributed import process_device
 
 from helpers import CONFIGURATION, DATASET_ID, on_two_ranks, training_log
 
@@ -196,3 +197,14 @@ def test_a_rank_that_sees_another_results_folder_is_refused(tmp_path, monkeypatc
         f'rank 1 (host {socket.gethostname()}) does not see the nnUNet_results of rank 0 ({tmp_path / "results"}): '
         f'its nnUNet_results, {tmp_path / "results_of_rank1"}, lacks the file rank 0 wrote there. ')
     assert 'nnUNet_preprocessed' not in ranks[0]['refused'].split('. ')[0]
+
+
+def test_each_process_takes_the_gpu_of_its_local_rank(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert process_device('cuda', 1) == torch.device('cuda', 1)  # on every node, not the global rank's
+    assert process_device('cpu', 7) == torch.device('cpu')
+    with pytest.raises(ValueError, match=r'LOCAL_RANK 2 trains on cuda:2, but this node has 2 CUDA devices .*'
+                                         r'start at most 2 processes per node \(torchrun --nproc-per-node 2\)'):
+        process_device('cuda', 2)
+    with pytest.raises(ValueError, match='-device mps cannot train in a torchrun group'):
+        process_device('mps', 0)
