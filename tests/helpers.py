@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from monai.networks.nets import SwinUNETR as MONAISwinUNETR
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -255,3 +257,30 @@ def pretraining_step(trainer) -> dict:
     shape = (trainer.batch_size, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
     return trainer.train_step({'data': torch.randn(shape, generator=torch.Generator().manual_seed(7)),
                                'target': None})
+
+
+# ---- two gloo ranks, for the DDP gathers and the torchrun checks ----
+
+def _rank(rank: int, rendezvous: str, out: str, step) -> None:
+    """Rank ``rank`` of two: join the group, save what ``step(rank)`` returns, and leave the group even if it fails."""
+    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=2)
+    try:
+        torch.save(step(rank), f'{out}/rank{rank}.pt')
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_ranks(step, tmp_path) -> list:
+    """What ``step(rank)`` (a module-level function) returns on each of two gloo ranks: rank 1 in a spawned process,
+    rank 0 in this one (one interpreter start less)."""
+    args = (str(tmp_path / 'rendezvous'), str(tmp_path), step)
+    other = mp.get_context('spawn').Process(target=_rank, args=(1, *args))
+    other.start()
+    try:
+        _rank(0, *args)
+    finally:
+        other.join(timeout=120)
+        if other.exitcode is None:
+            other.kill()
+    assert other.exitcode == 0
+    return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]

@@ -9,8 +9,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
@@ -32,8 +30,8 @@ from nnunet_plugins.training.mednext import (
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR_PretrainRCR
 
 from helpers import (
-    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, pretraining_step, pretrainer,
-    training_log)
+    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, on_two_ranks, pretraining_step,
+    pretrainer, training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 PRETRAIN_MAE = 'nnUNetTrainerMedNeXtS_PretrainMAE'
@@ -121,31 +119,6 @@ def test_nt_xent_matches_the_explicit_computation():
 
 
 # ---- the DDP gathers: every rank's views or tokens are negatives, with gradient ----
-
-def _rank(rank: int, rendezvous: str, out: str, step) -> None:
-    """Rank ``rank`` of two: join the group, save what ``step(rank)`` returns, and leave the group even if it fails."""
-    dist.init_process_group('gloo', init_method=f'file://{rendezvous}', rank=rank, world_size=2)
-    try:
-        torch.save(step(rank), f'{out}/rank{rank}.pt')
-    finally:
-        dist.destroy_process_group()
-
-
-def on_two_ranks(step, tmp_path) -> list[dict]:
-    """What ``step(rank)`` (a module-level function) returns on each of two gloo ranks: rank 1 in a spawned process,
-    rank 0 in this one (one interpreter start less)."""
-    args = (str(tmp_path / 'rendezvous'), str(tmp_path), step)
-    other = mp.get_context('spawn').Process(target=_rank, args=(1, *args))
-    other.start()
-    try:
-        _rank(0, *args)
-    finally:
-        other.join(timeout=120)
-        if other.exitcode is None:
-            other.kill()
-    assert other.exitcode == 0
-    return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
-
 
 def _inputs_and_projection() -> tuple[torch.Tensor, torch.Tensor, nn.Linear]:
     """Two views of 6 sub-volumes (3 per rank), 5 features each, and a projection to 4-d, the same everywhere."""

@@ -106,8 +106,8 @@ class PretrainingOverrides(nnUNetTrainerPlugin):
                                f'{sum(p.numel() for p in model.network.parameters()):,} parameters')
         self.print_to_log_file(f'pre-training optimiser: {self.optimiser_settings_of_run().describe(self.num_epochs)}')
         if self.is_ddp:
-            self.network = DistributedDataParallel(self.network.module, device_ids=[self.local_rank],
-                                                   find_unused_parameters=True)
+            # no device_ids: DDP takes the parameters' device (nnU-Net's device_ids=[rank] holds on one node only)
+            self.network = DistributedDataParallel(self.network.module, find_unused_parameters=True)
 
     def do_split(self) -> tuple[list[str], list[str]]:
         """Extends ``nnUNetTrainer.do_split``: nnU-Net's split of the labeled cases, with every unlabeled case added

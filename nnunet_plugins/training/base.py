@@ -33,6 +33,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from nnunet_plugins import settings
 from nnunet_plugins.weights import CheckpointError, check_readable
@@ -143,8 +144,9 @@ class nnUNetTrainerPlugin(nnUNetTrainer):
                                    f'{self.freeze_encoder_epochs}')
 
     def plain_network(self) -> nn.Module:
-        """The network without the DDP and torch.compile wrappers."""
-        network = self.network.module if self.is_ddp else self.network
+        """The network without the DDP and torch.compile wrappers (either may be absent: nnU-Net wraps DDP after
+        ``configure_optimizers``, which pre-training gives the model's parameters)."""
+        network = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return network._orig_mod if isinstance(network, OptimizedModule) else network
 
     def switch_gradient_checkpointing(self, network: nn.Module) -> None:
