@@ -53,7 +53,7 @@ for processes in 1 2; do
     fi
     if [ "$code" != 0 ]; then
         echo "   the run failed; the error, from $output:"
-        grep -h "Error\|error\|refuse\|NCCL\|LOCAL_RANK" "$output" | grep -v "^\s*$" | sort -u | head -8 | sed 's/^/   /'
+        grep -h "^[A-Za-z.]*Error: \|refuse\|LOCAL_RANK" "$output" | grep -v "^\s*$" | tail -4 | sed 's/^/   /'
     fi
     summary+=("--nproc-per-node $processes: exit $code, ${seconds} s")
 done
