@@ -284,3 +284,15 @@ def on_two_ranks(step, tmp_path) -> list:
             other.kill()
     assert other.exitcode == 0
     return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
+
+
+def saved_checkpoint_and_supervised_network(trainer, supervised, path) -> tuple[dict, nn.Module]:
+    """Save a pre-training ``trainer``'s checkpoint to ``path``; return it, read back, and a fresh network of the
+    ``supervised`` trainer on the same plans (the network stock ``-pretrained_weights`` loads it into)."""
+    trainer.save_checkpoint(str(path))
+    checkpoint = torch.load(path, weights_only=False)
+    network = supervised.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
+        trainer.label_manager.num_segmentation_heads,
+        enable_deep_supervision=getattr(supervised, 'enable_deep_supervision', True))
+    return checkpoint, network

@@ -17,7 +17,8 @@ from nnunet_plugins.pretraining.mae import block_mask, mask_block, masked_count,
 from nnunet_plugins.pretraining.mae_model import MAEModel, is_seg_head
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_PretrainMAE
 
-from helpers import FAMILIES, PRETRAINING_PATCH, pretraining_step, pretrainer, training_log
+from helpers import (FAMILIES, PRETRAINING_PATCH, pretraining_step, pretrainer, saved_checkpoint_and_supervised_network,
+                     training_log)
 
 
 def test_blocks_are_nnssls_16_voxels_fitted_to_the_patch():
@@ -103,12 +104,7 @@ def test_one_step_trains_the_whole_network_and_the_checkpoint_loads_into_the_sup
     assert any(n.startswith('network.encoder.') for n in changed) and any(n.startswith('network.decoder.')
                                                                            for n in changed)
 
-    trainer.save_checkpoint(str(tmp_path / 'checkpoint.pth'))
-    checkpoint = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
-    network = supervised.build_network_architecture(
-        trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
-        trainer.label_manager.num_segmentation_heads,
-        enable_deep_supervision=getattr(supervised, 'enable_deep_supervision', True))
+    checkpoint, network = saved_checkpoint_and_supervised_network(trainer, supervised, tmp_path / 'checkpoint.pth')
     fresh = network.state_dict()
     weights = checkpoint['network_weights']
     assert list(weights) == list(fresh) and all(weights[k].shape == fresh[k].shape for k in fresh)

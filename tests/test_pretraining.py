@@ -31,7 +31,7 @@ from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR_PretrainRCR
 
 from helpers import (
     CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, on_two_ranks, pretraining_step,
-    pretrainer, training_log)
+    pretrainer, saved_checkpoint_and_supervised_network, training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 PRETRAIN_MAE = 'nnUNetTrainerMedNeXtS_PretrainMAE'
@@ -226,12 +226,7 @@ def test_one_step_trains_encoder_and_heads_only_and_saves_the_supervised_keys(ma
     for head in heads:
         assert any(n.startswith(f'heads.{head}.') for n in changed), head
 
-    trainer.save_checkpoint(str(tmp_path / 'checkpoint.pth'))
-    checkpoint = torch.load(tmp_path / 'checkpoint.pth', weights_only=False)
-    network = supervised.build_network_architecture(
-        trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
-        trainer.label_manager.num_segmentation_heads,
-        enable_deep_supervision=getattr(supervised, 'enable_deep_supervision', True))
+    checkpoint, network = saved_checkpoint_and_supervised_network(trainer, supervised, tmp_path / 'checkpoint.pth')
     assert list(checkpoint['network_weights']) == list(network.state_dict())
     assert set(checkpoint[HEADS_KEY]) == {n.removeprefix('heads.') for n in before if n.startswith('heads.')}
 
