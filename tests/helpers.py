@@ -6,7 +6,9 @@ import dataclasses
 import glob
 import json
 import os
+import socket
 import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,6 +285,27 @@ def on_two_ranks(step, tmp_path) -> list:
         if other.exitcode is None:
             other.kill()
     assert other.exitcode == 0
+    return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that is free now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def on_two_torchrun_agents(script: Path, tmp_path: Path) -> list:
+    """What ``script`` saves as ``rank{R}.pt`` in ``tmp_path`` (its argument) when two torchrun agents on 127.0.0.1,
+    one process each, run it as two nodes would (static rendezvous)."""
+    port = free_port()
+    agents = [subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc-per-node', '1', '--node-rank',
+         str(node), '--master-addr', '127.0.0.1', '--master-port', str(port), str(script), str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL) for node in range(2)]
+    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    for node, (agent, output) in enumerate(zip(agents, outputs)):
+        assert agent.returncode == 0, f'agent {node} exited {agent.returncode}:\n{output[-6000:]}'
     return [torch.load(tmp_path / f'rank{rank}.pt') for rank in range(2)]
 
 

@@ -5,6 +5,7 @@ share), the checkpoint, the settings of a run, and the stock CLI from pre-traini
 import json
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +31,8 @@ from nnunet_plugins.training.mednext import (
 from nnunet_plugins.training.swinunetr import nnUNetTrainerSwinUNETR_PretrainRCR
 
 from helpers import (
-    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, on_two_ranks, pretraining_step,
-    pretrainer, saved_checkpoint_and_supervised_network, training_log)
+    CONFIGURATION, DATASET_ID, FAMILIES, NUM_TRAINING, PRETRAINING_PATCH, SWIN_PATCH, on_two_ranks,
+    on_two_torchrun_agents, pretraining_step, pretrainer, saved_checkpoint_and_supervised_network, training_log)
 
 PRETRAIN = 'nnUNetTrainerMedNeXtS_PretrainRCR'
 PRETRAIN_MAE = 'nnUNetTrainerMedNeXtS_PretrainMAE'
@@ -142,9 +143,13 @@ def _both_steps(rank: int) -> dict:
     return {'nt_xent': _nt_xent_step(rank), 'token': _token_step(rank)}
 
 
-@pytest.fixture(scope='module')
-def two_rank_steps(tmp_path_factory) -> list[dict]:
-    return on_two_ranks(_both_steps, tmp_path_factory.mktemp('ddp'))
+@pytest.fixture(scope='module', params=['spawned', pytest.param('torchrun', marks=pytest.mark.e2e)])
+def two_rank_steps(request, tmp_path_factory) -> list[dict]:
+    """Each rank's steps, the ranks started by ``multiprocessing`` or as two torchrun agents (two nodes' way)."""
+    folder = tmp_path_factory.mktemp('ddp')
+    if request.param == 'spawned':
+        return on_two_ranks(_both_steps, folder)
+    return on_two_torchrun_agents(Path(__file__).resolve().parent / 'ddp_steps.py', folder)
 
 
 def test_ddp_gather_gives_the_single_process_loss_and_gradients(two_rank_steps):

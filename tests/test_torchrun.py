@@ -24,17 +24,11 @@ from nnunet_plugins.commands import train
 from nnunet_plugins.commands.train import Launch, LaunchError, check_shared_folders
 from nnunet_plugins.training.distributed import process_device
 
-from helpers import CONFIGURATION, DATASET_ID, on_two_ranks, training_log
+from helpers import CONFIGURATION, DATASET_ID, free_port, on_two_ranks, training_log
 
 TEST_TRAINERS = Path(__file__).resolve().parent / 'torchrun_trainers'
 SUPERVISED, PRETRAINING = 'nnUNetTrainerMedNeXtS_torchrun', 'nnUNetTrainerMedNeXtS_PretrainTokenCL_torchrun'
 AGENT_TIMEOUT = 600
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
