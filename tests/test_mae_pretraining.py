@@ -14,7 +14,8 @@ from torch import nn
 from nnunet_plugins.pretraining import MAE
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
 from nnunet_plugins.pretraining.mae import block_mask, mask_block, masked_count, masked_mse
-from nnunet_plugins.pretraining.mae_model import MAEModel, is_seg_head
+from nnunet_plugins.pretraining.mae_model import MAEModel
+from nnunet_plugins.weights.files import is_seg_head
 from nnunet_plugins.training.mednext import nnUNetTrainerMedNeXtS_PretrainMAE
 
 from helpers import (FAMILIES, PRETRAINING_PATCH, pretraining_step, pretrainer, saved_checkpoint_and_supervised_network,

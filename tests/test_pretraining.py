@@ -16,7 +16,7 @@ from torch import nn
 
 from nnunet_plugins import ext_trainer_folder, settings
 from nnunet_plugins.pretraining.checkpoint import HEADS_KEY
-from nnunet_plugins.pretraining.mae_model import is_seg_head
+from nnunet_plugins.weights.files import is_seg_head
 from nnunet_plugins.pretraining.rcr_heads import RCRModel, upsampling_steps
 from nnunet_plugins.pretraining.rcr_views import (
     LOSS_TERMS, allowed_rotations, make_views, nt_xent, proxy_losses)

@@ -11,9 +11,8 @@ from typing import Any
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_plugins.weights.files import PRETRAINING_HEADS_KEY as HEADS_KEY
 from nnunet_plugins.weights.transfer import input_layers
-
-HEADS_KEY = 'pretraining_heads'
 # nnssl's DynamicArchitecturePlans takes exactly these arguments (those of ResidualEncoderUNet in nnU-Net's plans)
 _NNSSL_DYNAMIC_KWARGS = ('n_stages', 'features_per_stage', 'conv_op', 'kernel_sizes', 'strides', 'n_blocks_per_stage',
                          'n_conv_per_stage_decoder', 'conv_bias', 'norm_op', 'norm_op_kwargs', 'dropout_op',

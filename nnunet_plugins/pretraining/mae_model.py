@@ -16,14 +16,7 @@ from dynamic_network_architectures.building_blocks.helper import convert_dim_to_
 from torch import nn
 
 from nnunet_plugins.pretraining.method import PretrainingModel
-
-SEG_HEADS = 'seg_layers'  # the key part of every segmentation head, nnU-Net's and ours
-
-
-def is_seg_head(key: str) -> bool:
-    """Whether the state-dict key or module name ``key`` belongs to a segmentation head (deep-supervision heads
-    included): what nnU-Net's ``load_pretrained_weights`` leaves out ('.seg_layers.')."""
-    return SEG_HEADS in key.split('.')
+from nnunet_plugins.weights.files import SEG_HEADS, is_seg_head
 
 
 def final_head(network: nn.Module, input_channels: int, patch_size: Sequence[int]) -> tuple[str, int]:

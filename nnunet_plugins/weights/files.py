@@ -23,10 +23,11 @@ _ZIP_MAGIC = b'PK\x03\x04'  # torch.save writes zip archives (since torch 1.6, a
 # prefixes of state-dict keys saved from a wrapped network: torch.compile's OptimizedModule, DDP
 _WRAPPER_PREFIXES = ('_orig_mod.', 'module.')
 _NAMED = 5  # how many keys an error shows
-_NNSSL_PLAN = 'nnssl_adaptation_plan'  # beside network_weights in nnssl's checkpoints (weights.nnssl)
-# this package's pre-training checkpoints hold their heads under this key (pretraining.checkpoint.HEADS_KEY) and an
-# nnssl adaptation plan for nnssl's tools; they are read as the nnU-Net checkpoints they are, as before the plan
-_OWN_PRETRAINING = 'pretraining_heads'
+ADAPTATION_PLAN_KEY = 'nnssl_adaptation_plan'  # beside network_weights in nnssl's checkpoints (weights.nnssl)
+# this package's pre-training checkpoints hold their heads under this key (pretraining.checkpoint) and an nnssl
+# adaptation plan for nnssl's tools; they are read as the nnU-Net checkpoints they are, as before the plan
+PRETRAINING_HEADS_KEY = 'pretraining_heads'
+SEG_HEADS = 'seg_layers'  # the module name of every segmentation head, nnU-Net's networks' and this package's
 
 LAYOUTS = {
     'nnunet': 'nnU-Net checkpoint (network_weights)',
@@ -42,6 +43,13 @@ LAYOUTS = {
 _SWIN_AUTHORS_PREFIX = 'module.'
 _SWIN_AUTHORS_RENAMES = (('.mlp.fc1.', '.mlp.linear1.'), ('.mlp.fc2.', '.mlp.linear2.'))
 ENCODER_PREFIX = 'encoder.'  # by this package's convention every network's encoder, stem included, is network.encoder
+
+
+def is_seg_head(name: str) -> bool:
+    """Whether the state-dict key or module name ``name`` is a segmentation head's (deep-supervision heads
+    included): what nnU-Net's ``-pretrained_weights`` leaves out ('.seg_layers.' in the key), as the heads depend on
+    the labels."""
+    return SEG_HEADS in name.split('.')
 
 
 class CheckpointError(ValueError):
@@ -142,7 +150,7 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
     if isinstance(content, Mapping) and isinstance(content.get('network_weights'), Mapping):
         state, layout = content['network_weights'], 'nnunet'
         trainer, configuration = content.get('trainer_name'), (content.get('init_args') or {}).get('configuration')
-        if _NNSSL_PLAN in content and _OWN_PRETRAINING not in content:
+        if ADAPTATION_PLAN_KEY in content and PRETRAINING_HEADS_KEY not in content:
             layout = 'nnssl'
     elif isinstance(content, Mapping) and isinstance(content.get('state_dict'), Mapping):
         state, layout = content['state_dict'], 'state_dict'
@@ -164,4 +172,4 @@ def read_network_weights(source: Path | str | Mapping[str, Any], name: str | Non
         renamed = {ENCODER_PREFIX + swin_authors_name_to_ours(key): value for key, value in converted.items()}
         return NetworkWeights(renamed, 'swinunetr-authors', notes=(AXES_NOTE,))
     return NetworkWeights({strip_wrapper_prefixes(key): value for key, value in state.items()}, layout, trainer,
-                          configuration, adaptation_plan=content.get(_NNSSL_PLAN) if layout == 'nnssl' else None)
+                          configuration, adaptation_plan=content.get(ADAPTATION_PLAN_KEY) if layout == 'nnssl' else None)

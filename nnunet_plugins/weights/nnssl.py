@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nnunet_plugins.weights.files import CheckpointError
+from nnunet_plugins.weights.files import ADAPTATION_PLAN_KEY, CheckpointError, is_seg_head
 
-ADAPTATION_PLAN_KEY = 'nnssl_adaptation_plan'
 # nnssl's architecture names -> the class nnU-Net's plans build for it (dynamic_network_architectures)
 NETWORK_OF_ARCHITECTURE = {
     'ResEncL': 'ResidualEncoderUNet',
@@ -37,7 +36,6 @@ NETWORK_OF_ARCHITECTURE = {
 }
 _PLAN_KEYS = ('architecture_plans', 'pretrain_plan', 'pretrain_num_input_channels', 'key_to_encoder', 'key_to_stem',
               'keys_to_in_proj')
-_SKIPPED = '.seg_layers.'
 _DECODER, _DECODER_ALIAS = 'decoder.', 'decoder.encoder.'  # the decoder holds the encoder again under the alias
 _NAMED = 3
 
@@ -182,7 +180,7 @@ def nnssl_source(state: Mapping[str, torch.Tensor], plan: AdaptationPlan, networ
             tensors[key] = tensors[key[len(_DECODER):]]
     taken, skipped = False, []
     for key, value in state.items():
-        if not key.startswith(_DECODER) or key.startswith(_DECODER_ALIAS) or _SKIPPED in key or key in stem \
+        if not key.startswith(_DECODER) or key.startswith(_DECODER_ALIAS) or is_seg_head(key) or key in stem \
                 or key in encoder:
             continue
         if key in target_state and target_state[key].shape == value.shape:

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_plugins.weights.files import ENCODER_PREFIX, LAYOUTS, NetworkWeights, read_network_weights, sha256_of
+from nnunet_plugins.weights.files import (
+    ENCODER_PREFIX, LAYOUTS, NetworkWeights, is_seg_head, read_network_weights, sha256_of)
 from nnunet_plugins.weights.nnssl import AdaptationPlan, nnssl_source
 from nnunet_plugins.weights.report import WeightsReport
 
-SKIPPED = '.seg_layers.'  # nnU-Net's segmentation heads, which depend on the labels; -pretrained_weights skips them too
 NAMED = 5  # how many tensor names an error or report line shows
 MAX_FRESH_SHARE = 0.10  # the share of the encoder's values (parameters and buffers) a load may leave fresh
 MODULE_DEPTH = 3  # fresh tensors are grouped by the first 3 parts of their module's name (encoder.stages.3)
@@ -156,7 +156,7 @@ def transfer_weights(network: nn.Module, source: Mapping[str, torch.Tensor], inp
             (unless ``allow_partial``) more than :data:`MAX_FRESH_SHARE` of the encoder would stay fresh.
     """
     target = network.state_dict()
-    wanted = [name for name in target if name.startswith(prefixes) and SKIPPED not in name]
+    wanted = [name for name in target if name.startswith(prefixes) and not is_seg_head(name)]
     adaptable = input_layers(network, input_channels)
     report = TransferReport(source=source_name, source_format=source_format, prefixes=list(prefixes))
     state, wrong = {}, []
