@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from nnunet_plugins.training.schedule import POLY_EXPONENT
 
 OPTIMISERS = ('AdamW', 'SGD')
 DECAYS = ('cosine', 'poly')
-POLY_EXPONENT = 0.9  # nnU-Net's and nnssl's poly decay, (1 - progress) ** 0.9
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ every epoch and does not save the scheduler), so ``nnUNetv2_train --c`` resumes 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-POLY_EXPONENT = 0.9  # nnU-Net's
+POLY_EXPONENT = 0.9  # nnU-Net's poly decay, (1 - progress) ** 0.9; nnssl's MAE schedule uses it too
 FINETUNE_WARMUP_EPOCHS = 50  # the _Finetune trainers' warm-up: the nnU-Net team's default for 1000-epoch fine-tuning
 
 
