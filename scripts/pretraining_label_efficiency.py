@@ -1,76 +1,109 @@
-"""Does self-supervised pre-training help when only two cases are labeled? A small label-efficiency run.
+"""Does self-supervised pre-training help when only two cases are labeled? A label-efficiency study.
 
-For every seed and every pre-training trainer given (e.g. ``nnUNetTrainerMedNeXtS_PretrainRCR``), the trainer
-pre-trains on fold ``all`` of the synthetic dataset (every training image; the loss reads no label) under that seed.
-Then the supervised trainer (the pre-training trainer's name without its ``_Pretrain...`` suffix) trains fold 0,
-whose training split holds only two labeled cases, under the same seed: once from scratch and once from each
-pre-training run with stock ``-pretrained_weights``, each for the same epochs x iterations. nnU-Net's predictor
-(``-f 0``, no mirroring) then segments the held-out cases; the Dice per label, averaged over them, is printed as a
-Markdown table, beside each pre-training run's loss and readings (e.g. TokenCL's collapse monitor) of its first and
-last epoch. Everything is also written to ``label_efficiency_<E>x<I>.json`` in WORK_FOLDER.
+For every pre-training trainer given (e.g. ``nnUNetTrainerMedNeXtS_PretrainRCR``), the trainer pre-trains on fold
+``all`` of a synthetic dataset (every training image; the loss reads no label). Then the supervised trainer (the
+pre-training trainer's name without its ``_Pretrain...`` suffix) trains fold 0, whose training split holds only two
+labeled cases, under each seed: once from scratch and once from each pre-training run with stock
+``-pretrained_weights``, each for the same epochs x iterations. By default each seed pre-trains too; with
+``--pretrain-seed S`` one pre-training per trainer, under seed S, serves every seed's fine-tuning. nnU-Net's
+predictor (``-f 0``, no mirroring) then segments the held-out cases, and ``nnunet-plugins evaluate`` measures
+them: Dice, NSD and HD95 per label, with paired Wilcoxon tests of every start against scratch over the held-out
+cases of all seeds (case c of seed s is the pair's unit). Written to WORK_FOLDER: ``label_efficiency_<DATA>_<E>x<I>``
+with ``evaluation.md/.json/.csv/.png``, ``study.json`` (settings, wall time, per-seed means, each pre-training's loss
+per epoch) and ``pretraining_curves.png``; the per-seed table and the evaluation's report are also printed.
 
 Every training is a stock ``nnUNetv2_train`` run (nnU-Net's own entry point) in a process of its own that first
 seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that process (``nnUNet_n_proc_DA=0``), so a
 seed fixes the initial weights, the patches and the augmentation (on a GPU, cuDNN's kernels are not bit-for-bit
-deterministic, so repeated GPU runs differ in the last digits). ``--jobs N`` runs N seed-and-start chains
-(pre-training, fine-tuning, prediction) at once; each chain is the same as alone.
+deterministic, so repeated GPU runs differ in the last digits). ``--jobs N`` runs N trainings at once (every
+pre-training is started before any fine-tuning), on the CPU with the cores shared out (``OMP_NUM_THREADS``); each
+is the same as alone.
 
-Data: the tiny synthetic CT-like dataset (about 14 x 32 x 32 voxels at 3.0 x 1.2 x 1.2 mm; an organ, a vessel and a
-lesion), 20 training and 8 held-out cases, nnU-Net's 3d_fullres plan.
+Data (``--data``), both drawn by ``nnunet_plugins.synthetic`` at its tiny size (about 14 x 32 x 32 voxels at
+3.0 x 1.2 x 1.2 mm; an organ, a vessel and a lesion), nnU-Net's 3d_fullres plan:
+
+- ``varied`` (default): ``synthetic.VARIED``, MR-like cases whose contrasts flip sign, with bias fields, noise
+  levels, mirrored positions, sizes and shapes that vary, and no lesion in some; 100 training images (2 of them
+  labeled for fold 0, 2 more for its validation), 10 held-out cases; the plans' batch size set to 2 (nnU-Net
+  plans 5 for these tiny images) so that the study fits a 2-core CPU.
+- ``tiny``: the CT-like default set, 20 training images (2 labeled, 4 validation) and 8 held-out cases, the plans'
+  batch size (the README's runs before the varied set).
 
 Usage: ``python scripts/pretraining_label_efficiency.py WORK_FOLDER --pretrainers nnUNetTrainerMedNeXtS_PretrainRCR
-[--pretrain-epochs 30] [--finetune-epochs 20] [--iterations 10] [--seeds 0 1] [--device cuda] [--jobs 4]``. Runs
-already finished in WORK_FOLDER are reused (pre-training and fine-tuning alike), so more pre-training trainers can
-be added later. Trainers declared outside the package (ablations) come in with ``--trainer-folder FOLDER`` (put on
-``nnUNet_extTrainer``).
+[--data varied] [--pretrain-epochs 30] [--pretrain-iterations 20] [--finetune-epochs 20] [--iterations 10]
+[--seeds 0 1] [--pretrain-seed 0] [--device cuda] [--jobs 4]``. Runs already finished in WORK_FOLDER are reused
+(pre-training and fine-tuning alike), so more pre-training trainers can be added later. Trainers declared outside
+the package (ablations) come in with ``--trainer-folder FOLDER`` (put on ``nnUNet_extTrainer``).
 """
 import argparse
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-DATASET_ID, DATASET_NAME = 993, 'LabelEfficiency'
-NUM_TRAINING, NUM_HELDOUT = 20, 8
 CONFIGURATION = '3d_fullres'
 LABELED = 2  # labeled training cases of fold 0
-VALIDATION = 4  # fold 0's validation cases (nnU-Net needs some; they do not train)
 
 
-def prepare(work: Path) -> dict:
+@dataclass(frozen=True)
+class Data:
+    dataset_id: int
+    name: str
+    training: int
+    heldout: int
+    validation: int           # fold 0's validation cases (nnU-Net needs some; they do not train)
+    varied: bool              # synthetic.VARIED, or the default cases
+    batch_size: int | None    # set in the plans; None keeps nnU-Net's
+
+
+DATA = {'varied': Data(994, 'LabelEfficiencyVaried', 100, 10, 2, True, 2),
+        'tiny': Data(993, 'LabelEfficiency', 20, 8, 4, False, None)}
+
+
+def dataset_folder(data: Data) -> str:
+    return f'Dataset{data.dataset_id:03d}_{data.name}'
+
+
+def prepare(work: Path, data: Data) -> dict:
     """The dataset, planned and preprocessed once, with fold 0 = two labeled training cases; nnU-Net's environment."""
     from nnunet_plugins import synthetic
     from nnunet_plugins.workspace import nnunet_environment, run_stock
     env = nnunet_environment(work, processes=1)
-    preprocessed = work / 'nnUNet_preprocessed' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
+    preprocessed = work / 'nnUNet_preprocessed' / dataset_folder(data)
     splits = preprocessed / 'splits_final.json'
     if not splits.is_file():
-        synthetic.write_dataset(work / 'nnUNet_raw', DATASET_ID, DATASET_NAME, NUM_TRAINING, NUM_HELDOUT, seed=5,
-                                size=synthetic.TINY)
-        run_stock(['nnUNetv2_plan_and_preprocess', '-d', DATASET_ID, '-c', CONFIGURATION, '-np', 1], env,
+        synthetic.write_dataset(work / 'nnUNet_raw', data.dataset_id, data.name, data.training, data.heldout, seed=5,
+                                size=synthetic.TINY, variation=synthetic.VARIED if data.varied else None)
+        run_stock(['nnUNetv2_plan_and_preprocess', '-d', data.dataset_id, '-c', CONFIGURATION, '-np', 1], env,
                   capture=True)
-        labels = work / 'nnUNet_raw' / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}' / 'labelsTr'
+        if data.batch_size:
+            plans_file = preprocessed / 'nnUNetPlans.json'
+            plans = json.loads(plans_file.read_text())
+            plans['configurations'][CONFIGURATION]['batch_size'] = data.batch_size
+            plans_file.write_text(json.dumps(plans, indent=4))
+        labels = work / 'nnUNet_raw' / dataset_folder(data) / 'labelsTr'
         cases = sorted(p.name.removesuffix('.nii.gz') for p in labels.glob('*.nii.gz'))
-        splits.write_text(json.dumps([{'train': cases[:LABELED], 'val': cases[LABELED:LABELED + VALIDATION]}]))
+        splits.write_text(json.dumps([{'train': cases[:LABELED], 'val': cases[LABELED:LABELED + data.validation]}]))
     return env
 
 
-def train(env: dict, results: Path, trainer: str, fold: str, epochs: int, iterations: int, seed: int,
+def train(env: dict, data: Data, results: Path, trainer: str, fold: str, epochs: int, iterations: int, seed: int,
           device: str, pretrained: Path | None = None) -> Path:
     """``nnUNetv2_train`` in a seeded process of its own (once: a finished run is reused); the fold folder."""
     from nnunet_plugins import settings
-    folder = results / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}' / f'{trainer}__nnUNetPlans__{CONFIGURATION}' / \
-        f'fold_{fold}'
+    folder = results / dataset_folder(data) / f'{trainer}__nnUNetPlans__{CONFIGURATION}' / f'fold_{fold}'
     if (folder / 'checkpoint_final.pth').is_file():
         return folder
-    args = [str(DATASET_ID), CONFIGURATION, fold, '-tr', trainer, '-device', device]
+    args = [str(data.dataset_id), CONFIGURATION, fold, '-tr', trainer, '-device', device]
     if pretrained is not None:
         args += ['-pretrained_weights', str(pretrained)]
     run_env = {**env, 'nnUNet_results': str(results), 'nnUNet_n_proc_DA': '0', settings.EPOCHS: str(epochs),
@@ -96,26 +129,14 @@ def seeded_train(seed: int, args: list[str]) -> None:
     run_training_entry()
 
 
-def heldout_dice(env: dict, results: Path, trainer: str, out: Path, device: str) -> dict[str, float]:
-    """Predict the held-out images with fold 0 (no mirroring); the Dice per label, averaged over the cases."""
-    import SimpleITK as sitk
-    from nnunet_plugins import synthetic
+def predict_heldout(env: dict, data: Data, results: Path, trainer: str, out: Path, device: str) -> Path:
+    """Segment the held-out images with fold 0 (no mirroring) into ``out`` (once)."""
     from nnunet_plugins.workspace import run_stock
-    raw = Path(env['nnUNet_raw']) / f'Dataset{DATASET_ID:03d}_{DATASET_NAME}'
-    if not out.is_dir() or len(list(out.glob('*.nii.gz'))) < NUM_HELDOUT:
-        run_stock(['nnUNetv2_predict', '-i', raw / 'imagesTs', '-o', out, '-d', DATASET_ID, '-c', CONFIGURATION,
-                   '-f', 0, '-tr', trainer, '-device', device, '--disable_tta', '-npp', 1, '-nps', 1],
-                  {**env, 'nnUNet_results': str(results)}, capture=True)
-    scores = {name: [] for name in synthetic.LABELS if name != 'background'}
-    for reference in sorted((raw / 'labelsTs').glob('*.nii.gz')):
-        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
-        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / reference.name)))
-        for name in scores:
-            label = synthetic.LABELS[name]
-            both = np.count_nonzero((truth == label) & (prediction == label))
-            total = np.count_nonzero(truth == label) + np.count_nonzero(prediction == label)
-            scores[name].append(2 * both / total if total else 1.0)
-    return {name: float(np.mean(values)) for name, values in scores.items()}
+    if not out.is_dir() or len(list(out.glob('*.nii.gz'))) < data.heldout:
+        run_stock(['nnUNetv2_predict', '-i', Path(env['nnUNet_raw']) / dataset_folder(data) / 'imagesTs', '-o', out,
+                   '-d', data.dataset_id, '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', device,
+                   '--disable_tta', '-npp', 1, '-nps', 1], {**env, 'nnUNet_results': str(results)}, capture=True)
+    return out
 
 
 def supervised_trainer(pretrainer: str) -> str:
@@ -125,30 +146,88 @@ def supervised_trainer(pretrainer: str) -> str:
     return match.group(1)
 
 
-def pretraining_readings(checkpoint: Path) -> dict[str, list[float]]:
-    """A pre-training run's logged training loss, loss terms and readings of its first and last epoch."""
+def pretraining_log(checkpoint: Path) -> dict[str, list[float]]:
+    """A pre-training run's logged training loss, loss terms and readings (e.g. TokenCL's collapse monitor), each
+    per epoch."""
     import torch
     logged = torch.load(checkpoint, map_location='cpu', weights_only=False)['logging']
-    return {'loss' if name == 'train_losses' else name.removeprefix('train_'): [float(values[0]), float(values[-1])]
+    return {'loss' if name == 'train_losses' else name.removeprefix('train_'): [float(v) for v in values]
             for name, values in logged.items()
             if name.startswith('train_') and values and isinstance(values[0], (int, float, np.floating))}
 
 
-def chain(env: dict, work: Path, supervised: str, pretrainer: str | None, seed: int, args) -> dict:
-    """Pre-train (unless from scratch), fine-tune fold 0 and segment the held-out cases, all under ``seed``."""
-    name, checkpoint, readings = 'scratch', None, {}
-    if pretrainer is not None:
-        name = pretrainer.removeprefix(supervised + '_')
-        folder = train(env, work / 'results' / f'{pretrainer}_seed{seed}', pretrainer, 'all', args.pretrain_epochs,
-                       args.pretrain_iterations, seed, args.device)
-        checkpoint = folder / 'checkpoint_final.pth'
-        readings = pretraining_readings(checkpoint)
+def pretrain(env: dict, data: Data, work: Path, pretrainer: str, seed: int, args) -> Path:
+    folder = train(env, data, work / 'results' / f'{pretrainer}_seed{seed}', pretrainer, 'all', args.pretrain_epochs,
+                   args.pretrain_iterations, seed, args.device)
+    return folder / 'checkpoint_final.pth'
+
+
+def chain(env: dict, data: Data, work: Path, supervised: str, pretrainer: str | None, pretraining: Future | None,
+          seed: int, args) -> dict:
+    """Fine-tune fold 0 (from scratch, or from ``pretraining``'s checkpoint) and segment the held-out cases."""
+    name = 'scratch' if pretrainer is None else pretrainer.removeprefix(supervised + '_')
+    checkpoint = pretraining.result() if pretraining else None
     results = work / 'results' / f'finetune_{name}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
-    train(env, results, supervised, '0', args.finetune_epochs, args.iterations, seed, args.device, checkpoint)
-    dice = heldout_dice(env, results, supervised, results / 'heldout', args.device)
-    row = {'start': name, 'seed': seed, 'dice': dice, 'pretraining_first_last_epoch': readings}
-    print(f'  done: {json.dumps(row)}', flush=True)
-    return row
+    train(env, data, results, supervised, '0', args.finetune_epochs, args.iterations, seed, args.device, checkpoint)
+    heldout = predict_heldout(env, data, results, supervised, results / 'heldout', args.device)
+    return {'start': name, 'seed': seed, 'heldout': heldout, 'pretraining': checkpoint}
+
+
+def evaluate(env: dict, data: Data, rows: list[dict], out: Path) -> dict:
+    """``nnunet-plugins evaluate`` of every start, the held-out cases of all seeds pooled (case c of seed s is
+    ``<c>_seed<s>`` in every start's folder and in the reference folder), against scratch; its evaluation.json."""
+    from nnunet_plugins.workspace import run_stock
+    raw = Path(env['nnUNet_raw']) / dataset_folder(data)
+    pooled = out / 'pooled'
+    for row in rows:
+        folder = pooled / row['start']
+        folder.mkdir(parents=True, exist_ok=True)
+        for prediction in row['heldout'].glob('*.nii.gz'):
+            pooled_name = f'{prediction.name.removesuffix(".nii.gz")}_seed{row["seed"]}.nii.gz'
+            shutil.copyfile(prediction, folder / pooled_name)
+            reference = raw / 'labelsTs' / prediction.name
+            (pooled / 'reference').mkdir(exist_ok=True)
+            shutil.copyfile(reference, pooled / 'reference' / pooled_name)
+    starts = list(dict.fromkeys(row['start'] for row in rows))
+    run_stock(['nnunet-plugins', 'evaluate', '--pred', *[pooled / start for start in starts], '--ref',
+               pooled / 'reference', '--dataset-json', raw / 'dataset.json', '--baseline', 'scratch', '-np', 1,
+               '--out', out], env, capture=True)
+    return json.loads((out / 'evaluation.json').read_text())
+
+
+def per_seed_means(evaluation: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+    """start -> seed -> label -> {'dice': mean, 'nsd': mean} over that seed's held-out cases (NaNs, e.g. Dice where
+    a label is absent in both, left out as evaluate leaves them out)."""
+    means = {}
+    for start, model in evaluation['models'].items():
+        by_seed = {}
+        for case in model['cases']:
+            seed = int(case['case'].rsplit('_seed', 1)[1])
+            for label, values in case['metrics'].items():
+                for metric in ('dice', 'nsd'):
+                    by_seed.setdefault(seed, {}).setdefault(label, {}).setdefault(metric, []).append(values[metric])
+        means[start] = {seed: {label: {m: float(np.nanmean([v if v is not None else np.nan for v in values]))
+                                       for m, values in metrics.items()} for label, metrics in labels.items()}
+                        for seed, labels in sorted(by_seed.items())}
+    return means
+
+
+def plot_curves(logs: dict[str, dict[int, dict[str, list[float]]]], path: Path) -> None:
+    """Each pre-training's loss per epoch, a panel per method, a line per seed."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(logs), figsize=(4 * len(logs), 3.2), squeeze=False)
+    for axis, (start, by_seed) in zip(axes[0], logs.items()):
+        for seed, log in by_seed.items():
+            axis.plot(range(1, len(log['loss']) + 1), log['loss'], label=f'seed {seed}')
+        axis.set_title(start)
+        axis.set_xlabel('epoch')
+        axis.set_ylabel('training loss')
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main() -> None:
@@ -157,43 +236,67 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('work', type=Path)
     parser.add_argument('--pretrainers', nargs='+', required=True, metavar='TRAINER')
+    parser.add_argument('--data', choices=sorted(DATA), default='varied')
     parser.add_argument('--pretrain-epochs', type=int, default=30)
     parser.add_argument('--pretrain-iterations', type=int, default=20)
     parser.add_argument('--finetune-epochs', type=int, default=20)
     parser.add_argument('--iterations', type=int, default=10, help='fine-tuning iterations per epoch')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--pretrain-seed', type=int, metavar='S',
+                        help='one pre-training per trainer, under seed S, for every seed (default: one per seed)')
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
-    parser.add_argument('--jobs', type=int, default=1, help='seed-and-start chains run at once')
+    parser.add_argument('--jobs', type=int, default=1, help='trainings run at once')
     parser.add_argument('--trainer-folder', type=Path, metavar='FOLDER',
                         help='a folder of modules declaring more trainers (e.g. ablations), put on nnUNet_extTrainer')
     args = parser.parse_args()
-    work = args.work.resolve()
-    env = prepare(work)
+    work, data = args.work.resolve(), DATA[args.data]
+    env = prepare(work, data)
     if args.trainer_folder:
         env['nnUNet_extTrainer'] = os.pathsep.join([str(args.trainer_folder.resolve()), env['nnUNet_extTrainer']])
+    if args.device == 'cpu' and args.jobs > 1:  # each process would start a thread per core: the cores oversubscribed
+        env['OMP_NUM_THREADS'] = str(max(1, os.cpu_count() // args.jobs))
     supervised = {supervised_trainer(p) for p in args.pretrainers}
     if len(supervised) != 1:
         raise SystemExit(f'the pre-training trainers serve different networks ({sorted(supervised)}); give one')
     supervised = supervised.pop()
+    pretrain_seeds = args.seeds if args.pretrain_seed is None else [args.pretrain_seed]
     start = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = [pool.submit(chain, env, work, supervised, pretrainer, seed, args)
-                for pretrainer in [None, *args.pretrainers] for seed in args.seeds]
+    with ThreadPoolExecutor(args.jobs) as pool:  # FIFO: every pre-training starts before any chain waits on one
+        pretrainings = {(p, s): pool.submit(pretrain, env, data, work, p, s, args)
+                        for p in args.pretrainers for s in pretrain_seeds}
+        runs = [pool.submit(chain, env, data, work, supervised, p,
+                            p and pretrainings[p, s if args.pretrain_seed is None else args.pretrain_seed], s, args)
+                for p in [None, *args.pretrainers] for s in args.seeds]
         rows = [run.result() for run in runs]
-    table = work / f'label_efficiency_{args.finetune_epochs}x{args.iterations}.json'
-    table.write_text(json.dumps({'settings': {k: str(v) for k, v in vars(args).items()},
-                                 'wall_seconds': round(time.time() - start), 'rows': rows}, indent=2))
-    labels = list(rows[0]['dice'])
-    print(f'\n{supervised}, fold 0 with {LABELED} labeled cases, {args.finetune_epochs} x {args.iterations} '
-          f'iterations; pre-training {args.pretrain_epochs} x {args.pretrain_iterations} iterations on '
-          f'{NUM_TRAINING} images; held-out Dice ({NUM_HELDOUT} cases); {time.time() - start:.0f} s\n')
-    print('| start | seed | ' + ' | '.join(labels) + ' | mean | pre-training, first -> last epoch |')
-    print('|---|---|' + '---|' * (len(labels) + 2))
-    for row in rows:
-        readings = '; '.join(f'{name} {first:.3f} -> {last:.3f}'
-                             for name, (first, last) in row['pretraining_first_last_epoch'].items())
-        print(f'| {row["start"]} | {row["seed"]} | ' + ' | '.join(f'{row["dice"][label]:.3f}' for label in labels) +
-              f' | {np.mean(list(row["dice"].values())):.3f} | {readings} |')
+    wall = time.time() - start
+    out = work / f'label_efficiency_{args.data}_{args.finetune_epochs}x{args.iterations}'
+    evaluation = evaluate(env, data, rows, out)
+    means = per_seed_means(evaluation)
+    logs = {}
+    for (pretrainer, seed), pretraining in pretrainings.items():
+        logs.setdefault(pretrainer.removeprefix(supervised + '_'), {})[seed] = pretraining_log(pretraining.result())
+    plot_curves(logs, out / 'pretraining_curves.png')
+    (out / 'study.json').write_text(json.dumps({
+        'settings': {k: str(v) for k, v in vars(args).items()}, 'data': asdict(data),
+        'wall_seconds_training_and_prediction': round(wall), 'per_seed_means': means, 'pretraining_logs': logs},
+        indent=1))
+
+    labels = list(next(iter(next(iter(means.values())).values())))
+    print(f'\n{supervised}, {args.data} data, fold 0 with {LABELED} labeled cases, {args.finetune_epochs} x '
+          f'{args.iterations} iterations; pre-training {args.pretrain_epochs} x {args.pretrain_iterations} iterations '
+          f'on {data.training} images; held-out cases: {data.heldout}; trainings and predictions {wall:.0f} s\n')
+    print('| start | seed | ' + ' | '.join(f'{label} Dice / NSD' for label in labels) +
+          ' | pre-training loss, first -> last epoch |')
+    print('|---|---|' + '---|' * (len(labels) + 1))
+    for start_name, by_seed in means.items():
+        for seed, values in by_seed.items():
+            log = logs.get(start_name, {}).get(args.pretrain_seed if args.pretrain_seed is not None else seed)
+            loss = f'{log["loss"][0]:.3f} -> {log["loss"][-1]:.3f}' if log else '-'
+            print(f'| {start_name} | {seed} | ' +
+                  ' | '.join(f'{values[label]["dice"]:.3f} / {values[label]["nsd"]:.3f}' for label in labels) +
+                  f' | {loss} |')
+    print('\n' + (out / 'evaluation.md').read_text())
+    print(f'Written to {out}')
 
 
 if __name__ == '__main__':
