@@ -17,7 +17,8 @@ seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that proces
 seed fixes the initial weights, the patches and the augmentation (on a GPU, cuDNN's kernels are not bit-for-bit
 deterministic, so repeated GPU runs differ in the last digits). ``--jobs N`` runs N trainings at once (every
 pre-training is started before any fine-tuning), on the CPU with the cores shared out (``OMP_NUM_THREADS``); each
-is the same as alone.
+is the same as alone. On a 2-core CPU ``--jobs 2`` was slower in all than one at a time (a step took 3-5x as long);
+use it on a GPU or with many cores.
 
 Data (``--data``), both drawn by ``nnunet_plugins.synthetic`` at its tiny size (about 14 x 32 x 32 voxels at
 3.0 x 1.2 x 1.2 mm; an organ, a vessel and a lesion), nnU-Net's 3d_fullres plan:
