@@ -157,6 +157,16 @@ def pretraining_log(checkpoint: Path) -> dict[str, list[float]]:
             if name.startswith('train_') and values and isinstance(values[0], (int, float, np.floating))}
 
 
+def start_name(pretrainer: str | None, supervised: str) -> str:
+    """What the tables call a start: ``scratch``, or the pre-training trainer's method part (``PretrainMAE``)."""
+    return 'scratch' if pretrainer is None else pretrainer.removeprefix(supervised + '_')
+
+
+def pretraining_seed(seed: int, args) -> int:
+    """The seed of the pre-training that the fine-tuning under ``seed`` starts from."""
+    return seed if args.pretrain_seed is None else args.pretrain_seed
+
+
 def pretrain(env: dict, data: Data, work: Path, pretrainer: str, seed: int, args) -> Path:
     folder = train(env, data, work / 'results' / f'{pretrainer}_seed{seed}', pretrainer, 'all', args.pretrain_epochs,
                    args.pretrain_iterations, seed, args.device)
@@ -166,12 +176,12 @@ def pretrain(env: dict, data: Data, work: Path, pretrainer: str, seed: int, args
 def chain(env: dict, data: Data, work: Path, supervised: str, pretrainer: str | None, pretraining: Future | None,
           seed: int, args) -> dict:
     """Fine-tune fold 0 (from scratch, or from ``pretraining``'s checkpoint) and segment the held-out cases."""
-    name = 'scratch' if pretrainer is None else pretrainer.removeprefix(supervised + '_')
+    name = start_name(pretrainer, supervised)
     checkpoint = pretraining.result() if pretraining else None
     results = work / 'results' / f'finetune_{name}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
     train(env, data, results, supervised, '0', args.finetune_epochs, args.iterations, seed, args.device, checkpoint)
     heldout = predict_heldout(env, data, results, supervised, results / 'heldout', args.device)
-    return {'start': name, 'seed': seed, 'heldout': heldout, 'pretraining': checkpoint}
+    return {'start': name, 'seed': seed, 'heldout': heldout}
 
 
 def evaluate(env: dict, data: Data, rows: list[dict], out: Path) -> dict:
@@ -180,15 +190,17 @@ def evaluate(env: dict, data: Data, rows: list[dict], out: Path) -> dict:
     from nnunet_plugins.workspace import run_stock
     raw = Path(env['nnUNet_raw']) / dataset_folder(data)
     pooled = out / 'pooled'
+
+    def pooled_name(case_file: Path, seed: int) -> str:
+        return f'{case_file.name.removesuffix(".nii.gz")}_seed{seed}.nii.gz'
+    (pooled / 'reference').mkdir(parents=True, exist_ok=True)
+    for seed in {row['seed'] for row in rows}:
+        for reference in (raw / 'labelsTs').glob('*.nii.gz'):
+            shutil.copyfile(reference, pooled / 'reference' / pooled_name(reference, seed))
     for row in rows:
-        folder = pooled / row['start']
-        folder.mkdir(parents=True, exist_ok=True)
+        (pooled / row['start']).mkdir(exist_ok=True)
         for prediction in row['heldout'].glob('*.nii.gz'):
-            pooled_name = f'{prediction.name.removesuffix(".nii.gz")}_seed{row["seed"]}.nii.gz'
-            shutil.copyfile(prediction, folder / pooled_name)
-            reference = raw / 'labelsTs' / prediction.name
-            (pooled / 'reference').mkdir(exist_ok=True)
-            shutil.copyfile(reference, pooled / 'reference' / pooled_name)
+            shutil.copyfile(prediction, pooled / row['start'] / pooled_name(prediction, row['seed']))
     starts = list(dict.fromkeys(row['start'] for row in rows))
     run_stock(['nnunet-plugins', 'evaluate', '--pred', *[pooled / start for start in starts], '--ref',
                pooled / 'reference', '--dataset-json', raw / 'dataset.json', '--baseline', 'scratch', '-np', 1,
@@ -265,8 +277,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:  # FIFO: every pre-training starts before any chain waits on one
         pretrainings = {(p, s): pool.submit(pretrain, env, data, work, p, s, args)
                         for p in args.pretrainers for s in pretrain_seeds}
-        runs = [pool.submit(chain, env, data, work, supervised, p,
-                            p and pretrainings[p, s if args.pretrain_seed is None else args.pretrain_seed], s, args)
+        runs = [pool.submit(chain, env, data, work, supervised, p, p and pretrainings[p, pretraining_seed(s, args)], s,
+                            args)
                 for p in [None, *args.pretrainers] for s in args.seeds]
         rows = [run.result() for run in runs]
     wall = time.time() - start
@@ -275,7 +287,7 @@ def main() -> None:
     means = per_seed_means(evaluation)
     logs = {}
     for (pretrainer, seed), pretraining in pretrainings.items():
-        logs.setdefault(pretrainer.removeprefix(supervised + '_'), {})[seed] = pretraining_log(pretraining.result())
+        logs.setdefault(start_name(pretrainer, supervised), {})[seed] = pretraining_log(pretraining.result())
     plot_curves(logs, out / 'pretraining_curves.png')
     (out / 'study.json').write_text(json.dumps({
         'settings': {k: str(v) for k, v in vars(args).items()}, 'data': asdict(data),
@@ -289,11 +301,11 @@ def main() -> None:
     print('| start | seed | ' + ' | '.join(f'{label} Dice / NSD' for label in labels) +
           ' | pre-training loss, first -> last epoch |')
     print('|---|---|' + '---|' * (len(labels) + 1))
-    for start_name, by_seed in means.items():
+    for name, by_seed in means.items():
         for seed, values in by_seed.items():
-            log = logs.get(start_name, {}).get(args.pretrain_seed if args.pretrain_seed is not None else seed)
+            log = logs.get(name, {}).get(pretraining_seed(seed, args))
             loss = f'{log["loss"][0]:.3f} -> {log["loss"][-1]:.3f}' if log else '-'
-            print(f'| {start_name} | {seed} | ' +
+            print(f'| {name} | {seed} | ' +
                   ' | '.join(f'{values[label]["dice"]:.3f} / {values[label]["nsd"]:.3f}' for label in labels) +
                   f' | {loss} |')
     print('\n' + (out / 'evaluation.md').read_text())
