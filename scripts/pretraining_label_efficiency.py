@@ -8,9 +8,11 @@ labeled cases, under each seed: once from scratch and once from each pre-trainin
 ``--pretrain-seed S`` one pre-training per trainer, under seed S, serves every seed's fine-tuning. nnU-Net's
 predictor (``-f 0``, no mirroring) then segments the held-out cases, and ``nnunet-plugins evaluate`` measures
 them: Dice, NSD and HD95 per label, with paired Wilcoxon tests of every start against scratch over the held-out
-cases of all seeds (case c of seed s is the pair's unit). Written to WORK_FOLDER: ``label_efficiency_<DATA>_<E>x<I>``
-with ``evaluation.md/.json/.csv/.png``, ``study.json`` (settings, wall time, per-seed means, each pre-training's loss
-per epoch) and ``pretraining_curves.png``; the per-seed table and the evaluation's report are also printed.
+cases of all seeds (case c of seed s is the pair's unit). Written to WORK_FOLDER:
+``label_efficiency_<DATA>_pretrain<E>x<I>_finetune<E>x<I>`` with ``evaluation.md/.json/.csv/.png``, ``study.json``
+(settings, wall time, per-seed means, each pre-training's loss per epoch) and ``pretraining_curves.png``; the per-seed
+table and the evaluation's report are also printed. Every run's folder under ``results/`` names the schedules (and,
+for a fine-tuning, the pre-training's seed) it depends on.
 
 Every training is a stock ``nnUNetv2_train`` run (nnU-Net's own entry point) in a process of its own that first
 seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that process (``nnUNet_n_proc_DA=0``), so a
@@ -167,9 +169,15 @@ def pretraining_seed(seed: int, args) -> int:
     return seed if args.pretrain_seed is None else args.pretrain_seed
 
 
+def pretraining_schedule(args) -> str:
+    """The pre-training's epochs x iterations, part of every folder that depends on it, so that a run of another
+    length is never taken for a finished one."""
+    return f'{args.pretrain_epochs}x{args.pretrain_iterations}'
+
+
 def pretrain(env: dict, data: Data, work: Path, pretrainer: str, seed: int, args) -> Path:
-    folder = train(env, data, work / 'results' / f'{pretrainer}_seed{seed}', pretrainer, 'all', args.pretrain_epochs,
-                   args.pretrain_iterations, seed, args.device)
+    folder = train(env, data, work / 'results' / f'{pretrainer}_seed{seed}_{pretraining_schedule(args)}', pretrainer,
+                   'all', args.pretrain_epochs, args.pretrain_iterations, seed, args.device)
     return folder / 'checkpoint_final.pth'
 
 
@@ -178,7 +186,8 @@ def chain(env: dict, data: Data, work: Path, supervised: str, pretrainer: str | 
     """Fine-tune fold 0 (from scratch, or from ``pretraining``'s checkpoint) and segment the held-out cases."""
     name = start_name(pretrainer, supervised)
     checkpoint = pretraining.result() if pretraining else None
-    results = work / 'results' / f'finetune_{name}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
+    origin = f'_from_seed{pretraining_seed(seed, args)}_{pretraining_schedule(args)}' if pretrainer else ''
+    results = work / 'results' / f'finetune_{name}{origin}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
     train(env, data, results, supervised, '0', args.finetune_epochs, args.iterations, seed, args.device, checkpoint)
     heldout = predict_heldout(env, data, results, supervised, results / 'heldout', args.device)
     return {'start': name, 'seed': seed, 'heldout': heldout}
@@ -282,7 +291,8 @@ def main() -> None:
                 for p in [None, *args.pretrainers] for s in args.seeds]
         rows = [run.result() for run in runs]
     wall = time.time() - start
-    out = work / f'label_efficiency_{args.data}_{args.finetune_epochs}x{args.iterations}'
+    out = work / (f'label_efficiency_{args.data}_pretrain{pretraining_schedule(args)}'
+                  f'_finetune{args.finetune_epochs}x{args.iterations}')
     evaluation = evaluate(env, data, rows, out)
     means = per_seed_means(evaluation)
     logs = {}
