@@ -54,7 +54,7 @@ class Variation:
 
 VARIED = Variation(contrast_flip=0.5, contrast=(0.3, 0.8), bias=0.3, noise=(0.05, 0.3), size=(0.75, 1.25),
                    bumps=(0.0, 0.25), lesion_absent=0.3)
-_MR_TISSUE = 100.0  # arbitrary units; nnU-Net z-scores each MR-like image
+MR_TISSUE = 100.0  # arbitrary units; nnU-Net z-scores each MR-like image
 
 
 @dataclass(frozen=True)
@@ -78,11 +78,11 @@ def _draw(rng: np.random.Generator, variation: Variation) -> _CaseDraw:
     def contrast() -> float:
         sign = -1.0 if rng.random() < variation.contrast_flip else 1.0
         return 1 + sign * rng.uniform(*variation.contrast)
-    organ = _MR_TISSUE * contrast()
-    levels = {'air': 0.0, 'tissue': _MR_TISSUE, 'organ': organ, 'vessel': _MR_TISSUE * contrast(),
+    organ = MR_TISSUE * contrast()
+    levels = {'air': 0.0, 'tissue': MR_TISSUE, 'organ': organ, 'vessel': MR_TISSUE * contrast(),
               'lesion': organ * contrast()}
     bias = rng.normal(size=6) * rng.uniform(0, variation.bias)
-    return _CaseDraw(levels=levels, noise=_MR_TISSUE * rng.uniform(*variation.noise), bias=bias,
+    return _CaseDraw(levels=levels, noise=MR_TISSUE * rng.uniform(*variation.noise), bias=bias,
                      side=float(rng.choice([-1.0, 1.0])), size=rng.uniform(*variation.size),
                      bumps=rng.uniform(*variation.bumps), lesion=bool(rng.random() >= variation.lesion_absent))
 

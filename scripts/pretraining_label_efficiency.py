@@ -11,7 +11,9 @@ them: Dice, NSD and HD95 per label, with paired Wilcoxon tests of every start ag
 cases of all seeds (case c of seed s is the pair's unit). Written to WORK_FOLDER:
 ``label_efficiency_<DATA>_pretrain<E>x<I>_finetune<E>x<I>`` with ``evaluation.md/.json/.csv/.png``, ``study.json``
 (settings, wall time, per-seed means, each pre-training's loss per epoch) and ``pretraining_curves.png``; the per-seed
-table and the evaluation's report are also printed. Every run's folder under ``results/`` names the schedules (and,
+table and the evaluation's report are also printed. On the varied data the held-out cases are evaluated again in two
+groups, ``organ_contrast_seen`` and ``organ_contrast_unseen``: those whose organ is brighter (or darker) than its
+tissue as in a labeled case, and the rest. Every run's folder under ``results/`` names the schedules (and,
 for a fine-tuning, the pre-training's seed) it depends on.
 
 Every training is a stock ``nnUNetv2_train`` run (nnU-Net's own entry point) in a process of its own that first
@@ -94,7 +96,7 @@ def prepare(work: Path, data: Data) -> dict:
             plans['configurations'][CONFIGURATION]['batch_size'] = data.batch_size
             plans_file.write_text(json.dumps(plans, indent=4))
         labels = work / 'nnUNet_raw' / dataset_folder(data) / 'labelsTr'
-        cases = sorted(p.name.removesuffix('.nii.gz') for p in labels.glob('*.nii.gz'))
+        cases = sorted(case_name(p) for p in labels.glob('*.nii.gz'))
         splits.write_text(json.dumps([{'train': cases[:LABELED], 'val': cases[LABELED:LABELED + data.validation]}]))
     return env
 
@@ -113,7 +115,8 @@ def train(env: dict, data: Data, results: Path, trainer: str, fold: str, epochs:
                settings.ITERATIONS: str(iterations), 'nnUNet_compile': 'f'}
     start = time.time()
     results.mkdir(parents=True, exist_ok=True)
-    with open(results / f'nnUNetv2_train_fold_{fold}_seed{seed}.log', 'w') as log:  # nnU-Net prints the weights it loads
+    # the log keeps what nnU-Net prints, the weights it loads among it
+    with open(results / f'nnUNetv2_train_fold_{fold}_seed{seed}.log', 'w') as log:
         subprocess.run([sys.executable, __file__, '--seeded-train', str(seed), *args], env=run_env, check=True,
                        stdout=log, stderr=subprocess.STDOUT)
     origin = f' from {pretrained.parent.parent.parent.parent.name}' if pretrained else ''
@@ -193,28 +196,67 @@ def chain(env: dict, data: Data, work: Path, supervised: str, pretrainer: str | 
     return {'start': name, 'seed': seed, 'heldout': heldout}
 
 
-def evaluate(env: dict, data: Data, rows: list[dict], out: Path) -> dict:
+def evaluate(env: dict, data: Data, rows: list[dict], out: Path, cases: list[str] | None = None) -> dict:
     """``nnunet-plugins evaluate`` of every start, the held-out cases of all seeds pooled (case c of seed s is
-    ``<c>_seed<s>`` in every start's folder and in the reference folder), against scratch; its evaluation.json."""
+    ``<c>_seed<s>`` in every start's folder and in the reference folder), against scratch; its evaluation.json.
+    ``cases``: only these held-out cases (default: all)."""
     from nnunet_plugins.workspace import run_stock
     raw = Path(env['nnUNet_raw']) / dataset_folder(data)
     pooled = out / 'pooled'
+    keep = set(cases) if cases is not None else {case_name(f) for f in (raw / 'labelsTs').glob('*.nii.gz')}
 
     def pooled_name(case_file: Path, seed: int) -> str:
-        return f'{case_file.name.removesuffix(".nii.gz")}_seed{seed}.nii.gz'
+        return f'{case_name(case_file)}_seed{seed}.nii.gz'
     (pooled / 'reference').mkdir(parents=True, exist_ok=True)
     for seed in {row['seed'] for row in rows}:
         for reference in (raw / 'labelsTs').glob('*.nii.gz'):
-            shutil.copyfile(reference, pooled / 'reference' / pooled_name(reference, seed))
+            if case_name(reference) in keep:
+                shutil.copyfile(reference, pooled / 'reference' / pooled_name(reference, seed))
     for row in rows:
         (pooled / row['start']).mkdir(exist_ok=True)
         for prediction in row['heldout'].glob('*.nii.gz'):
-            shutil.copyfile(prediction, pooled / row['start'] / pooled_name(prediction, row['seed']))
+            if case_name(prediction) in keep:
+                shutil.copyfile(prediction, pooled / row['start'] / pooled_name(prediction, row['seed']))
     starts = list(dict.fromkeys(row['start'] for row in rows))
     run_stock(['nnunet-plugins', 'evaluate', '--pred', *[pooled / start for start in starts], '--ref',
                pooled / 'reference', '--dataset-json', raw / 'dataset.json', '--baseline', 'scratch', '-np', 1,
                '--out', out], env, capture=True)
     return json.loads((out / 'evaluation.json').read_text())
+
+
+def case_name(segmentation: Path) -> str:
+    return segmentation.name.removesuffix('.nii.gz')
+
+
+def organ_is_brighter(image_file: Path, label_file: Path, organ: int) -> bool:
+    """Whether a ``VARIED`` case's organ is brighter than the tissue around it, as its image shows: the organ's
+    median intensity against that of the unlabeled voxels within 2 voxels of it (those darker than half the
+    tissue level are air, left out). On the 110 cases of the varied set the ratio of the two is 0.29-0.75 or
+    1.23-1.62, never near 1."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+    from nnunet_plugins.synthetic import MR_TISSUE
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(image_file)))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(label_file)))
+    inside = labels == organ
+    around = ndimage.binary_dilation(inside, iterations=2) & (labels == 0) & (image > MR_TISSUE / 2)
+    return bool(np.median(image[inside]) > np.median(image[around]))
+
+
+def organ_contrast_groups(raw: Path, labeled: list[str]) -> dict[str, list[str]]:
+    """The held-out cases split by their organ's contrast: ``seen`` if a labeled case's organ is brighter (or
+    darker) than its tissue as theirs is, else ``unseen``. Two labeled cases show at most two of the varied set's
+    contrasts; this tells a gain on what they show from one on what they do not."""
+    organ = json.loads((raw / 'dataset.json').read_text())['labels']['organ']
+
+    def brighter(split: str, case: str) -> bool:
+        return organ_is_brighter(raw / f'images{split}' / f'{case}_0000.nii.gz',
+                                 raw / f'labels{split}' / f'{case}.nii.gz', organ)
+    seen = {brighter('Tr', case) for case in labeled}
+    groups = {'seen': [], 'unseen': []}
+    for label_file in sorted((raw / 'labelsTs').glob('*.nii.gz')):
+        groups['seen' if brighter('Ts', case_name(label_file)) in seen else 'unseen'].append(case_name(label_file))
+    return groups
 
 
 def per_seed_means(evaluation: dict) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
@@ -295,14 +337,22 @@ def main() -> None:
                   f'_finetune{args.finetune_epochs}x{args.iterations}')
     evaluation = evaluate(env, data, rows, out)
     means = per_seed_means(evaluation)
+    by_contrast = {}
+    if data.varied:
+        splits = Path(env['nnUNet_preprocessed']) / dataset_folder(data) / 'splits_final.json'
+        groups = organ_contrast_groups(Path(env['nnUNet_raw']) / dataset_folder(data),
+                                       json.loads(splits.read_text())[0]['train'])
+        by_contrast = {group: {'cases': cases, 'evaluation': evaluate(env, data, rows,
+                                                                      out / f'organ_contrast_{group}', cases)}
+                       for group, cases in groups.items() if cases}
     logs = {}
     for (pretrainer, seed), pretraining in pretrainings.items():
         logs.setdefault(start_name(pretrainer, supervised), {})[seed] = pretraining_log(pretraining.result())
     plot_curves(logs, out / 'pretraining_curves.png')
     (out / 'study.json').write_text(json.dumps({
         'settings': {k: str(v) for k, v in vars(args).items()}, 'data': asdict(data),
-        'wall_seconds_training_and_prediction': round(wall), 'per_seed_means': means, 'pretraining_logs': logs},
-        indent=1))
+        'wall_seconds_training_and_prediction': round(wall), 'per_seed_means': means, 'pretraining_logs': logs,
+        'organ_contrast_groups': {group: values['cases'] for group, values in by_contrast.items()}}, indent=1))
 
     labels = list(next(iter(next(iter(means.values())).values())))
     print(f'\n{supervised}, {args.data} data, fold 0 with {LABELED} labeled cases, {args.finetune_epochs} x '
@@ -319,6 +369,16 @@ def main() -> None:
                   ' | '.join(f'{values[label]["dice"]:.3f} / {values[label]["nsd"]:.3f}' for label in labels) +
                   f' | {loss} |')
     print('\n' + (out / 'evaluation.md').read_text())
+    for group, values in by_contrast.items():
+        shown = 'show' if group == 'seen' else 'do not show'
+        print(f'Held-out cases whose organ contrast the labeled cases {shown} '
+              f'({len(values["cases"])}: {", ".join(values["cases"])}), organ Dice over the (case, seed) pairs:')
+        p_values = {test['model']: test['p_value'] for test in values['evaluation']['tests']
+                    if test['label'] == 'organ' and test['metric'] == 'dice'}
+        for start, model in values['evaluation']['models'].items():
+            dice = model['mean']['organ']['dice']
+            p = f', p = {p_values[start]:.2g}' if p_values.get(start) is not None else ''
+            print(f'  {start}: {dice["mean"]:.3f} ± {dice["std"]:.3f}{p}')
     print(f'Written to {out}')
 
 
