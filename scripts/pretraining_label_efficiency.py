@@ -10,11 +10,12 @@ predictor (``-f 0``, no mirroring) then segments the held-out cases, and ``nnune
 them: Dice, NSD and HD95 per label, with paired Wilcoxon tests of every start against scratch over the held-out
 cases of all seeds (case c of seed s is the pair's unit). Written to WORK_FOLDER:
 ``label_efficiency_<DATA>_pretrain<E>x<I>_finetune<E>x<I>`` with ``evaluation.md/.json/.csv/.png``, ``study.json``
-(settings, wall time, per-seed means, each pre-training's loss per epoch) and ``pretraining_curves.png``; the per-seed
-table and the evaluation's report are also printed. On the varied data the held-out cases are evaluated again in two
-groups, ``organ_contrast_seen`` and ``organ_contrast_unseen``: those whose organ is brighter (or darker) than its
-tissue as in a labeled case, and the rest. Every run's folder under ``results/`` names the schedules (and,
-for a fine-tuning, the pre-training's seed) it depends on.
+(settings, each run's seconds, per-seed means, each pre-training's loss per epoch) and ``pretraining_curves.png``;
+the per-seed table and the evaluation's report are also printed. On the varied data the held-out cases are
+evaluated again in two groups, ``organ_contrast_seen`` and ``organ_contrast_unseen``: those whose organ is brighter
+(or darker) than its tissue as in a labeled case, and the rest. Every run's folder under ``results/`` names the
+schedules (and, for a fine-tuning, the pre-training's seed) it depends on, and keeps the seconds its training and
+prediction took (``seconds.json``), so that a rerun reusing it reports them.
 
 Every training is a stock ``nnUNetv2_train`` run (nnU-Net's own entry point) in a process of its own that first
 seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that process (``nnUNet_n_proc_DA=0``), so a
@@ -119,9 +120,22 @@ def train(env: dict, data: Data, results: Path, trainer: str, fold: str, epochs:
     with open(results / f'nnUNetv2_train_fold_{fold}_seed{seed}.log', 'w') as log:
         subprocess.run([sys.executable, __file__, '--seeded-train', str(seed), *args], env=run_env, check=True,
                        stdout=log, stderr=subprocess.STDOUT)
+    record_seconds(results, 'training', time.time() - start)
     origin = f' from {pretrained.parent.parent.parent.parent.name}' if pretrained else ''
     print(f'  {trainer} fold {fold} seed {seed}{origin}: {time.time() - start:.0f} s', flush=True)
     return folder
+
+
+def record_seconds(results: Path, step: str, seconds: float) -> None:
+    """Keep how long a run's step took in the run's folder, so that a rerun reusing the run still reports it."""
+    file = results / 'seconds.json'
+    file.write_text(json.dumps({**recorded_seconds(results), step: round(seconds)}))
+
+
+def recorded_seconds(results: Path) -> dict[str, int]:
+    """A run's recorded seconds per step (``training``, ``prediction``); empty for a run made before they were kept."""
+    file = results / 'seconds.json'
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def seeded_train(seed: int, args: list[str]) -> None:
@@ -139,9 +153,11 @@ def predict_heldout(env: dict, data: Data, results: Path, trainer: str, out: Pat
     """Segment the held-out images with fold 0 (no mirroring) into ``out`` (once)."""
     from nnunet_plugins.workspace import run_stock
     if not out.is_dir() or len(list(out.glob('*.nii.gz'))) < data.heldout:
+        start = time.time()
         run_stock(['nnUNetv2_predict', '-i', Path(env['nnUNet_raw']) / dataset_folder(data) / 'imagesTs', '-o', out,
                    '-d', data.dataset_id, '-c', CONFIGURATION, '-f', 0, '-tr', trainer, '-device', device,
                    '--disable_tta', '-npp', 1, '-nps', 1], {**env, 'nnUNet_results': str(results)}, capture=True)
+        record_seconds(results, 'prediction', time.time() - start)
     return out
 
 
@@ -178,9 +194,13 @@ def pretraining_schedule(args) -> str:
     return f'{args.pretrain_epochs}x{args.pretrain_iterations}'
 
 
+def pretraining_results(work: Path, pretrainer: str, seed: int, args) -> Path:
+    return work / 'results' / f'{pretrainer}_seed{seed}_{pretraining_schedule(args)}'
+
+
 def pretrain(env: dict, data: Data, work: Path, pretrainer: str, seed: int, args) -> Path:
-    folder = train(env, data, work / 'results' / f'{pretrainer}_seed{seed}_{pretraining_schedule(args)}', pretrainer,
-                   'all', args.pretrain_epochs, args.pretrain_iterations, seed, args.device)
+    folder = train(env, data, pretraining_results(work, pretrainer, seed, args), pretrainer, 'all',
+                   args.pretrain_epochs, args.pretrain_iterations, seed, args.device)
     return folder / 'checkpoint_final.pth'
 
 
@@ -193,7 +213,7 @@ def chain(env: dict, data: Data, work: Path, supervised: str, pretrainer: str | 
     results = work / 'results' / f'finetune_{name}{origin}_seed{seed}_{args.finetune_epochs}x{args.iterations}'
     train(env, data, results, supervised, '0', args.finetune_epochs, args.iterations, seed, args.device, checkpoint)
     heldout = predict_heldout(env, data, results, supervised, results / 'heldout', args.device)
-    return {'start': name, 'seed': seed, 'heldout': heldout}
+    return {'start': name, 'seed': seed, 'heldout': heldout, 'results': results}
 
 
 def evaluate(env: dict, data: Data, rows: list[dict], out: Path, cases: list[str] | None = None) -> dict:
@@ -324,7 +344,6 @@ def main() -> None:
         raise SystemExit(f'the pre-training trainers serve different networks ({sorted(supervised)}); give one')
     supervised = supervised.pop()
     pretrain_seeds = args.seeds if args.pretrain_seed is None else [args.pretrain_seed]
-    start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:  # FIFO: every pre-training starts before any chain waits on one
         pretrainings = {(p, s): pool.submit(pretrain, env, data, work, p, s, args)
                         for p in args.pretrainers for s in pretrain_seeds}
@@ -332,7 +351,9 @@ def main() -> None:
                             args)
                 for p in [None, *args.pretrainers] for s in args.seeds]
         rows = [run.result() for run in runs]
-    wall = time.time() - start
+    seconds = {'pretraining': {f'{start_name(p, supervised)}_seed{s}':
+                               recorded_seconds(pretraining_results(work, p, s, args)) for p, s in pretrainings},
+               'fine-tuning': {f'{row["start"]}_seed{row["seed"]}': recorded_seconds(row['results']) for row in rows}}
     out = work / (f'label_efficiency_{args.data}_pretrain{pretraining_schedule(args)}'
                   f'_finetune{args.finetune_epochs}x{args.iterations}')
     evaluation = evaluate(env, data, rows, out)
@@ -351,13 +372,20 @@ def main() -> None:
     plot_curves(logs, out / 'pretraining_curves.png')
     (out / 'study.json').write_text(json.dumps({
         'settings': {k: str(v) for k, v in vars(args).items()}, 'data': asdict(data),
-        'wall_seconds_training_and_prediction': round(wall), 'per_seed_means': means, 'pretraining_logs': logs,
+        'seconds': seconds, 'per_seed_means': means, 'pretraining_logs': logs,
         'organ_contrast_groups': {group: values['cases'] for group, values in by_contrast.items()}}, indent=1))
 
     labels = list(next(iter(next(iter(means.values())).values())))
     print(f'\n{supervised}, {args.data} data, fold 0 with {LABELED} labeled cases, {args.finetune_epochs} x '
           f'{args.iterations} iterations; pre-training {args.pretrain_epochs} x {args.pretrain_iterations} iterations '
-          f'on {data.training} images; held-out cases: {data.heldout}; trainings and predictions {wall:.0f} s\n')
+          f'on {data.training} images; held-out cases: {data.heldout}')
+    for phase, runs in seconds.items():
+        steps = {step for run in runs.values() for step in run}
+        unrecorded = sum(not run for run in runs.values())
+        print(f'{phase}: ' + ', '.join(f'{step} {sum(run.get(step, 0) for run in runs.values())} s'
+                                        for step in sorted(steps)) +
+              (f' ({unrecorded} of {len(runs)} runs were made before their time was kept)' if unrecorded else ''))
+    print()
     print('| start | seed | ' + ' | '.join(f'{label} Dice / NSD' for label in labels) +
           ' | pre-training loss, first -> last epoch |')
     print('|---|---|' + '---|' * (len(labels) + 1))
