@@ -227,7 +227,8 @@ def evaluate(env: dict, data: Data, rows: list[dict], out: Path, cases: list[str
 
     def pooled_name(case_file: Path, seed: int) -> str:
         return f'{case_name(case_file)}_seed{seed}.nii.gz'
-    (pooled / 'reference').mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(pooled, ignore_errors=True)  # copies only; an earlier run's other seeds must not stay in
+    (pooled / 'reference').mkdir(parents=True)
     for seed in {row['seed'] for row in rows}:
         for reference in (raw / 'labelsTs').glob('*.nii.gz'):
             if case_name(reference) in keep:
