@@ -22,7 +22,7 @@ seeds Python, NumPy and PyTorch; nnU-Net's data augmentation runs in that proces
 seed fixes the initial weights, the patches and the augmentation (on a GPU, cuDNN's kernels are not bit-for-bit
 deterministic, so repeated GPU runs differ in the last digits). ``--jobs N`` runs N trainings at once (every
 pre-training is started before any fine-tuning), on the CPU with the cores shared out (``OMP_NUM_THREADS``); each
-is the same as alone. On a 2-core CPU ``--jobs 2`` was slower in all than one at a time (a step took 3-5x as long);
+is the same as alone. On a 2-core CPU ``--jobs 2`` was slower in all than one at a time (a step took 4-6x as long);
 use it on a GPU or with many cores.
 
 Data (``--data``), both drawn by ``nnunet_plugins.synthetic`` at its tiny size (about 14 x 32 x 32 voxels at
@@ -120,9 +120,10 @@ def train(env: dict, data: Data, results: Path, trainer: str, fold: str, epochs:
     with open(results / f'nnUNetv2_train_fold_{fold}_seed{seed}.log', 'w') as log:
         subprocess.run([sys.executable, __file__, '--seeded-train', str(seed), *args], env=run_env, check=True,
                        stdout=log, stderr=subprocess.STDOUT)
-    record_seconds(results, 'training', time.time() - start)
+    seconds = time.time() - start
+    record_seconds(results, 'training', seconds)
     origin = f' from {pretrained.parent.parent.parent.parent.name}' if pretrained else ''
-    print(f'  {trainer} fold {fold} seed {seed}{origin}: {time.time() - start:.0f} s', flush=True)
+    print(f'  {trainer} fold {fold} seed {seed}{origin}: {seconds:.0f} s', flush=True)
     return folder
 
 
@@ -223,21 +224,20 @@ def evaluate(env: dict, data: Data, rows: list[dict], out: Path, cases: list[str
     from nnunet_plugins.workspace import run_stock
     raw = Path(env['nnUNet_raw']) / dataset_folder(data)
     pooled = out / 'pooled'
-    keep = set(cases) if cases is not None else {case_name(f) for f in (raw / 'labelsTs').glob('*.nii.gz')}
+    references = [file for file in (raw / 'labelsTs').glob('*.nii.gz') if cases is None or case_name(file) in cases]
 
     def pooled_name(case_file: Path, seed: int) -> str:
         return f'{case_name(case_file)}_seed{seed}.nii.gz'
     shutil.rmtree(pooled, ignore_errors=True)  # copies only; an earlier run's other seeds must not stay in
     (pooled / 'reference').mkdir(parents=True)
     for seed in {row['seed'] for row in rows}:
-        for reference in (raw / 'labelsTs').glob('*.nii.gz'):
-            if case_name(reference) in keep:
-                shutil.copyfile(reference, pooled / 'reference' / pooled_name(reference, seed))
+        for reference in references:
+            shutil.copyfile(reference, pooled / 'reference' / pooled_name(reference, seed))
     for row in rows:
-        (pooled / row['start']).mkdir(exist_ok=True)
-        for prediction in row['heldout'].glob('*.nii.gz'):
-            if case_name(prediction) in keep:
-                shutil.copyfile(prediction, pooled / row['start'] / pooled_name(prediction, row['seed']))
+        folder = pooled / row['start']
+        folder.mkdir(exist_ok=True)
+        for reference in references:  # the prediction has the reference's file name
+            shutil.copyfile(row['heldout'] / reference.name, folder / pooled_name(reference, row['seed']))
     starts = list(dict.fromkeys(row['start'] for row in rows))
     run_stock(['nnunet-plugins', 'evaluate', '--pred', *[pooled / start for start in starts], '--ref',
                pooled / 'reference', '--dataset-json', raw / 'dataset.json', '--baseline', 'scratch', '-np', 1,
@@ -275,8 +275,8 @@ def organ_contrast_groups(raw: Path, labeled: list[str]) -> dict[str, list[str]]
                                  raw / f'labels{split}' / f'{case}.nii.gz', organ)
     seen = {brighter('Tr', case) for case in labeled}
     groups = {'seen': [], 'unseen': []}
-    for label_file in sorted((raw / 'labelsTs').glob('*.nii.gz')):
-        groups['seen' if brighter('Ts', case_name(label_file)) in seen else 'unseen'].append(case_name(label_file))
+    for case in sorted(case_name(file) for file in (raw / 'labelsTs').glob('*.nii.gz')):
+        groups['seen' if brighter('Ts', case) in seen else 'unseen'].append(case)
     return groups
 
 
